@@ -1,0 +1,58 @@
+"""The KV cache: preallocated per layer, written at explicit positions, with a length per batch row.
+
+Slots are indexed by absolute position, so a row's K/V for position p always live in slot p. Layers write
+the keys/values of the tokens they are given at those tokens' positions; attention masks by position
+(causal, and the sliding window where a layer has one), so whatever sits in slots at or beyond a row's
+length is never read before it is overwritten. That makes rollback free: the decode loop just sets a
+shorter length (`rollback`) and the next write at those positions replaces the rejected tokens' K/V.
+Only the decode loop (the engine) advances or rolls back `lengths`; layers never touch it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x [B, Hkv, S, D]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x [B, Hkv, S, D]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
+        self.capacity = capacity
+        self.batch_index = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys/values of new tokens at their positions.
+
+        positions: [B, T]; k, v: [B, T, Hkv, D]
+        """
+        if positions.shape[0] == 1:  # one row, contiguous positions: a plain slice copy, no scatter
+            start = int(positions[0, 0])  # host read of one scalar; the CPU path has no device to sync
+            end = start + positions.shape[1]
+            self.k[layer][0, :, start:end] = k[0].transpose(0, 1)
+            self.v[layer][0, :, start:end] = v[0].transpose(0, 1)
+            return
+        self.k[layer][self.batch_index, :, positions] = k
+        self.v[layer][self.batch_index, :, positions] = v
+
+    def advance(self, counts: torch.Tensor) -> None:
+        """Mark `counts` more tokens as held per row. counts: [B]"""
+        self.lengths += counts
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Forget everything at or past `lengths` per row (rejected drafts). lengths: [B]"""
+        self.lengths.copy_(torch.minimum(self.lengths, lengths))

@@ -1,0 +1,143 @@
+"""Checkpoint loading: a Hugging Face directory (config.json + safetensors, sharded or not) into our model.
+
+Names are mapped from the Hugging Face layout to ours with a strict key check in both directions (a
+missing or unexpected tensor is an error, as in nanoGPT's weight-key check). q/k/v and gate/up are fused
+here; Gemma's (1 + w) norms get their 1 added here. Vision/audio towers of multimodal checkpoints are
+never read. GGUF files are converted to this layout once and cached (see `gguf_convert`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from specmtp.config import ModelConfig, from_hf_config
+from specmtp.errors import SpecMTPError
+from specmtp.model import Transformer, rope_inv_freq
+
+# Prefixes under which the text decoder lives, per checkpoint class.
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_SKIP_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.",
+                  "multi_modal_projector.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SpecMTPError(f"{path} is not a checkpoint directory: no config.json in it")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecMTPError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SpecMTPError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SpecMTPError(f"checkpoint shard missing: {missing[0]}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SpecMTPError(f"{path} holds no *.safetensors weights")
+    return files
+
+
+def read_tensors(files: list[Path], keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+    """Read the tensors whose names pass `keep`; a truncated or corrupt file is a clear error."""
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if keep(name):
+                        out[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise SpecMTPError(f"corrupt or truncated safetensors file {f}: {e}") from None
+    return out
+
+
+def _strip_prefix(name: str) -> str | None:
+    if name.startswith(_SKIP_PREFIXES):
+        return None
+    if name == "lm_head.weight":
+        return name
+    for p in _TEXT_PREFIXES:
+        if name.startswith(p):
+            return name[len(p) :]
+    return name
+
+
+def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Map Hugging Face tensor names (prefix already stripped) to our fused layout; strict both ways."""
+    hf = dict(hf)
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise SpecMTPError(f"checkpoint is missing tensor {name!r}")
+        used.add(name)
+        return hf[name].to(dtype)
+
+    def norm(name: str) -> torch.Tensor:
+        w = take(name).float()
+        return (w + 1.0 if cfg.norm_unit_offset else w).to(dtype)
+
+    out = {"embed.weight": take("embed_tokens.weight"), "norm": norm("norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    elif "lm_head.weight" in hf:
+        used.add("lm_head.weight")  # tied: the copy some checkpoints store is ignored
+    for i in range(cfg.num_layers):
+        p, o = f"layers.{i}.", f"layers.{i}."
+        a = p + "self_attn."
+        out[o + "wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        if cfg.attn_bias:
+            out[o + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        out[o + "wo.weight"] = take(a + "o_proj.weight")
+        out[o + "w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[o + "w_down.weight"] = take(p + "mlp.down_proj.weight")
+        out[o + "attn_norm"] = norm(p + "input_layernorm.weight")
+        if cfg.sandwich_norm:
+            out[o + "attn_post_norm"] = norm(p + "post_attention_layernorm.weight")
+            out[o + "mlp_norm"] = norm(p + "pre_feedforward_layernorm.weight")
+            out[o + "mlp_post_norm"] = norm(p + "post_feedforward_layernorm.weight")
+        else:
+            out[o + "mlp_norm"] = norm(p + "post_attention_layernorm.weight")
+        if cfg.qk_norm:
+            out[o + "q_norm"] = norm(a + "q_norm.weight")
+            out[o + "k_norm"] = norm(a + "k_norm.weight")
+    extra = sorted(set(hf) - used - {n for n in hf if "rotary_emb" in n})
+    if extra:
+        raise SpecMTPError(f"checkpoint has {len(extra)} unexpected tensors, e.g. {extra[0]!r}")
+    return out
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """Instantiate without allocating, then adopt the loaded tensors (no second copy of the weights)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    for kind, rope in cfg.rope.items():  # non-persistent buffers were created on meta
+        setattr(model, f"inv_freq_{kind}", rope_inv_freq(rope, cfg.head_dim))
+    return model.eval().requires_grad_(False)
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, Transformer]:
+    raw = read_config(path)
+    cfg = from_hf_config(raw)
+    tensors = read_tensors(safetensors_files(path), keep=lambda n: _strip_prefix(n) is not None)
+    hf = {}
+    for name, t in tensors.items():
+        hf[_strip_prefix(name)] = t
+    return cfg, build_model(cfg, hf_to_native(cfg, hf, dtype))
