@@ -149,6 +149,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_head: nn.Module | None = None  # set by linear.pack_model for fast CPU inference
         for kind, rope in cfg.rope.items():
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.head_dim), persistent=False)
 
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> logits [..., V] (soft-capped where the family does so)"""
-        logits = F.linear(hidden, self.head_weight)
+        logits = self.packed_head(hidden) if self.packed_head is not None else F.linear(hidden, self.head_weight)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -1,0 +1,3 @@
+from specmtp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""`specmtp bench`: our engine (target-only and speculative) against transformers, in one process.
+
+Prints a table and, as its last line, one JSON object. Timings are wall-clock per prompt after one
+warm-up generation per engine; greedy tokens are compared token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from specmtp.engine import Engine
+from specmtp.errors import SpecMTPError
+from specmtp.loader import LoadedModel, load_model
+
+
+def load_prompts(path: str, kind: str | None = None, limit: int | None = None) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecMTPError(f"prompts file not found: {path}")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecMTPError(f"{path}:{i + 1} is not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SpecMTPError(f"{path}:{i + 1} has no string 'prompt' field")
+        if kind is None or row.get("kind") == kind:
+            rows.append(row)
+    if not rows:
+        raise SpecMTPError(f"no prompts in {path}" + (f" of kind {kind!r}" if kind else ""))
+    return rows[:limit] if limit else rows
+
+
+def measure_read_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second of a streaming read over a buffer far larger than the caches (best of 5)."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix once; the embedding table only as the head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # untied: the embedding lookup reads one row, not the table
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
+def _encode_all(target: LoadedModel, prompts: list[dict]) -> list[list[int]]:
+    tok = target.tokenizer
+    return [tok.encode_chat(p["prompt"]) if tok.has_chat_template else tok.encode(p["prompt"]) for p in prompts]
+
+
+def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
+    engine.generate([ids[0]], max_new_tokens=min(8, max_new))  # warm-up
+    tokens, seconds, acc, drafted, row_steps = [], 0.0, [], 0, 0
+    forwards, accepted, draft_s, verify_s, lengths = 0, 0, 0.0, 0.0, []
+    by_pos_a: list[int] = []
+    by_pos_d: list[int] = []
+    for p in ids:
+        out = engine.generate([p], max_new_tokens=max_new)[0]
+        s = engine.stats
+        tokens.append(out.tokens)
+        seconds += s.total_s
+        forwards += s.target_forwards
+        row_steps += s.row_steps
+        drafted += s.drafted
+        accepted += s.accepted
+        draft_s += s.draft_s
+        verify_s += s.verify_s
+        lengths += s.draft_lengths
+        for i, (a, d) in enumerate(zip(s.accepted_at, s.drafted_at, strict=True)):
+            if i >= len(by_pos_a):
+                by_pos_a.append(0)
+                by_pos_d.append(0)
+            by_pos_a[i] += a
+            by_pos_d[i] += d
+    new = sum(len(t) for t in tokens)
+    return {
+        "tokens": tokens, "new_tokens": new, "seconds": seconds, "tok_s": new / seconds,
+        "tau": (accepted + row_steps) / row_steps if row_steps else 1.0,
+        "acceptance_by_position": [round(a / d, 4) if d else 0.0 for a, d in zip(by_pos_a, by_pos_d, strict=True)],
+        "drafted": drafted, "accepted": accepted, "target_forwards": forwards,
+        "draft_s": draft_s, "verify_s": verify_s,
+        "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
+    }
+
+
+def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...], assistant=None,
+           lookup: int | None = None) -> dict:
+    kwargs = dict(do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=eos[0],
+                  top_k=None, top_p=None, temperature=None)
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+    if lookup:
+        kwargs["prompt_lookup_num_tokens"] = lookup
+    model = hf_model(path)
+    tokens, seconds = [], 0.0
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids[0]]), **{**kwargs, "max_new_tokens": min(8, max_new)})
+        for p in ids:
+            t0 = time.perf_counter()
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+            seconds += time.perf_counter() - t0
+            new = out[0, len(p):].tolist()
+            if eos and new and new[-1] in eos:
+                pass
+            tokens.append(_strip_pad(new, eos))
+    n = sum(len(t) for t in tokens)
+    return {"tokens": tokens, "new_tokens": n, "seconds": seconds, "tok_s": n / seconds}
+
+
+_HF_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def hf_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    key = str(path)
+    if key not in _HF_CACHE:
+        hf_logging.set_verbosity_error()
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    return _HF_CACHE[key]
+
+
+def _strip_pad(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from specmtp.drafters import DraftModelDrafter, load_drafter
+
+    prompts = load_prompts(args.prompts, args.kind, args.limit)
+    t0 = time.perf_counter()
+    target = load_model(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    drafter = load_drafter(args.drafter, dtype=args.dtype) if args.drafter else None
+    ids = _encode_all(target, prompts)
+    max_new = args.max_new_tokens
+    bandwidth = measure_read_bandwidth()
+    wbytes = weight_bytes_per_token(target.model)
+    rows: list[tuple[str, dict]] = []
+
+    base = run_ours(Engine(target), ids, max_new)
+    rows.append(("specmtp target-only", base))
+    summary: dict = {
+        "model": args.model, "prompts": len(prompts), "max_new_tokens": max_new, "new_tokens": base["new_tokens"],
+        "load_s": round(load_s, 2), "specmtp_tok_s": round(base["tok_s"], 3),
+        "target_only_tok_s": round(base["tok_s"], 3),
+        "weight_bytes_per_token": wbytes, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "decode_vs_bandwidth_bound": round((base["seconds"] / base["new_tokens"]) / (wbytes / bandwidth), 3),
+    }
+    if drafter is not None:
+        schedules = (args.schedules or args.schedule).split(",")
+        best = None
+        per_schedule = {}
+        for sched in schedules:
+            res = run_ours(Engine(target, drafter, args.num_draft_tokens, sched), ids, max_new)
+            res["greedy_identical"] = res["tokens"] == base["tokens"]
+            rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
+            per_schedule[sched] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                                   if k in ("tok_s", "tau", "acceptance_by_position", "greedy_identical",
+                                            "mean_draft_length")}
+            per_schedule[sched]["speedup_vs_target_only"] = round(res["tok_s"] / base["tok_s"], 3)
+            if best is None or res["tok_s"] > best[1]["tok_s"]:
+                best = (sched, res)
+        sched, res = best
+        summary.update({
+            "drafter": args.drafter, "schedule": sched, "num_draft_tokens": args.num_draft_tokens,
+            "tau": round(res["tau"], 4), "acceptance_by_position": res["acceptance_by_position"],
+            "spec_tok_s": round(res["tok_s"], 3),
+            "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
+            "greedy_identical": all(r["greedy_identical"] for _, r in rows[1:]),
+            "draft_time_share": round(res["draft_s"] / max(res["draft_s"] + res["verify_s"], 1e-9), 4),
+            "schedules": per_schedule,
+        })
+    if args.compare_hf:
+        eos = target.tokenizer.eos_token_ids
+        hf = run_hf(target.path, ids, max_new, eos)
+        rows.append(("transformers generate", hf))
+        summary.update({
+            "hf_tok_s": round(hf["tok_s"], 3), "speedup_vs_hf": round(base["tok_s"] / hf["tok_s"], 3),
+            "greedy_identical_to_hf": hf["tokens"] == base["tokens"],
+        })
+        if drafter is not None:
+            if isinstance(drafter, DraftModelDrafter):
+                from specmtp.loader import checkpoint_dir
+
+                assisted = run_hf(target.path, ids, max_new, eos,
+                                  assistant=hf_model(checkpoint_dir(args.drafter)))
+            else:
+                assisted = run_hf(target.path, ids, max_new, eos, lookup=args.num_draft_tokens)
+            rows.append(("transformers assisted", assisted))
+            summary.update({
+                "hf_assisted_tok_s": round(assisted["tok_s"], 3),
+                "speedup_vs_hf_assisted": round(summary["spec_tok_s"] / assisted["tok_s"], 3),
+                "hf_assisted_identical": assisted["tokens"] == base["tokens"],
+            })
+    _print_table(rows, base["tok_s"])
+    print(json.dumps(summary))
+    return 0
+
+
+def _print_table(rows: list[tuple[str, dict]], base_tok_s: float) -> None:
+    print(f"{'run':<44} {'tokens':>7} {'seconds':>9} {'tok/s':>8} {'ratio':>7} {'tau':>6}")
+    for name, r in rows:
+        tau = f"{r['tau']:.2f}" if "tau" in r and r.get("drafted") else "-"
+        print(f"{name:<44} {r['new_tokens']:>7} {r['seconds']:>9.2f} {r['tok_s']:>8.2f} "
+              f"{r['tok_s'] / base_tok_s:>7.2f} {tau:>6}")

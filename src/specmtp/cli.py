@@ -1,0 +1,129 @@
+"""Command line: a thin layer over the Python API. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from specmtp.errors import SpecMTPError
+from specmtp.presets import DEFAULT_MODEL
+from specmtp.schedule import SCHEDULES
+
+DEFAULT_CHAT = "Explain the concepts of speculative decoding and MTP in 3 sentences."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name, GGUF file, HF directory or cached HF id")
+    p.add_argument("--drafter", default=None, help="'ngram', or a draft model (preset, path or HF id)")
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specmtp", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="plain prompt (repeat for a batch)")
+    src.add_argument("--chat", action="append", help="user message, chat template applied (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stream", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+    b = sub.add_parser("bench", help="benchmark against target-only and transformers")
+    _add_model_args(b)
+    b.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--kind", default=None, help="only prompts whose 'kind' field equals this")
+    b.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate")
+    b.add_argument("--schedules", default=None, help="comma list of schedules to run (default: --schedule)")
+    b.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
+    return parser
+
+
+def _engine(args: argparse.Namespace):
+    from specmtp import Engine, load_drafter, load_model
+
+    target = load_model(args.model, dtype=args.dtype)
+    drafter = load_drafter(args.drafter, dtype=args.dtype) if args.drafter else None
+    return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specmtp import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    engine = _engine(args)
+    chat = args.chat is not None or args.prompt is None
+    prompts = args.chat or args.prompt or [DEFAULT_CHAT]
+    if chat and not engine.target.tokenizer.has_chat_template:
+        raise SpecMTPError(f"model {args.model!r} has no chat template: use --prompt")
+    if args.stream and not args.json:
+        if len(prompts) != 1:
+            raise SpecMTPError("--stream takes a single prompt")
+        t0 = time.perf_counter()
+        for piece in engine.stream(prompts[0], args.max_new_tokens, sampling, args.stop, chat=chat):
+            print(piece, end="", flush=True)
+        print()
+        _print_stats(engine.stats, time.perf_counter() - t0)
+        return 0
+    completions = engine.generate(prompts, args.max_new_tokens, sampling, args.stop, chat=chat)
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "drafter": args.drafter,
+            "completions": [{"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                            for c in completions],
+            "stats": engine.stats.to_dict(),
+        }))
+        return 0
+    for c in completions:
+        print(c.text)
+        print()
+    _print_stats(engine.stats, engine.stats.total_s)
+    return 0
+
+
+def _print_stats(stats, seconds: float) -> None:
+    line = f"[{stats.new_tokens} tokens in {seconds:.2f}s: {stats.new_tokens / max(seconds, 1e-9):.1f} tok/s"
+    if stats.drafted:
+        line += f", tau {stats.tau:.2f}, drafts accepted {stats.accepted}/{stats.drafted}"
+    print(line + "]")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from specmtp.bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    debug = args.debug or bool(os.environ.get("SPECMTP_DEBUG"))
+    try:
+        return cmd_generate(args) if args.command == "generate" else cmd_bench(args)
+    except SpecMTPError as e:
+        if debug:
+            raise
+        print(f"specmtp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specmtp: interrupted", file=sys.stderr)
+        return 130

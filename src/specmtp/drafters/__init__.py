@@ -1,0 +1,19 @@
+"""Drafters behind one interface (base.Drafter); `load_drafter` builds one from what the user names."""
+
+from __future__ import annotations
+
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.draft_model import DraftModelDrafter
+from specmtp.drafters.ngram import NgramDrafter
+from specmtp.loader import load_model
+
+
+def load_drafter(ref: str, dtype: str = "fp32", progress: bool = True) -> Drafter:
+    """'ngram', or a preset / path / HF id of a draft model sharing the target's tokenizer."""
+    if ref == "ngram":
+        return NgramDrafter()
+    loaded = load_model(ref, dtype=dtype, progress=progress)
+    return DraftModelDrafter(loaded.model, loaded.tokenizer.vocab, name=ref)
+
+
+__all__ = ["DraftContext", "Drafter", "Proposal", "DraftModelDrafter", "NgramDrafter", "load_drafter"]

@@ -1,0 +1,53 @@
+"""The drafter interface: the engine proposes, verifies and reports back without knowing the drafter's kind.
+
+Life cycle for one batch of prompts:
+    drafter.begin(ctx)               after the target's prefill
+    loop: p = drafter.propose(ctx, n)   up to n drafts per row (and the q they were sampled from)
+          drafter.accept(num_accepted)  how many of them the target kept, per row; roll back own state
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from specmtp.cache import KVCache
+from specmtp.model import Transformer
+from specmtp.sampling import SamplingParams
+
+
+@dataclass
+class DraftContext:
+    sequences: list[list[int]]  # per row: prompt + emitted tokens; the last one is not yet in the target cache
+    hidden: torch.Tensor  # [B, H] target hidden state (final-normed) that predicted each row's last token
+    target: Transformer
+    cache: KVCache  # the target's cache; cache.lengths[b] == len(sequences[b]) - 1
+    sampling: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, N] drafted tokens (padding beyond num[b] is ignored)
+    num: torch.Tensor  # [B] valid drafts per row, each <= N
+    probs: torch.Tensor | None = None  # [B, N, V] distributions the drafts were sampled from; None = one-hot
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+
+    def check_compatible(self, target_vocab: dict[str, int], target_vocab_size: int) -> None:  # noqa: B027
+        """Raise SpecMTPError if this drafter cannot draft for the target."""
+
+    @abstractmethod
+    def begin(self, ctx: DraftContext) -> None:
+        """A new batch: build whatever per-row state the drafter keeps."""
+
+    @abstractmethod
+    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+        """Up to `n` drafts per row, continuing ctx.sequences."""
+
+    def accept(self, num_accepted: torch.Tensor) -> None:  # noqa: B027
+        """num_accepted: [B] drafts the target kept from the last proposal."""

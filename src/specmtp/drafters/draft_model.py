@@ -1,0 +1,75 @@
+"""Draft-model drafter: a smaller model with the target's tokenizer, its own KV cache rolled back on rejection."""
+
+from __future__ import annotations
+
+import torch
+
+from specmtp.cache import KVCache
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.errors import SpecMTPError
+from specmtp.model import Transformer
+from specmtp.sampling import probabilities, sample
+
+
+class DraftModelDrafter(Drafter):
+    def __init__(self, model: Transformer, vocab: dict[str, int], name: str = "draft-model") -> None:
+        self.model, self.vocab, self.name = model, vocab, name
+        self.cache: KVCache | None = None
+        self.seen: list[int] = []  # tokens of each row held in the drafter's cache
+        self.ctx_len: list[int] = []  # row length when the last proposal was made
+
+    def check_compatible(self, target_vocab: dict[str, int], target_vocab_size: int) -> None:
+        if target_vocab != self.vocab:
+            raise SpecMTPError(
+                f"draft model {self.name!r} has a different vocabulary from the target "
+                f"({len(self.vocab)} vs {len(target_vocab)} tokens): a draft model must share the tokenizer"
+            )
+        if self.model.cfg.vocab_size < len(target_vocab):
+            raise SpecMTPError(f"draft model {self.name!r} embeds {self.model.cfg.vocab_size} tokens, "
+                               f"the target's tokenizer has {len(target_vocab)}")
+
+    def begin(self, ctx: DraftContext) -> None:
+        self.cache = self.model.new_cache(len(ctx.sequences), ctx.cache.capacity)
+        self.seen = [0] * len(ctx.sequences)
+
+    def _feed(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Run the drafter on each row's new tokens; return the hidden state after each row's last one. [B, H]"""
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)  # [B, W]
+        hidden = self.model(tokens, positions, self.cache)  # [B, W, H]
+        last = torch.tensor([len(r) - 1 for r in rows])
+        return hidden[torch.arange(len(rows)), last]
+
+    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+        seqs = ctx.sequences
+        self.ctx_len = [len(s) for s in seqs]
+        # Always feed at least the row's last token (a finished row's sequence no longer grows).
+        self.seen = [min(seen, length - 1) for seen, length in zip(self.seen, self.ctx_len, strict=True)]
+        hidden = self._feed([s[self.seen[b] :] for b, s in enumerate(seqs)], self.seen)
+        drafts, probs = [], []
+        for i in range(n):
+            logits = self.model.logits(hidden)  # [B, V]
+            if ctx.sampling.greedy:
+                token = logits.argmax(-1)
+            else:
+                q = probabilities(logits, ctx.sampling)
+                token = sample(q, ctx.generator)
+                probs.append(q)
+            drafts.append(token)
+            if i + 1 < n:
+                positions = torch.tensor(self.ctx_len)[:, None] + i  # [B, 1]
+                hidden = self.model(token[:, None], positions, self.cache)[:, 0]
+        self.seen = [length + n - 1 for length in self.ctx_len]
+        tokens = torch.stack(drafts, dim=1)  # [B, N]
+        q_all = torch.stack(probs, dim=1) if probs else None  # [B, N, V]
+        if q_all is not None and q_all.shape[-1] > ctx.target.cfg.vocab_size:
+            q_all = q_all[..., : ctx.target.cfg.vocab_size]
+        return Proposal(tokens, torch.full((len(seqs),), n, dtype=torch.long), q_all)
+
+    def accept(self, num_accepted: torch.Tensor) -> None:
+        # Valid drafter KV: the context plus the accepted drafts it has itself consumed (at most n - 1).
+        self.seen = [min(s, c + int(a)) for s, c, a in zip(self.seen, self.ctx_len, num_accepted.tolist(),
+                                                          strict=True)]

@@ -1,0 +1,41 @@
+"""N-gram (prompt lookup) drafter: propose what followed the latest earlier occurrence of the context's tail.
+
+No model: it matches the last k tokens (k from `max_ngram` down to `min_ngram`) against the rest of the
+row's sequence and proposes the tokens that followed the most recent match. Deterministic, so its q is
+one-hot and sampled verification stays lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
+
+
+def lookup(seq: list[int], n: int, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> list[int]:
+    """Continuation (up to n tokens) of the most recent earlier match of seq's last k tokens."""
+    size = len(seq)
+    lo = max(0, size - window)
+    for k in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        tail = seq[size - k :]
+        for start in range(size - k - 1, lo - 1, -1):  # most recent first, excluding the tail itself
+            if seq[start : start + k] == tail:
+                return seq[start + k : start + k + n]
+    return []
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def begin(self, ctx: DraftContext) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+        rows = [lookup(seq, n, self.max_ngram, self.min_ngram) for seq in ctx.sequences]
+        tokens = torch.zeros(len(rows), n, dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return Proposal(tokens, torch.tensor([len(r) for r in rows], dtype=torch.long))

@@ -1,0 +1,316 @@
+"""The engine: prefill, then draft -> one target forward over all drafts -> verify -> advance, per step.
+
+Target-only decoding is the same loop with no drafter (zero drafts per step), so there is one decode
+path to test. Each step the target sees, per row, the row's last emitted token (not yet in its cache)
+followed by the drafts, at explicit positions; the verifier returns the accepted drafts plus one
+recovered/bonus token; the target cache length advances by accepted + 1 (the tokens now cached), and
+the rejected drafts' K/V slots are simply overwritten by the next step (see cache.py). EOS, stop strings
+and max_new_tokens cut an accepted block at the right token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from specmtp.drafters.base import DraftContext, Drafter
+from specmtp.errors import SpecMTPError
+from specmtp.loader import LoadedModel
+from specmtp.sampling import SamplingParams, probabilities, sample
+from specmtp.schedule import Schedule, make_schedule
+from specmtp.verify import verify_greedy, verify_sampled
+
+MAX_DRAFT = 32
+
+
+@dataclass
+class Stats:
+    """Counters of one generate call. tau counts the bonus/recovered token: tokens emitted per row-forward."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # verify passes (prefill not counted)
+    row_steps: int = 0  # sum over verify passes of rows still generating
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position
+    accepted_at: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)  # N chosen per step
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def record(self, n: int, num_drafts: torch.Tensor, num_accepted: torch.Tensor, active: list[bool]) -> None:
+        while len(self.drafted_at) < n:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for nd, na, live in zip(num_drafts.tolist(), num_accepted.tolist(), active, strict=True):
+            if not live:
+                continue
+            self.row_steps += 1
+            self.drafted += nd
+            self.accepted += na
+            for i in range(nd):
+                self.drafted_at[i] += 1
+                self.accepted_at[i] += i < na
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "target_forwards": self.target_forwards, "drafted": self.drafted, "accepted": self.accepted,
+            "tau": round(self.tau, 4), "acceptance_by_position": [round(a, 4) for a in self.acceptance_by_position],
+            "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4), "total_s": round(self.total_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)  # emitted so far
+    finish_reason: str | None = None  # eos | stop | length
+    text: str | None = None  # set when cut at a stop string
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class Delta:
+    """What one step added to one row: streamed to callers."""
+
+    row: int
+    tokens: list[int]
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(
+        self,
+        target: LoadedModel,
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 4,
+        schedule: str = "constant",
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
+        self.schedule_name = schedule
+        make_schedule(schedule, self.num_draft_tokens)  # validate now, build fresh per call
+        if drafter is not None:
+            drafter.check_compatible(target.tokenizer.vocab, target.config.vocab_size)
+        self.stats = Stats()
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = False) -> list[int]:
+        tok = self.target.tokenizer
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            ids = list(prompt)
+        elif chat:
+            ids = tok.encode_chat(prompt)
+        elif isinstance(prompt, str):
+            ids = tok.encode(prompt)
+        else:
+            raise SpecMTPError("a list of messages needs chat=True")
+        if not ids:
+            raise SpecMTPError("empty prompt")
+        ctx = self.target.config.max_position_embeddings
+        if len(ids) >= ctx:
+            raise SpecMTPError(f"prompt is {len(ids)} tokens, longer than the model's context of {ctx}")
+        return ids
+
+    # ---- public API ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        chat: bool = False,
+    ) -> list[Completion]:
+        rows = [Row(self.encode(p, chat)) for p in prompts]
+        for _ in self._decode(rows, max_new_tokens, sampling or SamplingParams(), tuple(stop)):
+            pass
+        return [self._completion(r) for r in rows]
+
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """Text pieces of one prompt's completion as the tokens are accepted."""
+        row = Row(self.encode(prompt, chat))
+        shown = ""
+        for _ in self._decode([row], max_new_tokens, sampling or SamplingParams(), tuple(stop)):
+            text = self._text(row)
+            if text.endswith("\ufffd") and not row.done:  # an incomplete UTF-8 sequence: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+
+    def _text(self, row: Row) -> str:
+        return row.text if row.text is not None else self.target.tokenizer.decode(row.tokens)
+
+    def _completion(self, row: Row) -> Completion:
+        return Completion(len(row.prompt), row.tokens, self._text(row), row.finish_reason or "length")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _finish(self, row: Row, new: list[int], budget: int, stop: tuple[str, ...]) -> list[int]:
+        """Append `new` to the row, cut at EOS / stop string / budget; return what was kept."""
+        eos = self.target.tokenizer.eos_token_ids
+        kept = new[: budget - len(row.tokens)]
+        for i, t in enumerate(kept):
+            if t in eos:
+                kept = kept[: i + 1]
+                row.finish_reason = "eos"
+                break
+        before = len(row.tokens)
+        row.tokens.extend(kept)
+        if stop:
+            decode = self.target.tokenizer.decode
+            text = decode(row.tokens)
+            hits = [(text.find(s), s) for s in stop if s in text]
+            if hits:
+                cut = min(hits)[0]
+                # the first token whose text reaches past the stop string's start ends the row
+                n = before
+                while n < len(row.tokens) and len(decode(row.tokens[:n])) <= cut:
+                    n += 1
+                row.tokens = row.tokens[: max(n, before)]
+                row.text = text[:cut]
+                row.finish_reason = "stop"
+                kept = row.tokens[before:]
+        if row.finish_reason is None and len(row.tokens) >= budget:
+            row.finish_reason = "length"
+        return kept
+
+    @torch.inference_mode()
+    def _decode(
+        self, rows: list[Row], max_new_tokens: int, sampling: SamplingParams, stop: tuple[str, ...]
+    ) -> Iterator[list[Delta]]:
+        if max_new_tokens < 1:
+            raise SpecMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        model = self.target.model
+        ctx_limit = self.target.config.max_position_embeddings
+        budgets = [min(max_new_tokens, ctx_limit - len(r.prompt)) for r in rows]
+        max_n = min(MAX_DRAFT, max(self.num_draft_tokens * 4, 8)) if self.drafter else 0
+        capacity = max(len(r.prompt) + b for r, b in zip(rows, budgets, strict=True)) + max_n + 1
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        if generator is None and not sampling.greedy:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        schedule: Schedule = make_schedule(self.schedule_name, self.num_draft_tokens)
+        stats = self.stats = Stats(prompt_tokens=sum(len(r.prompt) for r in rows))
+        t_start = time.perf_counter()
+        bsz = len(rows)
+        batch = torch.arange(bsz)
+
+        # Prefill: prompts right-padded; padding sits past each row's length and is overwritten later.
+        lengths = torch.tensor([len(r.prompt) for r in rows])  # [B]
+        width = int(lengths.max())
+        tokens = torch.zeros(bsz, width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
+        cache = model.new_cache(bsz, capacity)
+        hidden = model(tokens, torch.arange(width).expand(bsz, width), cache)  # [B, W, H]
+        last_hidden = hidden[batch, lengths - 1]  # [B, H]
+        cache.lengths.copy_(lengths)
+        first = self._pick(model.logits(last_hidden), sampling, generator)  # [B]
+        stats.prefill_s = time.perf_counter() - t_start
+        deltas = [Delta(b, self._finish(r, [int(first[b])], budgets[b], stop), r.finish_reason)
+                  for b, r in enumerate(rows)]
+        stats.new_tokens = sum(len(d.tokens) for d in deltas)
+        yield deltas
+
+        sequences = [r.prompt + r.tokens for r in rows]  # the last token of each is not yet cached
+        ctx = DraftContext(sequences, last_hidden, model, cache, sampling, generator)
+        if self.drafter is not None:
+            self.drafter.begin(ctx)
+        while not all(r.done for r in rows):
+            active = [not r.done for r in rows]
+            remaining = max(b - len(r.tokens) for r, b in zip(rows, budgets, strict=True) if not r.done)
+            n = min(schedule.next(), max_n, remaining - 1) if self.drafter is not None else 0
+            t0 = time.perf_counter()
+            if n > 0:
+                proposal = self.drafter.propose(ctx, n)
+                n_eff = int(proposal.num.max())  # drop trailing positions that no row filled
+                drafts, num_drafts = proposal.tokens[:, :n_eff], proposal.num
+                q = proposal.probs[:, :n_eff] if proposal.probs is not None else None
+            else:
+                n_eff, drafts, num_drafts, q = 0, torch.zeros(bsz, 0, dtype=torch.long), torch.zeros(bsz,
+                                                                                                  dtype=torch.long), None
+            t1 = time.perf_counter()
+            pending = torch.tensor([s[-1] for s in sequences])[:, None]  # [B, 1]
+            inputs = torch.cat([pending, drafts], dim=1)  # [B, n+1]
+            positions = cache.lengths[:, None] + torch.arange(n_eff + 1)  # [B, n+1]
+            hidden = model(inputs, positions, cache)  # [B, n+1, H]
+            logits = model.logits(hidden)  # [B, n+1, V]
+            if sampling.greedy:
+                out, num_accepted = verify_greedy(logits, drafts, num_drafts)
+            else:
+                p = probabilities(logits, sampling)
+                if q is not None and q.shape[-1] < p.shape[-1]:
+                    q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
+                out, num_accepted = verify_sampled(p, drafts, q, num_drafts, generator)
+            # The pending token and the accepted drafts are now cached. Finished rows stay where they are
+            # (their slots are rewritten in place), so they never outgrow the cache.
+            live = torch.tensor(active)
+            num_accepted = torch.where(live, num_accepted, 0)
+            cache.advance(torch.where(live, num_accepted + 1, 0))
+            ctx.hidden = hidden[batch, num_accepted]  # hidden that predicted each row's new last token
+            if self.drafter is not None and n > 0:
+                self.drafter.accept(num_accepted)
+            t2 = time.perf_counter()
+            stats.target_forwards += 1
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.draft_lengths.append(n_eff)
+            stats.record(n_eff, num_drafts, num_accepted, active)
+            schedule.update(n_eff, num_accepted[live], t1 - t0, t2 - t1)
+            deltas = []
+            for b, r in enumerate(rows):
+                if active[b]:
+                    emitted = out[b, : int(num_accepted[b]) + 1].tolist()
+                    sequences[b].extend(emitted)
+                    kept = self._finish(r, emitted, budgets[b], stop)
+                    stats.new_tokens += len(kept)
+                    deltas.append(Delta(b, kept, r.finish_reason))
+            stats.total_s = time.perf_counter() - t_start
+            yield deltas
+        stats.total_s = time.perf_counter() - t_start
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        """logits: [B, V] -> tokens [B]"""
+        if sampling.greedy:
+            return logits.argmax(-1)
+        return sample(probabilities(logits, sampling), generator)

@@ -1,0 +1,66 @@
+"""Verification: which drafted tokens the target accepts, and the token the target adds itself.
+
+Words used here and throughout specmtp:
+- *drafts*: the N tokens a drafter proposed for a row, d_1..d_N (a row may have fewer valid ones).
+- *accepted*: the longest prefix d_1..d_a that the target keeps (greedy: equal to the target's argmax;
+  sampled: each kept with probability min(1, p(d)/q(d))).
+- *recovered*: when d_{a+1} is rejected, the target's replacement for it, sampled from the normalized
+  residual max(0, p - q) (greedy: the target's argmax).
+- *bonus*: when all valid drafts are accepted, the target's own next token after them, sampled from p.
+Each verify pass therefore emits a + 1 tokens per row: the accepted drafts, then one recovered or bonus
+token. With q the exact distribution each draft was sampled from (one-hot for a greedy or n-gram
+drafter), the emitted tokens are distributed exactly as target-only sampling (Leviathan et al. 2023,
+Chen et al. 2023). Both functions have fixed output shapes: tokens [B, N+1] and counts [B].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify_greedy(
+    target_logits: torch.Tensor,  # [B, N+1, V] logits at the last context token and at each draft
+    drafts: torch.Tensor,  # [B, N]
+    num_drafts: torch.Tensor,  # [B] valid drafts per row
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, N+1], num_accepted [B]
+    """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]."""
+    target = target_logits.argmax(-1)  # [B, N+1]
+    n = drafts.shape[1]
+    valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]  # [B, N]
+    match = (drafts == target[:, :n]) & valid
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # [B]
+    # Accepted drafts equal the target's argmax, and the next position holds the recovered/bonus token,
+    # so the target's argmax row is exactly the emitted sequence.
+    return target, num_accepted
+
+
+def verify_sampled(
+    target_probs: torch.Tensor,  # [B, N+1, V] processed target distributions p
+    drafts: torch.Tensor,  # [B, N]
+    draft_probs: torch.Tensor | None,  # [B, N, V] distributions q the drafts were sampled from; None = one-hot
+    num_drafts: torch.Tensor,  # [B]
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, N+1], num_accepted [B]
+    b, n1, v = target_probs.shape
+    n = n1 - 1
+    rows = torch.arange(b, device=drafts.device)
+    if draft_probs is None:  # deterministic drafter: q is one-hot at the draft
+        draft_probs = torch.zeros(b, n, v, dtype=target_probs.dtype, device=drafts.device)
+        draft_probs.scatter_(-1, drafts[..., None], 1.0)
+    p_draft = target_probs[:, :n].gather(-1, drafts[..., None]).squeeze(-1)  # [B, N]
+    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)  # [B, N]
+    u = torch.rand(b, n, generator=generator, device=drafts.device)
+    valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]
+    accept = (u * q_draft < p_draft) & valid  # u < p/q without dividing by q
+    num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [B]
+    # The distribution of the token at position a: residual after a rejection, p itself for the bonus.
+    p_next = target_probs[rows, num_accepted]  # [B, V]
+    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(b, 1, v)], dim=1)  # [B, N+1, V]
+    rejected = (num_accepted < num_drafts)[:, None]  # [B, 1]
+    residual = torch.where(rejected, (p_next - q_pad[rows, num_accepted]).clamp_min(0), p_next)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)  # p == q: no residual mass
+    extra = torch.multinomial(residual, 1, generator=generator).squeeze(-1)  # [B]
+    tokens = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
+    tokens[rows, num_accepted] = extra
+    return tokens, num_accepted

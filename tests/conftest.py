@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models of each family, built with transformers' config classes and saved
+with save_pretrained, plus a byte-level tokenizer, so tests need no weights from anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 320  # 256 bytes + specials, padded
+EOS = 257
+
+
+def byte_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<bos>"], vocab["<eos>"] = 256, EOS
+    for i in range(258, VOCAB):  # the rest of the model's vocabulary decodes as short words
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    fast.save_pretrained(str(path))
+
+
+def hf_config(family: str, **overrides):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=256, eos_token_id=EOS, pad_token_id=EOS)
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+    if family == "llama3rope":
+        return LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 64},
+                           tie_word_embeddings=False, **common)
+    if family == "qwen2":
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    if family == "gemma3":
+        common.setdefault("num_hidden_layers", 4)
+        common["num_hidden_layers"] = max(common["num_hidden_layers"], 4)
+        return Gemma3TextConfig(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                             "full_attention"][: common["num_hidden_layers"]]
+                                + ["sliding_attention"] * max(0, common["num_hidden_layers"] - 4),
+                                final_logit_softcapping=30.0, **common)
+    raise ValueError(family)
+
+
+def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random norms so the (1 + w) convention is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(str(path))
+    byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """family -> saved tiny random checkpoint directory (cached for the session)."""
+    made: dict[str, Path] = {}
+
+    def get(family: str, seed: int = 0, **overrides) -> Path:
+        key = json.dumps([family, seed, overrides], sort_keys=True)
+        if key not in made:
+            made[key] = make_checkpoint(tmp_path_factory.mktemp(family), family, seed, **overrides)
+        return made[key]
+
+    return get

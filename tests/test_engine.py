@@ -1,0 +1,144 @@
+"""The engine: greedy speculative output equals target-only greedy for every drafter, schedule, batch size
+and draft length; EOS, stop strings and max_new_tokens cut an accepted block at the right token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmtp import Engine, SamplingParams, load_model
+from specmtp.drafters import DraftModelDrafter, NgramDrafter
+from specmtp.errors import SpecMTPError
+
+PROMPTS = ["abcabcabcabc", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    return load_model(str(tiny_dir("llama", num_hidden_layers=2)))
+
+
+@pytest.fixture(scope="module")
+def other(tiny_dir):
+    return load_model(str(tiny_dir("llama", seed=7, num_hidden_layers=1)))
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    engine = Engine(target)
+    return {p: engine.generate([p], max_new_tokens=24)[0].tokens for p in PROMPTS}
+
+
+def drafters(target, other):
+    return {
+        "ngram": NgramDrafter(),
+        "self": DraftModelDrafter(target.model, target.tokenizer.vocab, "self"),  # accepts everything
+        "other": DraftModelDrafter(other.model, other.tokenizer.vocab, "other"),  # mostly rejected
+    }
+
+
+@pytest.mark.parametrize("kind", ["ngram", "self", "other"])
+@pytest.mark.parametrize("schedule", ["constant", "heuristic", "adaptive"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_greedy_speculative_equals_target_only(target, other, reference, kind, schedule, batch, n):
+    engine = Engine(target, drafters(target, other)[kind], num_draft_tokens=n, schedule=schedule)
+    prompts = PROMPTS[:batch]
+    out = engine.generate(prompts, max_new_tokens=24)
+    for p, c in zip(prompts, out, strict=True):
+        assert c.tokens == reference[p]
+    if kind == "self" and schedule != "adaptive":  # adaptive may rightly stop drafting with a costly drafter
+        assert engine.stats.accepted > 0 and engine.stats.tau > 1.5
+
+
+def test_self_drafting_accepts_everything(target, other):
+    engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=4)
+    engine.generate([PROMPTS[0]], max_new_tokens=20)
+    s = engine.stats
+    assert s.accepted == s.drafted and all(a == 1.0 for a in s.acceptance_by_position)
+
+
+def test_draft_cache_rollback_matches_fresh_drafter(target, other):
+    """A drafter whose drafts are mostly rejected must still draft from exactly the accepted context:
+    its proposals equal those of a fresh drafter prefilled with the same context."""
+    drafter = DraftModelDrafter(other.model, other.tokenizer.vocab)
+    engine = Engine(target, drafter, num_draft_tokens=4)
+    engine.generate([PROMPTS[1]], max_new_tokens=16)
+    seq = PROMPTS[1]
+    ids = target.tokenizer.encode(seq)
+    ref = Engine(other).generate([ids], max_new_tokens=4)[0].tokens
+    fresh = DraftModelDrafter(other.model, other.tokenizer.vocab)
+    from specmtp.drafters.base import DraftContext
+
+    cache = target.model.new_cache(1, 64)
+    ctx = DraftContext([ids], torch.zeros(1, 1), target.model, cache, SamplingParams(), None)
+    fresh.begin(ctx)
+    assert fresh.propose(ctx, 4).tokens[0].tolist() == ref[:4]
+
+
+def test_max_new_tokens_inside_accepted_block(target, other, reference):
+    engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=8)
+    out = engine.generate([PROMPTS[0]], max_new_tokens=5)[0]
+    assert out.tokens == reference[PROMPTS[0]][:5] and out.finish_reason == "length"
+
+
+def test_eos_inside_accepted_block(target, other, reference):
+    ref = reference[PROMPTS[2]]
+    i = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])
+    saved = target.tokenizer.eos_token_ids
+    target.tokenizer.eos_token_ids = (ref[i],)
+    try:
+        engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=8)
+        out = engine.generate([PROMPTS[2]], max_new_tokens=24)[0]
+    finally:
+        target.tokenizer.eos_token_ids = saved
+    assert out.tokens == ref[: i + 1] and out.finish_reason == "eos"
+
+
+def test_stop_string_inside_accepted_block(target, other, reference):
+    tok = target.tokenizer
+    ref = reference[PROMPTS[0]]
+    text = tok.decode(ref)
+    pos = next(i for i in range(1, len(text)) if text[i].isalnum() and text[i] not in text[:i])
+    engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=8)
+    out = engine.generate([PROMPTS[0]], max_new_tokens=24, stop=[text[pos]])[0]
+    assert out.finish_reason == "stop" and out.text == text[:pos]
+    assert tok.decode(out.tokens).startswith(text[: pos + 1]) and out.tokens == ref[: len(out.tokens)]
+
+
+def test_streaming_yields_the_same_text(target, other):
+    engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=4)
+    pieces = list(engine.stream(PROMPTS[1], max_new_tokens=20))
+    assert len(pieces) > 1
+    assert "".join(pieces) == engine.generate([PROMPTS[1]], max_new_tokens=20)[0].text
+
+
+def test_sampling_is_seeded_and_reproducible(target, other):
+    s = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=11)
+    for kind in ("other", "ngram"):
+        engine = Engine(target, drafters(target, other)[kind], num_draft_tokens=3)
+        a = engine.generate(PROMPTS, max_new_tokens=16, sampling=s)
+        b = engine.generate(PROMPTS, max_new_tokens=16, sampling=s)
+        assert [c.tokens for c in a] == [c.tokens for c in b]
+    plain = Engine(target)
+    assert plain.generate([PROMPTS[0]], 16, s)[0].tokens == plain.generate([PROMPTS[0]], 16, s)[0].tokens
+
+
+def test_chat_mode_applies_template(target):
+    engine = Engine(target)
+    ids = engine.encode("hi", chat=True)
+    assert target.tokenizer.decode(ids) == "<user>hi\n<assistant>"
+
+
+def test_prompt_longer_than_context_is_a_clear_error(target):
+    with pytest.raises(SpecMTPError, match="longer than the model's context"):
+        Engine(target).generate(["x" * 600], max_new_tokens=4)
+
+
+def test_draft_model_with_other_vocabulary_is_refused(target, tiny_dir):
+    from transformers import AutoTokenizer
+
+    drafter = DraftModelDrafter(target.model, {"a": 0}, "mismatched")
+    with pytest.raises(SpecMTPError, match="different vocabulary"):
+        Engine(target, drafter)
+    assert AutoTokenizer  # transformers importable for the fixture
