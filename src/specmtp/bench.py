@@ -65,7 +65,7 @@ def _encode_all(target: LoadedModel, prompts: list[dict]) -> list[list[int]]:
 
 def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
     engine.generate([ids[0]], max_new_tokens=min(8, max_new))  # warm-up
-    tokens, seconds, acc, drafted, row_steps = [], 0.0, [], 0, 0
+    tokens, seconds, drafted, row_steps = [], 0.0, 0, 0
     forwards, accepted, draft_s, verify_s, lengths = 0, 0, 0.0, 0.0, []
     by_pos_a: list[int] = []
     by_pos_d: list[int] = []
@@ -115,8 +115,6 @@ def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...],
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
             seconds += time.perf_counter() - t0
             new = out[0, len(p):].tolist()
-            if eos and new and new[-1] in eos:
-                pass
             tokens.append(_strip_pad(new, eos))
     n = sum(len(t) for t in tokens)
     return {"tokens": tokens, "new_tokens": n, "seconds": seconds, "tok_s": n / seconds}

@@ -266,8 +266,8 @@ class Engine:
                 drafts, num_drafts = proposal.tokens[:, :n_eff], proposal.num
                 q = proposal.probs[:, :n_eff] if proposal.probs is not None else None
             else:
-                n_eff, drafts, num_drafts, q = 0, torch.zeros(bsz, 0, dtype=torch.long), torch.zeros(bsz,
-                                                                                                  dtype=torch.long), None
+                n_eff, q = 0, None
+                drafts, num_drafts = torch.zeros(bsz, 0, dtype=torch.long), torch.zeros(bsz, dtype=torch.long)
             t1 = time.perf_counter()
             pending = torch.tensor([s[-1] for s in sequences])[:, None]  # [B, 1]
             inputs = torch.cat([pending, drafts], dim=1)  # [B, n+1]
