@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from specmtp.engine import Engine
 from specmtp.errors import SpecMTPError
@@ -69,7 +70,7 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
     forwards, accepted, draft_s, verify_s, lengths = 0, 0, 0.0, 0.0, []
     by_pos_a: list[int] = []
     by_pos_d: list[int] = []
-    for p in ids:
+    for p in tqdm(ids, desc="specmtp", leave=False):
         out = engine.generate([p], max_new_tokens=max_new)[0]
         s = engine.stats
         tokens.append(out.tokens)
@@ -110,7 +111,7 @@ def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...],
     tokens, seconds = [], 0.0
     with torch.inference_mode():
         model.generate(torch.tensor([ids[0]]), **{**kwargs, "max_new_tokens": min(8, max_new)})
-        for p in ids:
+        for p in tqdm(ids, desc="transformers", leave=False):
             t0 = time.perf_counter()
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
             seconds += time.perf_counter() - t0

@@ -1,0 +1,52 @@
+"""Draft-length schedules and the n-gram lookup, on synthetic measurements."""
+
+from __future__ import annotations
+
+import torch
+
+from specmtp.drafters.ngram import lookup
+from specmtp.schedule import Adaptive, Heuristic
+
+
+def test_heuristic_rule():
+    s = Heuristic(3)
+    s.update(3, torch.tensor([3]), 0.0, 0.0)
+    assert s.next() == 5  # all accepted: +2
+    s.update(5, torch.tensor([2]), 0.0, 0.0)
+    assert s.next() == 4  # a rejection: -1
+    for _ in range(10):
+        s.update(s.next(), torch.tensor([0]), 0.0, 0.0)
+    assert s.next() == 1  # never below 1
+
+
+def feed(s: Adaptive, accept_prob: float, draft_cost: float, verify_cost, steps: int = 200) -> int:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        n = s.next()
+        a = 0
+        while a < n and torch.rand((), generator=g).item() < accept_prob:
+            a += 1
+        s.update(n, torch.tensor([a]), n * draft_cost, verify_cost(n + 1))
+    return max(range(s.max_n + 1), key=s.expected_rate)
+
+
+def test_adaptive_drafts_long_when_drafts_are_cheap_and_good():
+    assert feed(Adaptive(2, max_n=12), 0.9, 0.01, lambda t: 1.0 + 0.01 * t) >= 6
+
+
+def test_adaptive_backs_off_to_plain_decoding_when_drafts_fail():
+    assert feed(Adaptive(4, max_n=12), 0.0, 0.05, lambda t: 1.0 + 0.05 * t) == 0
+
+
+def test_adaptive_uses_measured_verify_cost_shape():
+    # verifying 2..4 tokens is expensive, 5+ cheap again (as small GEMMs can be on a CPU)
+    cost = {1: 1.0, 2: 2.0, 3: 2.0, 4: 2.0}
+    best = feed(Adaptive(4, max_n=8), 0.6, 0.0, lambda t: cost.get(t, 1.1), steps=400)
+    assert best >= 4
+
+
+def test_ngram_lookup_prefers_longest_latest_match():
+    seq = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup(seq, 2) == [7, 8]  # "2 3" last seen before the tail at index 5 -> continues 7 8
+    assert lookup([1, 2, 3], 2) == []
+    assert lookup([5, 6, 5], 3) == [6, 5]
