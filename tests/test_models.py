@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specmtp.linear import onednn
 from specmtp.loader import load_model
 
 FAMILIES = ["llama", "llama3rope", "qwen2", "gemma3"]
@@ -18,14 +19,14 @@ def hf_logits(path, ids):
         return model(torch.tensor([ids])).logits[0]  # [T, V]
 
 
-@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_decode_match_transformers(tiny_dir, family, pack):
+def test_prefill_and_decode_match_transformers(tiny_dir, family, fast):
     path = tiny_dir(family)
     ids = list(torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(1)).tolist())
     ref = hf_logits(path, ids)
-    m = load_model(str(path), pack=pack).model
-    with torch.inference_mode():
+    m = load_model(str(path)).model
+    with torch.inference_mode(), onednn(fast):
         cache = m.new_cache(1, 64)
         pre = m.logits(m(torch.tensor([ids[:12]]), torch.arange(12)[None], cache))[0]
         torch.testing.assert_close(pre, ref[:12], atol=1e-4, rtol=1e-4)

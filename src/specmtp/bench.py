@@ -53,16 +53,9 @@ def measure_read_bandwidth(gib: float = 1.0) -> float:
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every matrix once; the embedding table only as the head."""
-    from specmtp.linear import PackedLinear
-
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, PackedLinear):  # packed copies are not nn.Parameters
-            total += mod.weight.numel() * 4 + (mod.bias.numel() * 4 if mod.bias is not None else 0)
-    skip = ("embed.",) + (("lm_head.",) if model.packed_head is not None else ())
-    total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(skip))
-    if model.packed_head is None and model.lm_head is None:  # tied head read from the embedding table
-        total += model.embed.weight.numel() * model.embed.weight.element_size()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:  # untied: the embedding lookup reads one row, not the table
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
     return total
 
 

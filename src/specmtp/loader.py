@@ -12,7 +12,6 @@ from specmtp.checkpoint import load_hf_dir
 from specmtp.config import ModelConfig
 from specmtp.errors import SpecMTPError
 from specmtp.gguf_convert import GGUF_MAGIC, converted_dir
-from specmtp.linear import pack_model
 from specmtp.model import Transformer
 from specmtp.presets import resolve
 from specmtp.tokenizer import Tokenizer
@@ -44,14 +43,12 @@ def checkpoint_dir(ref: str, progress: bool = True) -> Path:
     raise SpecMTPError(f"{path} is not a checkpoint: expected a GGUF file or a directory with config.json")
 
 
-def load_model(ref: str, dtype: str = "fp32", progress: bool = True, pack: bool = True) -> LoadedModel:
-    """Load weights, config and tokenizer; `pack` re-lays fp32 weights for fast CPU GEMV (linear.py)."""
+def load_model(ref: str, dtype: str = "fp32", progress: bool = True) -> LoadedModel:
+    """Load weights, config and tokenizer."""
     if dtype not in DTYPES:
         raise SpecMTPError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     path = checkpoint_dir(ref, progress=progress)
     config, model = load_hf_dir(path, DTYPES[dtype])
-    if pack and DTYPES[dtype] == torch.float32:
-        pack_model(model)
     gen_path = path / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     eos = set(config.eos_token_ids)

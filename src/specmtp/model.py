@@ -23,6 +23,7 @@ from torch import nn
 
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
+from specmtp.linear import Linear, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,10 +87,10 @@ class Layer(nn.Module):
         self.cfg = cfg
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.wqkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
-        self.wo = nn.Linear(self.q_size, h, bias=False)
-        self.w_gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.w_down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.wqkv = Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
+        self.wo = Linear(self.q_size, h, bias=False)
+        self.w_gate_up = Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.w_down = Linear(cfg.intermediate_size, h, bias=False)
         self.attn_norm = nn.Parameter(torch.ones(h))
         self.mlp_norm = nn.Parameter(torch.ones(h))
         if cfg.sandwich_norm:
@@ -148,8 +149,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.packed_head: nn.Module | None = None  # set by linear.pack_model for fast CPU inference
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for kind, rope in cfg.rope.items():
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.head_dim), persistent=False)
 
@@ -194,7 +194,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> logits [..., V] (soft-capped where the family does so)"""
-        logits = self.packed_head(hidden) if self.packed_head is not None else F.linear(hidden, self.head_weight)
+        logits = linear(hidden, self.head_weight)
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
