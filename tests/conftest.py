@@ -31,7 +31,7 @@ def byte_tokenizer(path: Path) -> None:
 
 
 def hf_config(family: str, **overrides):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, Gemma4TextConfig, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -54,7 +54,26 @@ def hf_config(family: str, **overrides):
                                              "full_attention"][: common["num_hidden_layers"]]
                                 + ["sliding_attention"] * max(0, common["num_hidden_layers"] - 4),
                                 final_logit_softcapping=30.0, **common)
+    if family in ("gemma4", "gemma4moe"):
+        return Gemma4TextConfig(**gemma4_kwargs(family, common))
     raise ValueError(family)
+
+
+def gemma4_kwargs(family: str, common: dict) -> dict:
+    """Tiny Gemma 4 text configs exercising every feature: E2B-like (per-layer inputs, KV sharing, double-wide
+    MLP on shared layers) and 26B-A4B-like (MoE, k_eq_v); both with wider full-attention heads."""
+    kw = dict(common, num_hidden_layers=6, head_dim=16, global_head_dim=32, sliding_window=5,
+              final_logit_softcapping=30.0,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                           "sliding_attention", "sliding_attention", "full_attention"])
+    if family == "gemma4":
+        kw.update(hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=3,
+                  use_double_wide_mlp=True, attention_k_eq_v=False)
+    else:
+        kw.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=0,
+                  attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True, num_experts=4,
+                  top_k_experts=2, moe_intermediate_size=32)
+    return kw
 
 
 def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides) -> Path:
@@ -66,9 +85,12 @@ def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides) -> Path
     with torch.no_grad():  # random norms so the (1 + w) convention is exercised
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.normal_(0.0, 0.2)
+                p.normal_(1.0 if family.startswith("gemma4") else 0.0, 0.2)
             else:
                 p.normal_(0.0, 0.15)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
     model.save_pretrained(str(path))
     byte_tokenizer(path)
     return path

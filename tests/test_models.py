@@ -8,7 +8,7 @@ import torch
 from specmtp.linear import onednn
 from specmtp.loader import load_model
 
-FAMILIES = ["llama", "llama3rope", "qwen2", "gemma3"]
+FAMILIES = ["llama", "llama3rope", "qwen2", "gemma3", "gemma4", "gemma4moe"]
 
 
 def hf_logits(path, ids):
@@ -66,7 +66,7 @@ def test_rollback_then_redecode_equals_never_decoded(tiny_dir, family):
         assert int(dirty.lengths[0]) == 10
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma4", "gemma4moe"])
 def test_ragged_batch_rows_equal_single_rows(tiny_dir, family):
     m = load_model(str(tiny_dir(family))).model
     g = torch.Generator().manual_seed(4)

@@ -16,17 +16,24 @@ import torch
 class KVCache:
     def __init__(
         self,
-        num_layers: int,
         batch_size: int,
         capacity: int,
-        num_kv_heads: int,
-        head_dim: int,
+        shapes: list[tuple[int, int]],  # (kv_heads, head_dim) per layer
+        sources: list[int] | None = None,  # layer whose slots each layer uses (KV sharing); default itself
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x [B, Hkv, S, D]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x [B, Hkv, S, D]
+        sources = sources or list(range(len(shapes)))
+        self.k: list[torch.Tensor] = []  # L x [B, Hkv, S, D]; a KV-shared layer aliases its source's tensor
+        self.v: list[torch.Tensor] = []
+        for layer, (heads, dim) in enumerate(shapes):
+            src = sources[layer]
+            if src != layer:
+                self.k.append(self.k[src])
+                self.v.append(self.v[src])
+                continue
+            self.k.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
         self.capacity = capacity
         self.batch_index = torch.arange(batch_size, device=device)[:, None]  # [B, 1]

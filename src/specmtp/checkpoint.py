@@ -101,9 +101,14 @@ def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dty
     for i in range(cfg.num_layers):
         p, o = f"layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
-        out[o + "wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        own_kv = cfg.kv_source_of(i) == i
+        values_are_keys = cfg.k_eq_v and cfg.layer_types[i] == "full_attention"
+        proj = ["q"] + (["k"] if own_kv else []) + (["v"] if own_kv and not values_are_keys else [])
+        out[o + "wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in proj])
         if cfg.attn_bias:
-            out[o + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+            out[o + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in proj])
+        if not own_kv:  # KV-shared layers: transformers ignores stored k/v weights, so do we
+            used.update(n for n in hf if n.startswith((a + "k_", a + "v_")))
         out[o + "wo.weight"] = take(a + "o_proj.weight")
         out[o + "w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
         out[o + "w_down.weight"] = take(p + "mlp.down_proj.weight")
@@ -116,7 +121,27 @@ def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dty
             out[o + "mlp_norm"] = norm(p + "post_attention_layernorm.weight")
         if cfg.qk_norm:
             out[o + "q_norm"] = norm(a + "q_norm.weight")
-            out[o + "k_norm"] = norm(a + "k_norm.weight")
+            if own_kv:
+                out[o + "k_norm"] = norm(a + "k_norm.weight")
+        if cfg.layer_scalar:
+            out[o + "scalar"] = take(p + "layer_scalar")
+        if cfg.num_experts:
+            out[o + "experts.router.weight"] = take(p + "router.proj.weight")
+            out[o + "experts.router_scale"] = take(p + "router.scale")
+            out[o + "experts.per_expert_scale"] = take(p + "router.per_expert_scale")
+            out[o + "experts.gate_up"] = take(p + "experts.gate_up_proj")
+            out[o + "experts.down"] = take(p + "experts.down_proj")
+            out[o + "mlp_post_norm_1"] = norm(p + "post_feedforward_layernorm_1.weight")
+            out[o + "moe_norm"] = norm(p + "pre_feedforward_layernorm_2.weight")
+            out[o + "moe_post_norm"] = norm(p + "post_feedforward_layernorm_2.weight")
+        if cfg.ple_dim:
+            out[o + "ple_gate.weight"] = take(p + "per_layer_input_gate.weight")
+            out[o + "ple_proj.weight"] = take(p + "per_layer_projection.weight")
+            out[o + "ple_norm"] = norm(p + "post_per_layer_input_norm.weight")
+    if cfg.ple_dim:
+        out["ple_embed.weight"] = take("embed_tokens_per_layer.weight")
+        out["ple_model_proj.weight"] = take("per_layer_model_projection.weight")
+        out["ple_proj_norm"] = norm("per_layer_projection_norm.weight")
     extra = sorted(set(hf) - used - {n for n in hf if "rotary_emb" in n})
     if extra:
         raise SpecMTPError(f"checkpoint has {len(extra)} unexpected tensors, e.g. {extra[0]!r}")
@@ -129,7 +154,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer
         model = Transformer(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     for kind, rope in cfg.rope.items():  # non-persistent buffers were created on meta
-        setattr(model, f"inv_freq_{kind}", rope_inv_freq(rope, cfg.head_dim))
+        setattr(model, f"inv_freq_{kind}", rope_inv_freq(rope, cfg.kind_head_dim(kind)))
     return model.eval().requires_grad_(False)
 
 

@@ -35,6 +35,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [D/2] for one RoPE configuration."""
+    if rope.kind == "proportional":  # only the first `partial` of the angles rotate; the rest stay at angle 0
+        angles = int(rope.partial * head_dim // 2)
+        inv = 1.0 / (rope.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32) / head_dim))
+        return torch.cat([inv, torch.zeros(head_dim // 2 - angles)]) / rope.factor
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if rope.kind == "linear":
         inv = inv / rope.factor
@@ -78,6 +82,45 @@ def attention_mask(
     return mask
 
 
+def rms_norm_plain(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unscaled RMSNorm over the last dim (Gemma 4 values and router input), fp32."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _act(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x) if cfg.activation == "silu" else F.gelu(x, approximate="tanh")
+
+
+class Experts(nn.Module):
+    """Gemma 4 MoE block: a router picks top-k experts per token; their gated MLP outputs are mixed."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate
+        self.cfg = cfg
+        self.router = Linear(h, e, bias=False)
+        self.router_scale = nn.Parameter(torch.ones(h))
+        self.per_expert_scale = nn.Parameter(torch.ones(e))
+        self.gate_up = nn.Parameter(torch.zeros(e, 2 * i, h))  # [E, 2I, H]
+        self.down = nn.Parameter(torch.zeros(e, h, i))  # [E, H, I]
+
+    def forward(self, router_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """router_in, x: [N, H] (router sees the residual stream, experts the pre-normed one) -> [N, H]"""
+        cfg = self.cfg
+        r = rms_norm_plain(router_in, cfg.rms_norm_eps) * self.router_scale * cfg.hidden_size**-0.5
+        probs = self.router(r).float().softmax(-1)  # [N, E]
+        weights, index = torch.topk(probs, cfg.top_k_experts, dim=-1)  # [N, K]
+        weights = weights / weights.sum(-1, keepdim=True) * self.per_expert_scale[index]
+        out = torch.zeros_like(x)
+        for e in index.unique().tolist():  # host loop over the few experts this batch of tokens uses
+            token, slot = torch.where(index == e)
+            gate, up = linear(x[token], self.gate_up[e]).chunk(2, dim=-1)
+            y = linear(_act(cfg, gate) * up, self.down[e]) * weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y)
+        return out
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -85,24 +128,42 @@ class Layer(nn.Module):
         self.kind = cfg.layer_types[index]
         self.window = cfg.sliding_window if self.kind == SLIDING else None
         self.cfg = cfg
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.wqkv = Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
+        self.source = cfg.kv_source_of(index)  # cache slots this layer reads; != index: KV-shared, no K/V of its own
+        h = cfg.hidden_size
+        self.head_dim, self.kv_heads = cfg.head_dim_of(index), cfg.kv_heads_of(index)
+        self.q_size, self.kv_size = cfg.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        self.own_kv = self.source == index
+        self.values_are_keys = cfg.k_eq_v and self.kind == FULL
+        n_kv = (1 if self.values_are_keys else 2) if self.own_kv else 0
+        self.wqkv = Linear(h, self.q_size + n_kv * self.kv_size, bias=cfg.attn_bias)  # q[, k[, v]] rows
         self.wo = Linear(self.q_size, h, bias=False)
-        self.w_gate_up = Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.w_down = Linear(cfg.intermediate_size, h, bias=False)
+        inter = cfg.intermediate_of(index)
+        self.w_gate_up = Linear(h, 2 * inter, bias=False)
+        self.w_down = Linear(inter, h, bias=False)
         self.attn_norm = nn.Parameter(torch.ones(h))
         self.mlp_norm = nn.Parameter(torch.ones(h))
         if cfg.sandwich_norm:
             self.attn_post_norm = nn.Parameter(torch.ones(h))
             self.mlp_post_norm = nn.Parameter(torch.ones(h))
         if cfg.qk_norm:
-            self.q_norm = nn.Parameter(torch.ones(d))
-            self.k_norm = nn.Parameter(torch.ones(d))
+            self.q_norm = nn.Parameter(torch.ones(self.head_dim))
+            if self.own_kv:
+                self.k_norm = nn.Parameter(torch.ones(self.head_dim))
+        if cfg.num_experts:
+            self.experts = Experts(cfg)
+            self.mlp_post_norm_1 = nn.Parameter(torch.ones(h))
+            self.moe_norm = nn.Parameter(torch.ones(h))
+            self.moe_post_norm = nn.Parameter(torch.ones(h))
+        if cfg.ple_dim:
+            self.ple_gate = Linear(h, cfg.ple_dim, bias=False)
+            self.ple_proj = Linear(cfg.ple_dim, h, bias=False)
+            self.ple_norm = nn.Parameter(torch.ones(h))
+        if cfg.layer_scalar:
+            self.scalar = nn.Parameter(torch.ones(1))
 
-    def forward(
+    def attention(
         self,
-        x: torch.Tensor,  # [B, T, H]
+        h: torch.Tensor,  # [B, T, H] normed input
         positions: torch.Tensor,  # [B, T]
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, T, 1, D]
         mask: torch.Tensor,  # [B, 1, T, S]
@@ -111,35 +172,62 @@ class Layer(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:  # [B, T, H]
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        b, t, _ = x.shape
-        h = rms_norm(x, self.attn_norm, eps)
+        b, t, _ = h.shape
+        d = self.head_dim
         qkv = self.wqkv(h)
-        q = qkv[..., : self.q_size].view(b, t, cfg.num_heads, cfg.head_dim)
-        k = qkv[..., self.q_size : self.q_size + self.kv_size].view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[..., self.q_size + self.kv_size :].view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = qkv[..., : self.q_size].view(b, t, cfg.num_heads, d)
+        cos, sin = rope
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm, eps)
-            k = rms_norm(k, self.k_norm, eps)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.index, positions, k, v)
-        keys = cache.k[self.index][:, :, start:end]  # [B, Hkv, S, D]
-        values = cache.v[self.index][:, :, start:end]  # [B, Hkv, S, D]
+        q = apply_rope(q, cos, sin)
+        if self.own_kv:
+            k = qkv[..., self.q_size : self.q_size + self.kv_size].view(b, t, self.kv_heads, d)
+            v = k if self.values_are_keys else qkv[..., self.q_size + self.kv_size :].view(b, t, self.kv_heads, d)
+            if cfg.qk_norm:
+                k = rms_norm(k, self.k_norm, eps)
+            if cfg.v_norm:
+                v = rms_norm_plain(v, eps)
+            cache.write(self.index, positions, apply_rope(k, cos, sin), v)
+        keys = cache.k[self.source][:, :, start:end]  # [B, Hkv, S, D]
+        values = cache.v[self.source][:, :, start:end]  # [B, Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, scale=cfg.attn_scale,
-            enable_gqa=cfg.num_heads != cfg.num_kv_heads,
+            enable_gqa=cfg.num_heads != keys.shape[1],
         )  # [B, Hq, T, D]
-        out = self.wo(out.transpose(1, 2).reshape(b, t, self.q_size))
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.q_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        positions: torch.Tensor,  # [B, T]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, T, 1, D]
+        mask: torch.Tensor,  # [B, 1, T, S]
+        start: int,
+        end: int,
+        cache: KVCache,
+        ple: torch.Tensor | None = None,  # [B, T, P] this layer's per-layer input (Gemma 4)
+    ) -> torch.Tensor:  # [B, T, H]
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.attn_post_norm, eps)
         x = x + out
         h = rms_norm(x, self.mlp_norm, eps)
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)
-        act = F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
-        out = self.w_down(act * up)
+        out = self.w_down(_act(cfg, gate) * up)
+        if cfg.num_experts:
+            flat = x.reshape(-1, x.shape[-1])
+            moe = self.experts(flat, rms_norm(flat, self.moe_norm, eps)).reshape(x.shape)
+            out = rms_norm(out, self.mlp_post_norm_1, eps) + rms_norm(moe, self.moe_post_norm, eps)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.mlp_post_norm, eps)
-        return x + out
+        x = x + out
+        if ple is not None:
+            g = _act(cfg, self.ple_gate(x)) * ple
+            x = x + rms_norm(self.ple_proj(g), self.ple_norm, eps)
+        if cfg.layer_scalar:
+            x = x * self.scalar
+        return x
 
 
 class Transformer(nn.Module):
@@ -150,8 +238,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.ple_dim:
+            self.ple_embed = nn.Embedding(cfg.ple_vocab, cfg.num_layers * cfg.ple_dim)
+            self.ple_model_proj = Linear(cfg.hidden_size, cfg.num_layers * cfg.ple_dim, bias=False)
+            self.ple_proj_norm = nn.Parameter(torch.ones(cfg.ple_dim))
         for kind, rope in cfg.rope.items():
-            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.head_dim), persistent=False)
+            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.kind_head_dim(kind)), persistent=False)
 
     @property
     def head_weight(self) -> torch.Tensor:  # [V, H]
@@ -160,7 +252,9 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.cfg
         p = self.embed.weight
-        return KVCache(c.num_layers, batch_size, capacity, c.num_kv_heads, c.head_dim, p.dtype, p.device)
+        shapes = [(c.kv_heads_of(i), c.head_dim_of(i)) for i in range(c.num_layers)]
+        sources = [c.kv_source_of(i) for i in range(c.num_layers)]
+        return KVCache(batch_size, capacity, shapes, sources, p.dtype, p.device)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, T] -> [B, T, H] (scaled for Gemma)"""
@@ -168,6 +262,15 @@ class Transformer(nn.Module):
         if self.cfg.embed_scale != 1.0:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         return x
+
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4 per-layer inputs: tokens [B, T], embeddings x [B, T, H] -> [B, T, L, P]"""
+        cfg = self.cfg
+        shape = (*tokens.shape, cfg.num_layers, cfg.ple_dim)
+        token_part = self.ple_embed(tokens) * torch.tensor(cfg.ple_dim**0.5, dtype=x.dtype)
+        context = self.ple_model_proj(x) * cfg.hidden_size**-0.5
+        context = rms_norm(context.reshape(shape), self.ple_proj_norm, cfg.rms_norm_eps)
+        return (context + token_part.reshape(shape)) * 2**-0.5
 
     def forward(
         self,
@@ -187,9 +290,10 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions)
             views[kind] = (rope, attention_mask(positions, start, hi, window), start)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
+        ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
+        for i, layer in enumerate(self.layers):
             rope, mask, start = views[layer.kind]
-            x = layer(x, positions, rope, mask, start, hi, cache)
+            x = layer(x, positions, rope, mask, start, hi, cache, None if ple is None else ple[:, :, i])
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
