@@ -79,4 +79,5 @@ def test_ragged_batch_rows_equal_single_rows(tiny_dir, family):
         batch = m.logits(m(tokens, torch.arange(13).expand(3, 13), cache))
         for b, r in enumerate(rows):
             single = m.logits(m(r[None], torch.arange(len(r))[None], m.new_cache(1, 32)))[0]
-            torch.testing.assert_close(batch[b, : len(r)], single, atol=1e-5, rtol=1e-5)
+            # GEMMs of another shape sum in another order: equal to rounding, not bit for bit
+            torch.testing.assert_close(batch[b, : len(r)], single, atol=1e-4, rtol=1e-4)
