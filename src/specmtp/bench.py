@@ -143,7 +143,7 @@ def _strip_pad(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from specmtp.drafters import DraftModelDrafter, load_drafter
+    from specmtp.drafters import DraftModelDrafter, Gemma4AssistantDrafter, load_drafter
 
     prompts = load_prompts(args.prompts, args.kind, args.limit)
     t0 = time.perf_counter()
@@ -166,11 +166,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "decode_vs_bandwidth_bound": round((base["seconds"] / base["new_tokens"]) / (wbytes / bandwidth), 3),
     }
     if drafter is not None:
-        schedules = (args.schedules or args.schedule).split(",")
+        schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
         best = None
         per_schedule = {}
-        for sched in schedules:
-            res = run_ours(Engine(target, drafter, args.num_draft_tokens, sched), ids, max_new)
+        for requested in schedules:
+            engine = Engine(target, drafter, args.num_draft_tokens, requested)
+            sched, num_draft = engine.schedule_name, engine.num_draft_tokens
+            res = run_ours(engine, ids, max_new)
             res["greedy_identical"] = res["tokens"] == base["tokens"]
             rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
             per_schedule[sched] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
@@ -181,7 +183,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 best = (sched, res)
         sched, res = best
         summary.update({
-            "drafter": args.drafter, "schedule": sched, "num_draft_tokens": args.num_draft_tokens,
+            "drafter": args.drafter, "schedule": sched, "num_draft_tokens": num_draft,
             "tau": round(res["tau"], 4), "acceptance_by_position": res["acceptance_by_position"],
             "spec_tok_s": round(res["tok_s"], 3),
             "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
@@ -198,13 +200,13 @@ def run_bench(args: argparse.Namespace) -> int:
             "greedy_identical_to_hf": hf["tokens"] == base["tokens"],
         })
         if drafter is not None:
-            if isinstance(drafter, DraftModelDrafter):
+            if isinstance(drafter, DraftModelDrafter | Gemma4AssistantDrafter):
                 from specmtp.loader import checkpoint_dir
 
                 assisted = run_hf(target.path, ids, max_new, eos,
                                   assistant=hf_model(checkpoint_dir(args.drafter)))
             else:
-                assisted = run_hf(target.path, ids, max_new, eos, lookup=args.num_draft_tokens)
+                assisted = run_hf(target.path, ids, max_new, eos, lookup=num_draft)
             rows.append(("transformers assisted", assisted))
             summary.update({
                 "hf_assisted_tok_s": round(assisted["tok_s"], 3),

@@ -101,7 +101,7 @@ def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dty
     for i in range(cfg.num_layers):
         p, o = f"layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
-        own_kv = cfg.kv_source_of(i) == i
+        own_kv = cfg.owns_kv(i)
         values_are_keys = cfg.k_eq_v and cfg.layer_types[i] == "full_attention"
         proj = ["q"] + (["k"] if own_kv else []) + (["v"] if own_kv and not values_are_keys else [])
         out[o + "wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in proj])

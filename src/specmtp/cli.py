@@ -18,8 +18,8 @@ DEFAULT_CHAT = "Explain the concepts of speculative decoding and MTP in 3 senten
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="preset name, GGUF file, HF directory or cached HF id")
     p.add_argument("--drafter", default=None, help="'ngram', or a draft model (preset, path or HF id)")
-    p.add_argument("--num-draft-tokens", type=int, default=4)
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 

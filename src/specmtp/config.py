@@ -68,6 +68,7 @@ class ModelConfig:
     num_experts: int = 0  # MoE block beside the MLP (0: none)
     top_k_experts: int = 0
     moe_intermediate: int = 0
+    external_kv: bool = False  # every layer only reads another model's cache (MTP drafters); kv_source indexes it
 
     @property
     def attn_scale(self) -> float:
@@ -85,6 +86,10 @@ class ModelConfig:
     def kv_source_of(self, layer: int) -> int:
         return self.kv_source[layer] if self.kv_source else layer
 
+    def owns_kv(self, layer: int) -> bool:
+        """Whether a layer computes and writes its own keys/values."""
+        return not self.external_kv and self.kv_source_of(layer) == layer
+
     def kind_head_dim(self, kind: str) -> int:
         """Head dim of the layers of one attention type (RoPE tables are built per type)."""
         dims = {self.head_dim_of(i) for i, t in enumerate(self.layer_types) if t == kind}
@@ -94,7 +99,7 @@ class ModelConfig:
         """The last layer of each attention type that computes its own K/V (what an MTP drafter reads)."""
         out: dict[str, int] = {}
         for i, kind in enumerate(self.layer_types):
-            if self.kv_source_of(i) == i:
+            if self.owns_kv(i):
                 out[kind] = i
         return out
 

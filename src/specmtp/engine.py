@@ -115,16 +115,20 @@ class Engine:
         self,
         target: LoadedModel,
         drafter: Drafter | None = None,
-        num_draft_tokens: int = 4,
-        schedule: str = "constant",
+        num_draft_tokens: int | None = None,
+        schedule: str | None = None,
     ) -> None:
+        """num_draft_tokens / schedule: None takes the drafter's own recommendation, else 4 / constant."""
         self.target = target
         self.drafter = drafter
-        self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
-        self.schedule_name = schedule
-        make_schedule(schedule, self.num_draft_tokens)  # validate now, build fresh per call
         if drafter is not None:
-            drafter.check_compatible(target.tokenizer.vocab, target.config.vocab_size)
+            drafter.check_compatible(target)
+            num_draft_tokens = num_draft_tokens if num_draft_tokens is not None else (
+                drafter.default_num_draft_tokens or 4)
+            schedule = schedule or drafter.default_schedule
+        self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
+        self.schedule_name = schedule or "constant"
+        make_schedule(self.schedule_name, self.num_draft_tokens)  # validate now, build fresh per call
         self.stats = Stats()
 
     # ---- prompts -------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class Layer(nn.Module):
         h = cfg.hidden_size
         self.head_dim, self.kv_heads = cfg.head_dim_of(index), cfg.kv_heads_of(index)
         self.q_size, self.kv_size = cfg.num_heads * self.head_dim, self.kv_heads * self.head_dim
-        self.own_kv = self.source == index
+        self.own_kv = cfg.owns_kv(index)
         self.values_are_keys = cfg.k_eq_v and self.kind == FULL
         n_kv = (1 if self.values_are_keys else 2) if self.own_kv else 0
         self.wqkv = Linear(h, self.q_size + n_kv * self.kv_size, bias=cfg.attn_bias)  # q[, k[, v]] rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.drafters.draft_model import DraftModelDrafter
+from specmtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
 from specmtp.drafters.ngram import NgramDrafter
 from specmtp.loader import load_model
 
@@ -12,8 +13,17 @@ def load_drafter(ref: str, dtype: str = "fp32", progress: bool = True) -> Drafte
     """'ngram', or a preset / path / HF id of a draft model sharing the target's tokenizer."""
     if ref == "ngram":
         return NgramDrafter()
+    from specmtp.checkpoint import read_config
+    from specmtp.loader import checkpoint_dir
+
+    path = checkpoint_dir(ref, progress=progress)
+    if read_config(path).get("model_type") == "gemma4_assistant":
+        return Gemma4AssistantDrafter(path)
     loaded = load_model(ref, dtype=dtype, progress=progress)
     return DraftModelDrafter(loaded.model, loaded.tokenizer.vocab, name=ref)
 
 
-__all__ = ["DraftContext", "Drafter", "Proposal", "DraftModelDrafter", "NgramDrafter", "load_drafter"]
+__all__ = [
+    "DraftContext", "Drafter", "Proposal", "DraftModelDrafter", "Gemma4AssistantDrafter", "NgramDrafter",
+    "load_drafter",
+]

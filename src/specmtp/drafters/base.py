@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from specmtp.cache import KVCache
+from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
 from specmtp.sampling import SamplingParams
 
@@ -37,9 +38,11 @@ class Proposal:
 
 class Drafter(ABC):
     name: str = "drafter"
+    default_num_draft_tokens: int | None = None  # what the drafter's own config recommends, if anything
+    default_schedule: str | None = None
 
-    def check_compatible(self, target_vocab: dict[str, int], target_vocab_size: int) -> None:  # noqa: B027
-        """Raise SpecMTPError if this drafter cannot draft for the target."""
+    def check_compatible(self, target: LoadedModel) -> None:  # noqa: B027
+        """Raise SpecMTPError if this drafter cannot draft for the target (and bind to it if it must)."""
 
     @abstractmethod
     def begin(self, ctx: DraftContext) -> None:

@@ -7,6 +7,7 @@ import torch
 from specmtp.cache import KVCache
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.errors import SpecMTPError
+from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
 from specmtp.sampling import probabilities, sample
 
@@ -18,7 +19,8 @@ class DraftModelDrafter(Drafter):
         self.seen: list[int] = []  # tokens of each row held in the drafter's cache
         self.ctx_len: list[int] = []  # row length when the last proposal was made
 
-    def check_compatible(self, target_vocab: dict[str, int], target_vocab_size: int) -> None:
+    def check_compatible(self, target: LoadedModel) -> None:
+        target_vocab = target.tokenizer.vocab
         if target_vocab != self.vocab:
             raise SpecMTPError(
                 f"draft model {self.name!r} has a different vocabulary from the target "

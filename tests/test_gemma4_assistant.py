@@ -1,0 +1,156 @@
+"""The Gemma 4 assistant (MTP) drafter against transformers' Gemma4AssistantForCausalLM, on tiny random models
+of the real architecture: same logits and projected hidden state for the same inputs, and greedy speculative
+output identical to target-only greedy and to transformers' generate(assistant_model=...)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB
+
+from specmtp import Engine, SamplingParams, load_drafter, load_model
+from specmtp.drafters.base import DraftContext
+from specmtp.errors import SpecMTPError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _all_shared_kv_fix():
+    """transformers 5.23 cannot build any Gemma4AssistantForCausalLM: with every layer KV-shared (which the
+    assistant config enforces), Gemma4TextConfig.kv_sharing_modes raises ("The set of layer types producing a
+    cache is different..."). Patch only that case to what the assistant means: every layer reuses the
+    target's shared K/V. The reference's attention, masks and heads are untouched."""
+    from transformers import Gemma4TextConfig
+
+    original = Gemma4TextConfig.kv_sharing_modes
+
+    def modes(self):
+        if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original.fget(self)
+
+    Gemma4TextConfig.kv_sharing_modes = property(modes)
+    yield
+    Gemma4TextConfig.kv_sharing_modes = original
+
+
+def make_assistant(path, ordered: bool, seed: int = 3, backbone: int = 64):
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    text = Gemma4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                            sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                            num_kv_shared_layers=2, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                            max_position_embeddings=512)
+    cfg = Gemma4AssistantConfig(text_config=text, backbone_hidden_size=backbone, use_ordered_embeddings=ordered,
+                                num_centroids=8, centroid_intermediate_top_k=2)
+    model = Gemma4AssistantForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.15)
+        if ordered:
+            model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB))
+    model.generation_config.num_assistant_tokens = 3
+    model.generation_config.num_assistant_tokens_schedule = "constant"
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def target_dir(tiny_dir):
+    return tiny_dir("gemma4")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["tied-head", "ordered-embeddings"])
+def assistant_dir(request, tmp_path_factory):
+    return make_assistant(tmp_path_factory.mktemp("assistant"), ordered=request.param)
+
+
+def test_step_matches_transformers(target_dir, assistant_dir):
+    from transformers import AutoModelForCausalLM
+
+    target = load_model(str(target_dir))
+    drafter = load_drafter(str(assistant_dir))
+    drafter.check_compatible(target)
+    hf = AutoModelForCausalLM.from_pretrained(str(assistant_dir), dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    m = target.model
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        hidden = m(ids, torch.arange(12)[None], cache)[:, -1]  # [1, H]
+        cache.lengths.fill_(12)
+        token = m.logits(hidden).argmax(-1)  # the next token, at position 12
+        ctx = DraftContext([ids[0].tolist() + [int(token)]], hidden, m, cache, SamplingParams(), None)
+        ours_logits, ours_h = drafter.step(token, hidden, torch.tensor([12]), ctx)
+        ours_logits2, ours_h2 = drafter.step(ours_logits.argmax(-1), ours_h, torch.tensor([12]), ctx)
+        producers = target.config.kv_producers()
+        shared = {kind: (cache.k[i][:, :, :12], cache.v[i][:, :, :12]) for kind, i in producers.items()}
+        emb = m.embed_tokens(token[:, None])
+        out = hf(inputs_embeds=torch.cat([emb, hidden[:, None]], -1), position_ids=torch.tensor([[12]]),
+                 shared_kv_states=shared)
+        emb2 = m.embed_tokens(out.logits[:, -1].argmax(-1)[:, None])
+        out2 = hf(inputs_embeds=torch.cat([emb2, out.last_hidden_state], -1), position_ids=torch.tensor([[12]]),
+                  shared_kv_states=shared)
+    torch.testing.assert_close(ours_logits, out.logits[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_h, out.last_hidden_state[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_logits2, out2.logits[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_h2, out2.last_hidden_state[:, 0], atol=1e-4, rtol=1e-4)
+
+
+PROMPTS = ["abcabcabc", "hello world, hello world, hello", "a long prompt past the sliding window of five"]
+
+
+@pytest.fixture(scope="module")
+def models(target_dir, assistant_dir):
+    from transformers import AutoModelForCausalLM
+
+    target = load_model(str(target_dir))
+    reference = {}
+    for prompt in PROMPTS:
+        ids = target.tokenizer.encode(prompt)
+        reference[prompt] = (ids, Engine(target).generate([ids], max_new_tokens=20)[0].tokens)
+    hf_target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    hf_assistant = AutoModelForCausalLM.from_pretrained(str(assistant_dir), dtype=torch.float32).eval()
+    return target, reference, hf_target, hf_assistant
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
+def test_greedy_speculative_equals_target_only_and_transformers(models, assistant_dir, n, schedule):
+    target, reference, hf_target, hf_assistant = models
+    spec = Engine(target, load_drafter(str(assistant_dir)), num_draft_tokens=n, schedule=schedule)
+    hf_assistant.generation_config.num_assistant_tokens = n
+    hf_assistant.generation_config.num_assistant_tokens_schedule = schedule
+    eos = list(target.tokenizer.eos_token_ids)
+    for ids, want in reference.values():
+        assert spec.generate([ids], max_new_tokens=20)[0].tokens == want
+        assert spec.stats.drafted > 0
+        with torch.inference_mode():
+            out = hf_target.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     assistant_model=hf_assistant, do_sample=False, max_new_tokens=20,
+                                     eos_token_id=eos, pad_token_id=eos[0])
+        assert out[0, len(ids):].tolist()[: len(want)] == want
+
+
+def test_batch_and_sampling_run(target_dir, assistant_dir):
+    target = load_model(str(target_dir))
+    spec = Engine(target, load_drafter(str(assistant_dir)))
+    assert spec.num_draft_tokens == 3 and spec.schedule_name == "constant"  # from generation_config.json
+    plain = Engine(target)
+    got = spec.generate(PROMPTS, max_new_tokens=12)
+    assert [c.tokens for c in got] == [c.tokens for c in plain.generate(PROMPTS, max_new_tokens=12)]
+    s = SamplingParams(temperature=0.8, top_p=0.9, seed=1)
+    a = spec.generate(PROMPTS, max_new_tokens=12, sampling=s)
+    b = spec.generate(PROMPTS, max_new_tokens=12, sampling=s)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+
+
+def test_assistant_that_does_not_fit_is_refused(target_dir, tmp_path):
+    target = load_model(str(target_dir))
+    wrong = make_assistant(tmp_path / "wrong", ordered=False, backbone=48)
+    with pytest.raises(SpecMTPError, match="backbone_hidden_size 48 does not fit the target's hidden size 64"):
+        Engine(target, load_drafter(str(wrong)))
+    cfg = json.loads((wrong / "config.json").read_text())
+    assert cfg["model_type"] == "gemma4_assistant"
