@@ -96,6 +96,8 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
         "drafted": drafted, "accepted": accepted, "target_forwards": forwards,
         "draft_s": draft_s, "verify_s": verify_s,
         "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "draft_ms_per_token": 1000 * draft_s / sum(lengths) if sum(lengths) else 0.0,
+        "verify_ms_per_pass": 1000 * verify_s / forwards if forwards else 0.0,
     }
 
 
@@ -189,6 +191,9 @@ def run_bench(args: argparse.Namespace) -> int:
             "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
             "greedy_identical": all(r["greedy_identical"] for _, r in rows[1:]),
             "draft_time_share": round(res["draft_s"] / max(res["draft_s"] + res["verify_s"], 1e-9), 4),
+            "draft_ms_per_token": round(res["draft_ms_per_token"], 3),
+            "verify_ms_per_pass": round(res["verify_ms_per_pass"], 3),
+            "draft_step_vs_verify_pass": round(res["draft_ms_per_token"] / max(res["verify_ms_per_pass"], 1e-9), 4),
             "schedules": per_schedule,
         })
     if args.compare_hf:
