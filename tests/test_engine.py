@@ -139,3 +139,16 @@ def test_draft_model_with_other_vocabulary_is_refused(target):
     drafter = DraftModelDrafter(target.model, {"a": 0}, "mismatched")
     with pytest.raises(SpecMTPError, match="different vocabulary"):
         Engine(target, drafter)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_draft_model_keeps_output_exact(target, tiny_dir, reference, dtype):
+    """A draft model in 16-bit (fewer bytes per draft step) only changes the proposals, never the output."""
+    half = load_model(str(tiny_dir("llama", num_hidden_layers=2)), dtype=dtype)
+    assert half.model.embed.weight.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float16)
+    engine = Engine(target, DraftModelDrafter(half.model, half.tokenizer.vocab, dtype), num_draft_tokens=4)
+    for p in PROMPTS:
+        assert engine.generate([p], max_new_tokens=24)[0].tokens == reference[p]
+    assert engine.stats.accepted > 0  # the same weights in 16 bits mostly agree with the fp32 target
+    sampled = engine.generate(PROMPTS, max_new_tokens=8, sampling=SamplingParams(temperature=1.0, seed=0))
+    assert all(len(c.tokens) > 0 for c in sampled)
