@@ -16,7 +16,7 @@ import torch
 from specmtp.cache import KVCache
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
-from specmtp.sampling import SamplingParams
+from specmtp.sampling import SamplingParams, probabilities, sample
 
 
 @dataclass
@@ -34,6 +34,14 @@ class Proposal:
     tokens: torch.Tensor  # [B, N] drafted tokens (padding beyond num[b] is ignored)
     num: torch.Tensor  # [B] valid drafts per row, each <= N
     probs: torch.Tensor | None = None  # [B, N, V] distributions the drafts were sampled from; None = one-hot
+
+
+def pick_draft(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits: [B, V] -> (draft tokens [B], the distribution q [B, V] they were sampled from; None when greedy)."""
+    if ctx.sampling.greedy:
+        return logits.argmax(-1), None
+    q = probabilities(logits, ctx.sampling)
+    return sample(q, ctx.generator), q
 
 
 class Drafter(ABC):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from specmtp.cache import KVCache
-from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
-from specmtp.sampling import probabilities, sample
 
 
 class DraftModelDrafter(Drafter):
@@ -54,11 +53,8 @@ class DraftModelDrafter(Drafter):
         drafts, probs = [], []
         for i in range(n):
             logits = self.model.logits(hidden)  # [B, V]
-            if ctx.sampling.greedy:
-                token = logits.argmax(-1)
-            else:
-                q = probabilities(logits, ctx.sampling)
-                token = sample(q, ctx.generator)
+            token, q = pick_draft(logits, ctx)
+            if q is not None:
                 probs.append(q)
             drafts.append(token)
             if i + 1 < n:

@@ -26,12 +26,11 @@ from torch import nn
 
 from specmtp.checkpoint import build_model, hf_to_native, read_config, read_tensors, safetensors_files
 from specmtp.config import SLIDING, from_hf_config
-from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
 from specmtp.errors import SpecMTPError
 from specmtp.linear import linear
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer, attention_mask, rms_norm, rope_cos_sin
-from specmtp.sampling import probabilities, sample
 
 _SCHEDULES = {"constant": "constant", "heuristic": "heuristic", "heuristic_transient": "heuristic"}
 
@@ -163,11 +162,8 @@ class Gemma4AssistantDrafter(Drafter):
         drafts, probs = [], []
         for _ in range(n):
             logits, hidden = self.step(token, hidden, positions, ctx)
-            if ctx.sampling.greedy:
-                token = logits.argmax(-1)
-            else:
-                q = probabilities(logits, ctx.sampling)
-                token = sample(q, ctx.generator)
+            token, q = pick_draft(logits, ctx)
+            if q is not None:
                 probs.append(q)
             drafts.append(token)
         return Proposal(torch.stack(drafts, 1), torch.full((len(ctx.sequences),), n, dtype=torch.long),
