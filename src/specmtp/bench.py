@@ -151,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     target = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype or args.dtype) if args.drafter else None
+    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
     ids = _encode_all(target, prompts)
     max_new = args.max_new_tokens
     bandwidth = measure_read_bandwidth()

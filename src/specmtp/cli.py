@@ -21,8 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="target weights")
-    p.add_argument("--drafter-dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="draft-model weights (default: --dtype); fp16 halves the bytes a draft step reads")
+    p.add_argument("--drafter-dtype", default="fp16", choices=["fp32", "bf16", "fp16"],
+                   help="draft-model weights (drafts only propose, so half precision costs no exactness)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -61,7 +61,7 @@ def _engine(args: argparse.Namespace):
     from specmtp import Engine, load_drafter, load_model
 
     target = load_model(args.model, dtype=args.dtype)
-    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype or args.dtype) if args.drafter else None
+    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
     return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule)
 
 

@@ -128,8 +128,18 @@ class Engine:
             schedule = schedule or drafter.default_schedule
         self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
         self.schedule_name = schedule or "constant"
-        make_schedule(self.schedule_name, self.num_draft_tokens)  # validate now, build fresh per call
+        make_schedule(self.schedule_name, self.num_draft_tokens)  # validate now
+        self._adaptive: dict[int, Schedule] = {}  # batch size -> adaptive schedule, kept across requests
         self.stats = Stats()
+
+    def _schedule(self, batch_size: int) -> Schedule:
+        """Constant and heuristic start afresh per request; adaptive keeps what it measured (costs depend on
+        the batch size, so one per batch size)."""
+        if self.schedule_name != "adaptive":
+            return make_schedule(self.schedule_name, self.num_draft_tokens)
+        if batch_size not in self._adaptive:
+            self._adaptive[batch_size] = make_schedule(self.schedule_name, self.num_draft_tokens)
+        return self._adaptive[batch_size]
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = False) -> list[int]:
@@ -227,12 +237,12 @@ class Engine:
         model = self.target.model
         ctx_limit = self.target.config.max_position_embeddings
         budgets = [min(max_new_tokens, ctx_limit - len(r.prompt)) for r in rows]
-        max_n = min(MAX_DRAFT, max(self.num_draft_tokens * 4, 8)) if self.drafter else 0
+        max_n = min(MAX_DRAFT, max(self.num_draft_tokens * 4, 16)) if self.drafter else 0
         capacity = max(len(r.prompt) + b for r, b in zip(rows, budgets, strict=True)) + max_n + 1
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         if generator is None and not sampling.greedy:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        schedule: Schedule = make_schedule(self.schedule_name, self.num_draft_tokens)
+        schedule = self._schedule(len(rows))
         stats = self.stats = Stats(prompt_tokens=sum(len(r.prompt) for r in rows))
         t_start = time.perf_counter()
         bsz = len(rows)
@@ -249,16 +259,16 @@ class Engine:
         last_hidden = hidden[batch, lengths - 1]  # [B, H]
         cache.lengths.copy_(lengths)
         first = self._pick(model.logits(last_hidden), sampling, generator)  # [B]
-        stats.prefill_s = time.perf_counter() - t_start
         deltas = [Delta(b, self._finish(r, [int(first[b])], budgets[b], stop), r.finish_reason)
                   for b, r in enumerate(rows)]
-        stats.new_tokens = sum(len(d.tokens) for d in deltas)
-        yield deltas
-
         sequences = [r.prompt + r.tokens for r in rows]  # the last token of each is not yet cached
         ctx = DraftContext(sequences, last_hidden, model, cache, sampling, generator)
         if self.drafter is not None:
-            self.drafter.begin(ctx)
+            self.drafter.begin(ctx)  # a drafter's own prefill counts as prefill
+        stats.prefill_s = time.perf_counter() - t_start
+        stats.new_tokens = sum(len(d.tokens) for d in deltas)
+        yield deltas
+
         while not all(r.done for r in rows):
             active = [not r.done for r in rows]
             remaining = max(b - len(r.tokens) for r, b in zip(rows, budgets, strict=True) if not r.done)

@@ -9,12 +9,15 @@
   the text) and the measured wall time of a draft step and of verifying T tokens (a table by T: on a
   CPU a 2-token forward can cost more than an 8-token one, so nothing is assumed about its shape).
   N = 0 (plain decoding) is a choice too, so a drafter that keeps failing is backed off; every few steps
-  a neighbouring, less measured N is tried so that the estimates stay current.
+  a neighbouring, less measured N is tried so that the estimates stay current. Costs are low medians of
+  recent samples (robust to one-off kernel setup and to noise), and an engine keeps its adaptive schedule
+  across requests, so what it has measured about the hardware is not relearnt for every prompt.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 
 import torch
 
@@ -60,16 +63,33 @@ class Heuristic(Schedule):
 class Adaptive(Schedule):
     name = "adaptive"
 
-    def __init__(self, n: int, max_n: int = 12, decay: float = 0.97, explore_every: int = 8) -> None:
+    def __init__(self, n: int, max_n: int = 12, decay: float = 0.97, explore_every: int = 8,
+                 window: int = 5) -> None:
         self.n, self.max_n, self.decay, self.explore_every = n, max(1, max_n), decay, explore_every
         self.reached = [1.0] * (self.max_n + 1)  # decayed count of rows that drafted position i (prior 1)
         self.accepted = [0.7] * (self.max_n + 1)  # decayed count of those that accepted it (prior 0.7)
-        self.draft_cost: float | None = None  # seconds per draft step
-        self.verify_cost: dict[int, float] = {}  # tokens verified -> seconds (EMA)
+        # Recent wall times, kept raw: the first call at a new shape pays one-off kernel setup and a busy CPU
+        # adds noise upwards, so estimates are low medians of the last `window` samples, not running means.
+        self.draft_samples: deque[float] = deque(maxlen=2 * window + 1)  # seconds per draft step
+        self.verify_samples: dict[int, deque[float]] = {}  # tokens verified -> seconds
+        self.window = window
         self.steps = 0
 
-    def _verify(self, t: int) -> float:
-        known = self.verify_cost
+    @staticmethod
+    def _low_median(samples: deque[float]) -> float:
+        ordered = sorted(samples)
+        return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def draft_cost(self) -> float | None:
+        return self._low_median(self.draft_samples) if self.draft_samples else None
+
+    @property
+    def verify_cost(self) -> dict[int, float]:
+        return {t: self._low_median(v) for t, v in self.verify_samples.items()}
+
+    @staticmethod
+    def _interpolate(known: dict[int, float], t: int) -> float:
         if t in known:
             return known[t]
         below = [k for k in known if k < t]
@@ -79,33 +99,35 @@ class Adaptive(Schedule):
             return known[lo] + (known[hi] - known[lo]) * (t - lo) / (hi - lo)
         return known[max(below)] if below else known[min(above)]  # flat beyond what was measured
 
-    def expected_rate(self, n: int) -> float:
+    def expected_rate(self, n: int, verify: dict[int, float] | None = None) -> float:
         """Expected emitted tokens per second when drafting n tokens."""
         tokens, alive = 1.0, 1.0
         for i in range(1, n + 1):
             alive *= self.accepted[i] / self.reached[i]
             tokens += alive
-        return tokens / (n * (self.draft_cost or 0.0) + self._verify(n + 1))
+        verify = verify if verify is not None else self.verify_cost
+        return tokens / (n * (self.draft_cost or 0.0) + self._interpolate(verify, n + 1))
+
+    def best(self) -> int:
+        verify = self.verify_cost
+        return max(range(self.max_n + 1), key=lambda n: self.expected_rate(n, verify))
 
     def next(self) -> int:
-        if self.draft_cost is None or not self.verify_cost:
+        if self.draft_cost is None or not self.verify_samples:
             return self.n
-        best = max(range(self.max_n + 1), key=self.expected_rate)
+        best = self.best()
         self.steps += 1
-        if self.steps % self.explore_every == 0:  # probe the least-measured neighbour
+        if self.steps % self.explore_every == 0:  # probe the less-measured neighbour
             nbrs = [m for m in (best - 1, best + 1) if 0 <= m <= self.max_n]
-            best = min(nbrs, key=lambda m: (m + 1) in self.verify_cost)
+            best = min(nbrs, key=lambda m: len(self.verify_samples.get(m + 1, ())))
         self.n = best
         return best
 
     def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
-        t = n + 1
-        old = self.verify_cost.get(t)
-        self.verify_cost[t] = verify_s if old is None else 0.7 * old + 0.3 * verify_s
+        self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
         if n == 0:
             return
-        per_step = draft_s / n
-        self.draft_cost = per_step if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_step
+        self.draft_samples.append(draft_s / n)
         for i in range(1, self.max_n + 1):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay
@@ -126,5 +148,5 @@ def make_schedule(name: str, n: int) -> Schedule:
     if name == "heuristic":
         return Heuristic(n)
     if name == "adaptive":
-        return Adaptive(n, max_n=max(8, 2 * n))
+        return Adaptive(n, max_n=max(12, 2 * n))
     raise SpecMTPError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")

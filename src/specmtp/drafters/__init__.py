@@ -9,8 +9,12 @@ from specmtp.drafters.ngram import NgramDrafter
 from specmtp.loader import load_model
 
 
-def load_drafter(ref: str, dtype: str = "fp32", progress: bool = True) -> Drafter:
-    """'ngram', or a preset / path / HF id of a draft model sharing the target's tokenizer."""
+def load_drafter(ref: str, dtype: str = "fp16", progress: bool = True) -> Drafter:
+    """'ngram', or a preset / path / HF id of a draft model sharing the target's tokenizer.
+
+    dtype: a draft model's weights. Half precision by default: a draft only proposes, the target's verification
+    keeps the output exact, and a draft step reads half the bytes (on a CPU, 56 ms instead of 130 ms for
+    Qwen2.5-Coder-0.5B). MTP drafters compute in the target's dtype and ignore it."""
     if ref == "ngram":
         return NgramDrafter()
     from specmtp.checkpoint import read_config

@@ -31,17 +31,22 @@ class DraftModelDrafter(Drafter):
 
     def begin(self, ctx: DraftContext) -> None:
         self.cache = self.model.new_cache(len(ctx.sequences), ctx.cache.capacity)
-        self.seen = [0] * len(ctx.sequences)
+        # Prefill the drafter on each prompt now (all but the last token, which the first proposal feeds), so
+        # that it is counted as prefill and not as the cost of a draft step.
+        rows = [s[:-1] for s in ctx.sequences]
+        if max(len(r) for r in rows) > 0:
+            self._feed(rows, [0] * len(rows))
+        self.seen = [len(r) for r in rows]
 
     def _feed(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Run the drafter on each row's new tokens; return the hidden state after each row's last one. [B, H]"""
-        width = max(len(r) for r in rows)
+        width = max(len(r) for r in rows)  # rows may be empty (nothing new): their output is unused
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         for b, r in enumerate(rows):
             tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         positions = torch.tensor(starts)[:, None] + torch.arange(width)  # [B, W]
         hidden = self.model(tokens, positions, self.cache)  # [B, W, H]
-        last = torch.tensor([len(r) - 1 for r in rows])
+        last = torch.tensor([max(len(r) - 1, 0) for r in rows])
         return hidden[torch.arange(len(rows)), last]
 
     def propose(self, ctx: DraftContext, n: int) -> Proposal:
