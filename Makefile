@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 bootstrap: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/specmtp generate --model smollm2-135m --chat "$(PROMPT)" --max-new-tokens 128
+	$(VENV)/bin/specmtp generate --model smollm2-135m --chat "$(PROMPT)" --max-new-tokens 128 --compare
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -145,7 +145,7 @@ def _strip_pad(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from specmtp.drafters import DraftModelDrafter, Gemma4AssistantDrafter, load_drafter
+    from specmtp.drafters import DraftModelDrafter, Gemma4AssistantDrafter, MTPDrafter, load_drafter
 
     prompts = load_prompts(args.prompts, args.kind, args.limit)
     t0 = time.perf_counter()
@@ -189,6 +189,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "tau": round(res["tau"], 4), "acceptance_by_position": res["acceptance_by_position"],
             "spec_tok_s": round(res["tok_s"], 3),
             "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
+            "mean_draft_length": round(res.get("mean_draft_length", 0.0), 3),
             "greedy_identical": all(r["greedy_identical"] for _, r in rows[1:]),
             "draft_time_share": round(res["draft_s"] / max(res["draft_s"] + res["verify_s"], 1e-9), 4),
             "draft_ms_per_token": round(res["draft_ms_per_token"], 3),
@@ -202,9 +203,10 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append(("transformers generate", hf))
         summary.update({
             "hf_tok_s": round(hf["tok_s"], 3), "speedup_vs_hf": round(base["tok_s"] / hf["tok_s"], 3),
+            **({"spec_speedup_vs_hf": round(summary["spec_tok_s"] / hf["tok_s"], 3)} if drafter is not None else {}),
             "greedy_identical_to_hf": hf["tokens"] == base["tokens"],
         })
-        if drafter is not None:
+        if drafter is not None and not isinstance(drafter, MTPDrafter):  # transformers cannot run our MTP drafters
             if isinstance(drafter, DraftModelDrafter | Gemma4AssistantDrafter):
                 from specmtp.loader import checkpoint_dir
 

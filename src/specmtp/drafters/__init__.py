@@ -5,6 +5,8 @@ from __future__ import annotations
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.drafters.draft_model import DraftModelDrafter
 from specmtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
+from specmtp.drafters.mtp import MODEL_TYPE as MTP_TYPE
+from specmtp.drafters.mtp import MTPDrafter
 from specmtp.drafters.ngram import NgramDrafter
 from specmtp.loader import load_model
 
@@ -21,13 +23,16 @@ def load_drafter(ref: str, dtype: str = "fp16", progress: bool = True) -> Drafte
     from specmtp.loader import checkpoint_dir
 
     path = checkpoint_dir(ref, progress=progress)
-    if read_config(path).get("model_type") == "gemma4_assistant":
+    model_type = read_config(path).get("model_type")
+    if model_type == "gemma4_assistant":
         return Gemma4AssistantDrafter(path)
+    if model_type == MTP_TYPE:
+        return MTPDrafter(path)
     loaded = load_model(ref, dtype=dtype, progress=progress)
     return DraftModelDrafter(loaded.model, loaded.tokenizer.vocab, name=ref)
 
 
 __all__ = [
-    "DraftContext", "Drafter", "Proposal", "DraftModelDrafter", "Gemma4AssistantDrafter", "NgramDrafter",
+    "DraftContext", "Drafter", "Proposal", "DraftModelDrafter", "Gemma4AssistantDrafter", "MTPDrafter", "NgramDrafter",
     "load_drafter",
 ]

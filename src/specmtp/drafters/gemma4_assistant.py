@@ -27,10 +27,11 @@ from torch import nn
 from specmtp.checkpoint import build_model, hf_to_native, read_config, read_tensors, safetensors_files
 from specmtp.config import SLIDING, from_hf_config
 from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
+from specmtp.drafters.mtp import run_layers
 from specmtp.errors import SpecMTPError
 from specmtp.linear import linear
 from specmtp.loader import LoadedModel
-from specmtp.model import Transformer, attention_mask, rms_norm, rope_cos_sin
+from specmtp.model import Transformer, rms_norm
 
 _SCHEDULES = {"constant": "constant", "heuristic": "heuristic", "heuristic_transient": "heuristic"}
 
@@ -138,18 +139,8 @@ class Gemma4AssistantDrafter(Drafter):
         m, cfg = self.model, self.cfg
         x = torch.cat([ctx.target.embed_tokens(token[:, None]), hidden[:, None]], dim=-1)  # [B, 1, 2Ht]
         x = linear(x, self.pre_projection)  # [B, 1, Ha]
-        pos = positions[:, None]  # [B, 1]
-        lo, end = int(positions.min()), int(positions.max())  # host reads bounding the slots read
-        views = {}
-        for kind in {layer.kind for layer in m.layers}:
-            # transformers' assistant mask on sliding layers keeps the last W + 1 cached slots: [L - W - 1, L)
-            window = cfg.sliding_window + 1 if kind == SLIDING else None
-            start = max(0, lo - window) if window is not None else 0
-            rope = rope_cos_sin(getattr(m, f"inv_freq_{kind}"), pos)
-            views[kind] = (rope, attention_mask(pos - 1, start, end, window), start)
-        for layer in m.layers:
-            rope, mask, start = views[layer.kind]
-            x = layer(x, pos, rope, mask, start, end, ctx.cache)
+        inv_freq = {kind: getattr(m, f"inv_freq_{kind}") for kind in cfg.rope}
+        x = run_layers(m.layers, cfg, inv_freq, x, positions[:, None], ctx.cache, int(positions.max()))
         x = rms_norm(x, m.norm, cfg.rms_norm_eps)[:, 0]  # [B, Ha]
         # no soft-capping: transformers' assistant applies its head directly
         logits = self.masked_head(x, m.head_weight) if self.masked_head is not None else linear(x, m.head_weight)

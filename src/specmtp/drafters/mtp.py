@@ -1,0 +1,267 @@
+"""Trained MTP drafters for Llama, Qwen2 and Gemma 3 targets: the Gemma 4 assistant's design, in specmtp's format.
+
+One draft step, for a row whose last token t sits at position L (not yet in the target's cache):
+
+    x      = pre_projection(concat(target.embed(t), h))   # h: target hidden state (final-normed) that predicted t
+    x      = layers(x) at position L; queries only, over the target's cached K/V of its last layer of each
+             attention type, slots [0, L) (sliding layers: the last `sliding_window` + 1 of them)
+    h      = post_projection(norm(x))                      # next step's hidden state, in the target's space
+    logits = target_head[draft_vocab] @ h                  # reduced head: only the draft vocabulary's rows
+
+The head is the target's own output matrix restricted to a frequency-ranked draft vocabulary (FR-Spec's idea):
+with 49k-152k token vocabularies a full head costs several times the rest of the drafter, while the few
+thousand most frequent tokens of the target's own output carry nearly all of its argmax mass. The drafter
+stores no embedding and no head (both are the target's), only its trunk, projections and the vocabulary ids,
+so a shipped drafter is a few MB. `MTPModule.forward` is the same function at training time (many anchors L
+at once, gradients through the queries) and at draft time (one anchor per row), so the drafter is trained
+exactly as it is used.
+
+Files: config.json (`model_type: specmtp_mtp`, the drafter's layer config, the target it was trained for),
+model.safetensors, generation_config.json (recommended draft length and schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.errors import SpecMTPError
+from specmtp.linear import Linear, linear
+from specmtp.loader import LoadedModel
+from specmtp.model import Layer, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
+from specmtp.sampling import probabilities, sample
+
+MODEL_TYPE = "specmtp_mtp"
+TRAINABLE_FAMILIES = ("llama", "qwen2", "gemma3")
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    cfg: ModelConfig,
+    inv_freq: dict[str, torch.Tensor],
+    x: torch.Tensor,  # [B, T, Ha] one query per anchor
+    positions: torch.Tensor,  # [B, T] anchor positions L: each query sees slots [0, L) of the target cache
+    kv: Any,  # the target's KVCache, or anything with .k / .v indexed by the target's layer numbers
+    end: int,  # one past the last slot any query sees (max L)
+) -> torch.Tensor:  # [B, T, Ha]
+    """Query-only layers over another model's KV, with transformers' assistant mask (the sliding window keeps
+    the last W + 1 slots). Shared by the Gemma 4 assistant and specmtp's own MTP drafters."""
+    lo = int(positions.min())
+    views = {}
+    for kind in {layer.kind for layer in layers}:
+        window = cfg.sliding_window + 1 if kind == SLIDING else None
+        start = max(0, lo - window) if window is not None else 0
+        views[kind] = (rope_cos_sin(inv_freq[kind], positions), attention_mask(positions - 1, start, end, window),
+                       start)
+    for layer in layers:
+        rope, mask, start = views[layer.kind]
+        x = layer(x, positions, rope, mask, start, end, kv)
+    return x
+
+
+def drafter_config(target: ModelConfig, layers: int, hidden: int, intermediate: int, heads: int) -> ModelConfig:
+    """The drafter's layer config: the target's family and attention geometry, its own widths."""
+    if target.family not in TRAINABLE_FAMILIES:
+        raise SpecMTPError(f"MTP drafters can be trained for {', '.join(TRAINABLE_FAMILIES)} targets, not "
+                           f"{target.family!r} (Gemma 4 targets use their released assistant)")
+    producers = target.kv_producers()
+    if layers < 1:
+        raise SpecMTPError(f"a drafter needs at least one layer, got {layers}")
+    last = FULL if FULL in producers else SLIDING
+    types = tuple([SLIDING if SLIDING in producers else last] * (layers - 1) + [last])
+    sources = tuple(producers[t] for t in types)
+    kv_heads = tuple(target.kv_heads_of(s) for s in sources)
+    if any(heads % k for k in kv_heads):
+        raise SpecMTPError(f"drafter heads {heads} must be a multiple of the target's KV heads {set(kv_heads)}")
+    return dataclasses.replace(
+        target, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
+        layer_types=types, kv_source=sources, layer_kv_heads=kv_heads,
+        layer_head_dims=tuple(target.head_dim_of(s) for s in sources), layer_intermediate=(),
+        external_kv=True, ple_dim=0, ple_vocab=0, num_experts=0, top_k_experts=0, moe_intermediate=0,
+        layer_scalar=False, tie_word_embeddings=True,
+    )
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    d["rope"] = {k: RopeConfig(**v) for k, v in d["rope"].items()}
+    for k in ("layer_types", "eos_token_ids", "layer_head_dims", "layer_kv_heads", "layer_intermediate", "kv_source"):
+        d[k] = tuple(d.get(k) or ())
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def target_fingerprint(target: nn.Module) -> list[float]:
+    """A few embedding values that tell one set of target weights from another with the same shapes."""
+    return [round(float(x), 5) for x in target.embed.weight[:8, :32].float().flatten()]
+
+
+def same_weights(a: list[float], b: list[float]) -> bool:
+    """Fingerprints of the same weights (in any dtype: cosine ~1) vs other weights (cosine ~0)."""
+    x, y = torch.tensor(a), torch.tensor(b)
+    return x.shape == y.shape and float(torch.nn.functional.cosine_similarity(x, y, dim=0)) > 0.99
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, target_hidden: int, draft_vocab: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pre_projection = Linear(2 * target_hidden, cfg.hidden_size, bias=False)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.post_projection = Linear(cfg.hidden_size, target_hidden, bias=False)
+        self.register_buffer("draft_vocab", draft_vocab.long().clone())  # [K] target token ids
+        self.inv_freq = {kind: rope_inv_freq(rope, cfg.kind_head_dim(kind)) for kind, rope in cfg.rope.items()}
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [B, T, Ht] target embedding of each anchor's last token
+        hidden: torch.Tensor,  # [B, T, Ht] target (or previous step's) hidden state
+        positions: torch.Tensor,  # [B, T] anchor positions
+        kv: Any,  # target KV (cache, or a training batch's stored K/V)
+        end: int,
+    ) -> torch.Tensor:  # [B, T, Ht] next hidden state, in the target's space
+        x = self.pre_projection(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1))
+        x = run_layers(self.layers, self.cfg, self.inv_freq, x, positions, kv, end)
+        return self.post_projection(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
+
+
+def save_drafter(module: MTPModule, out: Path, target: LoadedModel, meta: dict[str, Any],
+                 num_draft_tokens: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tc = target.config
+    config = {
+        "model_type": MODEL_TYPE,
+        "drafter": module.cfg.to_dict(),
+        "target": {"name": meta.get("target_name", str(target.path)), "family": tc.family,
+                   "hidden_size": tc.hidden_size, "vocab_size": tc.vocab_size, "num_layers": tc.num_layers,
+                   "fingerprint": target_fingerprint(target.model)},
+        "draft_vocab_size": int(module.draft_vocab.numel()),
+        "training": meta,
+    }
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    gen = {"num_assistant_tokens": num_draft_tokens, "num_assistant_tokens_schedule": "constant",
+           "specmtp_schedule": "adaptive"}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
+
+
+def load_module(path: Path) -> tuple[MTPModule, dict[str, Any]]:
+    """Read a drafter directory; every failure names the file and the problem."""
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecMTPError(f"cannot read MTP drafter config {cfg_path}: {e}") from None
+    if raw.get("model_type") != MODEL_TYPE:
+        raise SpecMTPError(f"{path} is not a specmtp MTP drafter (model_type {raw.get('model_type')!r})")
+    try:
+        cfg = config_from_dict(raw["drafter"])
+        target_hidden = int(raw["target"]["hidden_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecMTPError(f"MTP drafter config {cfg_path} is incomplete or malformed: {e}") from None
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise SpecMTPError(f"corrupt or truncated drafter weights {path / 'model.safetensors'}: {e}") from None
+    if "draft_vocab" not in state:
+        raise SpecMTPError(f"drafter weights {path / 'model.safetensors'} lack the tensor 'draft_vocab'")
+    module = MTPModule(cfg, target_hidden, state["draft_vocab"])
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise SpecMTPError(f"drafter weights {path / 'model.safetensors'} do not match its config: "
+                           f"missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise SpecMTPError(f"drafter tensor {k!r} has shape {tuple(v.shape)}, its config implies "
+                               f"{tuple(expected[k].shape)}")
+    module.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    module.requires_grad_(False)
+    return module, raw
+
+
+class MTPDrafter(Drafter):
+    """specmtp's MTP drafter behind the drafter interface; reads the target's KV cache in place."""
+
+    def __init__(self, path: Path, full_head: bool = False) -> None:
+        self.path, self.name = path, str(path)
+        self.module, self.raw = load_module(path)
+        self.full_head = full_head  # draft over the whole vocabulary (to measure what the reduced head costs)
+        gen_path = path / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.default_num_draft_tokens = int(gen["num_assistant_tokens"]) if "num_assistant_tokens" in gen else None
+        self.default_schedule = gen.get("specmtp_schedule")
+        self.head: torch.Tensor | None = None  # [K, Ht] target head rows of the draft vocabulary
+        self.vocab: torch.Tensor | None = None  # [K] their token ids (None: identity)
+
+    def check_compatible(self, target: LoadedModel) -> None:
+        want, tc = self.raw["target"], target.config
+        for key, have in (("family", tc.family), ("hidden_size", tc.hidden_size), ("vocab_size", tc.vocab_size),
+                          ("num_layers", tc.num_layers)):
+            if want[key] != have:
+                raise SpecMTPError(f"MTP drafter {self.name} was trained for {want['name']!r} ({key} {want[key]}), "
+                                   f"the target has {key} {have}")
+        if not same_weights(target_fingerprint(target.model), want["fingerprint"]):
+            raise SpecMTPError(f"MTP drafter {self.name} was trained for other weights ({want['name']!r}): its "
+                               "target's embedding values differ from this target's")
+        producers = tc.kv_producers()
+        for i, layer in enumerate(self.module.layers):
+            src = layer.source
+            if producers.get(layer.kind) != src or (tc.kv_heads_of(src), tc.head_dim_of(src)) != (
+                    layer.kv_heads, layer.head_dim):
+                raise SpecMTPError(f"MTP drafter layer {i} reads target layer {src} ({layer.kind}), which this "
+                                   f"target does not provide with {layer.kv_heads} KV heads of dim {layer.head_dim}")
+        dtype = target.model.embed.weight.dtype
+        self.module.to(dtype)
+        head = target.model.head_weight
+        if self.full_head:
+            self.head, self.vocab = head, None
+        else:
+            self.vocab = self.module.draft_vocab
+            self.head = head[self.vocab].contiguous()
+
+    def begin(self, ctx: DraftContext) -> None:
+        if self.head is None:
+            raise SpecMTPError("MTP drafter used before check_compatible bound it to a target")
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+             ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, K], next hidden [B, Ht]
+        """token [B] at positions [B] (not yet cached), hidden [B, Ht] -> draft-vocabulary logits, next hidden."""
+        embeds = ctx.target.embed_tokens(token[:, None])  # [B, 1, Ht]
+        h = self.module(embeds, hidden[:, None], positions[:, None], ctx.cache, int(positions.max()))[:, 0]
+        return linear(h, self.head), h
+
+    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+        bsz = len(ctx.sequences)
+        token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
+        positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
+        hidden = ctx.hidden
+        drafts, probs = [], []
+        vocab_size = ctx.target.cfg.vocab_size
+        for _ in range(n):
+            logits, hidden = self.step(token, hidden, positions, ctx)  # [B, K]
+            if ctx.sampling.greedy:
+                pick = logits.argmax(-1)
+            else:
+                q = probabilities(logits, ctx.sampling)  # [B, K]: the distribution actually sampled from
+                pick = sample(q, ctx.generator)
+                if self.vocab is not None:
+                    q = torch.zeros(bsz, vocab_size, dtype=q.dtype).index_copy_(1, self.vocab, q)
+                probs.append(q[:, :vocab_size])
+            token = pick if self.vocab is None else self.vocab[pick]
+            drafts.append(token)
+        return Proposal(torch.stack(drafts, 1), torch.full((bsz,), n, dtype=torch.long),
+                        torch.stack(probs, 1) if probs else None)

@@ -1,0 +1,364 @@
+"""`specmtp train-drafter`: train an MTP drafter for a target by self-distillation, on the CPU.
+
+Pipeline (each stage saved under --out, so --resume picks up where a run stopped):
+    prompts  = build_prompts(...)                         stdlib code + instruction templates, no bench prompts
+    data.pt  = capture(target, answer(target, prompts))   hidden states, read K/V, top-k next-token targets
+    train    : unrolled exactly as drafting runs: for anchors L (last token at L, target KV [0, L)),
+               step 1 gets (embed(tok_L), h_{L-1}), step k the drafter's own previous output and embed(tok_{L+k-1});
+               loss = cross-entropy against the target's distribution at L+k-1, over the draft vocabulary
+    out/     : config.json + model.safetensors (bf16) + generation_config.json + README.md (the card)
+
+Held-out acceptance is estimated the same way (greedy match of the drafter's argmax with the target's, chained
+over draft positions), which gives the expected tokens per verify pass (tau) without running the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
+from specmtp.errors import SpecMTPError
+from specmtp.loader import LoadedModel
+from specmtp.training.data import Sample, answer, capture
+from specmtp.training.prompts import build_prompts, raw_windows
+
+DATA_VERSION = 1
+
+
+@dataclass
+class TrainOptions:
+    layers: int = 1
+    hidden: int | None = None  # default: the target's hidden size, capped at 1024
+    intermediate: int | None = None  # default: the target's MLP width when the widths match, else 2.75 x hidden
+    heads: int | None = None  # default: the target's number of query heads
+    steps: int = 400
+    batch: int = 8  # sequences per step
+    anchors: int = 96  # draft positions sampled per sequence per step
+    unroll: int = 3  # draft steps trained through (backpropagated through the recurrence)
+    lr: float = 2e-3
+    draft_vocab: int = 8192  # 0: the full vocabulary
+    prompts: int = 320
+    answer_tokens: int = 128
+    max_len: int = 448
+    topk: int = 16
+    raw_tokens: int = 60000  # plus this many tokens of standard-library source read by the target (teacher-forced)
+    feature_weight: float = 1.0  # weight of the hidden-state regression beside the distribution loss
+    gen_batch: int = 8
+    heldout: float = 0.06
+    eval_every: int = 50
+    seed: int = 0
+    exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
+
+
+@dataclass
+class StoredKV:
+    """The target's K/V of the layers a drafter reads, for a padded batch of training sequences."""
+
+    k: dict[int, torch.Tensor]  # layer -> [B, Hkv, T, D]
+    v: dict[int, torch.Tensor]
+
+
+def _default_shape(target: LoadedModel, opts: TrainOptions) -> tuple[int, int, int]:
+    tc = target.config
+    hidden = opts.hidden or min(tc.hidden_size, 1024)
+    inter = opts.intermediate or (tc.intermediate_size if hidden == tc.hidden_size else int(2.75 * hidden) // 64 * 64)
+    heads = opts.heads or tc.num_heads
+    return hidden, inter, heads
+
+
+def new_module(target: LoadedModel, opts: TrainOptions, draft_vocab: torch.Tensor) -> MTPModule:
+    """A fresh drafter; where its widths equal the target's, layers start as copies of the layer they read."""
+    tc = target.config
+    hidden, inter, heads = _default_shape(target, opts)
+    cfg = drafter_config(tc, opts.layers, hidden, inter, heads)
+    module = MTPModule(cfg, tc.hidden_size, draft_vocab)
+    with torch.no_grad():
+        for p in module.pre_projection.parameters():
+            p.normal_(0.0, 0.02)
+        if hidden == tc.hidden_size:
+            module.pre_projection.weight[:, tc.hidden_size :] += torch.eye(hidden)  # start from the hidden state
+            module.post_projection.weight.copy_(torch.eye(hidden))
+            module.norm.copy_(target.model.norm.float())
+            if inter == tc.intermediate_size and heads == tc.num_heads:
+                for layer in module.layers:
+                    _copy_layer(layer, target.model.layers[layer.source])
+    return module
+
+
+def _copy_layer(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Query, output and MLP weights (and norms) of the target layer the drafter layer reads."""
+    own = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        if name not in own:
+            continue
+        q = own[name]
+        if name.startswith("wqkv."):
+            q.copy_(p[: q.shape[0]].float())
+        elif q.shape == p.shape:
+            q.copy_(p.float())
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool,
+               prompts: list[str] | None = None) -> list[Sample]:
+    prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude)
+    seqs = answer(target, prompts, opts.answer_tokens, opts.gen_batch, opts.seed, progress)
+    seqs = [(s[: opts.max_len], p) for s, p in seqs if p < min(len(s), opts.max_len) - 1]
+    return capture(target, seqs, sources, opts.topk, progress=progress)
+
+
+def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool) -> list[Sample]:
+    """Standard-library source read by the target: cheap (prefill speed) teacher-forced data."""
+    if opts.raw_tokens <= 0:
+        return []
+    seqs = [(ids, 1) for ids in raw_windows(target, opts.raw_tokens, opts.max_len, opts.seed)]
+    return capture(target, seqs, sources, opts.topk, progress=progress)
+
+
+def choose_vocab(samples: list[Sample], vocab_size: int, size: int, eos: tuple[int, ...]) -> torch.Tensor:
+    """The `size` tokens the target most often predicts (argmax) or emits in the data: the draft vocabulary."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.zeros(vocab_size)
+    for s in samples:
+        counts.index_add_(0, s.top_ids[:, 0], torch.ones(len(s.tokens)))
+        counts.index_add_(0, s.tokens, torch.full((len(s.tokens),), 0.5))
+    counts[list(eos)] += 1e9  # always draftable
+    return torch.sort(torch.topk(counts, size).indices).values
+
+
+# ---- one batch ---------------------------------------------------------------------------------------------------
+def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generator | None, answer_only: bool):
+    """Pad a batch; pick anchor positions (answer positions preferred). Returns tensors for `unrolled_loss`."""
+    bsz, width = len(samples), max(len(s.tokens) for s in samples)
+    tokens = torch.zeros(bsz, width, dtype=torch.long)
+    hidden = torch.zeros(bsz, width, samples[0].hidden.shape[-1])
+    k = {src: torch.zeros(bsz, *t.shape[:-2], width, t.shape[-1]) for src, t in samples[0].keys.items()}
+    v = {src: torch.zeros_like(t) for src, t in k.items()}
+    topk = samples[0].top_ids.shape[-1]
+    top_ids = torch.zeros(bsz, width, topk, dtype=torch.long)
+    top_p = torch.zeros(bsz, width, topk)
+    lengths = torch.tensor([len(s.tokens) for s in samples])
+    rows = []
+    for b, s in enumerate(samples):
+        t = len(s.tokens)
+        tokens[b, :t], hidden[b, :t] = s.tokens, s.hidden.float()
+        for src in k:
+            k[src][b, :, :t], v[src][b, :, :t] = s.keys[src].float(), s.values[src].float()
+        top_ids[b, :t], top_p[b, :t] = s.top_ids, s.top_p
+        weight = torch.ones(t)
+        weight[0] = 0.0  # anchor 0 has no visible KV
+        weight[: s.prompt_len] *= 0.0 if answer_only else 0.25
+        if anchors and gen is not None:
+            pick = torch.multinomial(weight, min(anchors, int((weight > 0).sum())), generator=gen)
+        else:
+            pick = torch.nonzero(weight > 0)[:, 0]
+        rows.append(pick)
+    n = max(len(r) for r in rows)
+    anchor = torch.ones(bsz, n, dtype=torch.long)
+    valid = torch.zeros(bsz, n, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        anchor[b, : len(r)], valid[b, : len(r)] = r, True
+    return tokens, hidden, StoredKV(k, v), top_ids, top_p, lengths, anchor, valid
+
+
+def unrolled(module: MTPModule, target: LoadedModel, head: torch.Tensor, to_draft: torch.Tensor, batch,
+             steps: int, feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `steps` draft steps from every anchor exactly as drafting does.
+    Returns (loss, match [B, A, steps]: drafter argmax == target argmax, False where no label)."""
+    tokens, hidden, kv, top_ids, top_p, lengths, anchor, valid = batch
+    bidx = torch.arange(tokens.shape[0])[:, None]
+    end = int(anchor[valid].max()) if valid.any() else 1
+    state = hidden[bidx, anchor - 1]  # [B, A, Ht] the hidden state that predicted tok_L
+    losses, matches = [], []
+    for k in range(steps):
+        pos = anchor + k  # position whose next token this step predicts; the query position stays at L
+        ok = valid & (pos < lengths[:, None])
+        pos = pos.clamp(max=tokens.shape[1] - 1)
+        with torch.no_grad():
+            embeds = target.model.embed_tokens(tokens[bidx, pos]).float()  # [B, A, Ht]
+        state = module(embeds, state, anchor, kv, end)  # [B, A, Ht]
+        logq = (state @ head.T).log_softmax(-1)  # [B, A, K]
+        ids, p = top_ids[bidx, pos], top_p[bidx, pos]  # [B, A, k]
+        col = to_draft[ids]  # [B, A, k] draft-vocabulary column, -1 when not draftable
+        ce = -(p * logq.gather(-1, col.clamp(min=0)) * (col >= 0)).sum(-1)  # [B, A]
+        # the target's own hidden state at that position produced its distribution over the whole vocabulary
+        feat = torch.nn.functional.smooth_l1_loss(state, hidden[bidx, pos], reduction="none").mean(-1)  # [B, A]
+        losses.append(((ce + feature_weight * feat) * ok).sum() / ok.sum().clamp(min=1))
+        matches.append(ok & (logq.argmax(-1) == col[..., 0]))
+    return torch.stack(losses).mean(), torch.stack(matches, -1)
+
+
+def acceptance(match: torch.Tensor, valid: torch.Tensor) -> list[float]:
+    """match [B, A, K], valid [B, A] -> P(first k drafts all accepted), k = 1..K (greedy, chained)."""
+    chained = match.long().cumprod(-1)[valid]  # [N, K]
+    return chained.float().mean(0).tolist() if len(chained) else [0.0] * match.shape[-1]
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bool = False, progress: bool = True,
+                  target_name: str | None = None, prompts: list[str] | None = None) -> dict[str, Any]:
+    """Build (or reuse, with resume) the data, train, save the drafter and its card; return the card's facts.
+    `prompts` replaces the built-in prompt set (tests use a tiny corpus)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    tc = target.config
+    hidden, inter, heads = _default_shape(target, opts)
+    cfg = drafter_config(tc, opts.layers, hidden, inter, heads)  # validates before any expensive work
+    sources = sorted(set(cfg.kv_source))
+
+    data_path, ckpt_path = out / "data.pt", out / "checkpoint.pt"
+    key = {"version": DATA_VERSION, "prompts": opts.prompts, "answer_tokens": opts.answer_tokens,
+           "max_len": opts.max_len, "topk": opts.topk, "seed": opts.seed, "sources": sources,
+           "raw_tokens": opts.raw_tokens,
+           "target": target_name or str(target.path), "custom_prompts": prompts}
+    samples = None
+    if resume and data_path.is_file():
+        saved = _load(data_path, "training data")
+        if saved.get("key") != key:
+            raise SpecMTPError(f"{data_path} was built with other settings ({saved.get('key')}); use another --out "
+                               "or the same options")
+        samples, data_s = saved["samples"], saved["seconds"]
+    if samples is None:
+        t0 = time.perf_counter()
+        samples = build_data(target, opts, sources, progress, prompts)
+        raw = build_raw(target, opts, sources, progress) if prompts is None else []
+        data_s = time.perf_counter() - t0
+        _save({"key": key, "samples": samples, "raw": raw, "seconds": data_s}, data_path)
+    else:
+        raw = saved["raw"]
+    if len(samples) < 4:
+        raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
+    n_held = max(2, int(len(samples) * opts.heldout))
+    train_set, held = samples[:-n_held] + raw, samples[-n_held:]  # held out: the target's own answers only
+
+    vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
+    to_draft = torch.full((tc.vocab_size,), -1, dtype=torch.long)
+    to_draft[vocab] = torch.arange(len(vocab))
+    head = target.model.head_weight.detach()[vocab].float()  # [K, Ht] frozen: the target's own rows
+    module = new_module(target, opts, vocab)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(opts.seed)
+    step, history, train_s = 0, [], 0.0
+    if resume and ckpt_path.is_file():
+        ck = _load(ckpt_path, "checkpoint")
+        free = ("steps", "eval_every")  # a resumed run may train longer
+        saved, now = ({k: v for k, v in o.items() if k not in free} for o in (ck.get("options", {}),
+                                                                               dataclasses.asdict(opts)))
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise SpecMTPError(f"{ckpt_path} was written with other options ({', '.join(diff)}); resume with the "
+                               "same ones")
+        module.load_state_dict(ck["module"])
+        optim.load_state_dict(ck["optim"])
+        gen.set_state(ck["generator"])
+        step, history, train_s = ck["step"], ck["history"], ck["train_s"]
+
+    held_batch = _batch(held, 0, opts.unroll, None, answer_only=True)
+    eval_steps = max(opts.unroll, 6)
+    bar = tqdm(total=opts.steps, initial=step, desc="training", unit="step", disable=not progress)
+    t_seg = time.perf_counter()
+    while step < opts.steps:
+        idx = torch.randint(len(train_set), (opts.batch,), generator=gen).tolist()
+        batch = _batch([train_set[i] for i in idx], opts.anchors, opts.unroll, gen, answer_only=False)
+        lr = opts.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
+        for g in optim.param_groups:
+            g["lr"] = lr
+        loss, match = unrolled(module, target, head, to_draft, batch, opts.unroll, opts.feature_weight)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        step += 1
+        bar.update(1)
+        if step % opts.eval_every == 0 or step == opts.steps:
+            acc = _evaluate(module, target, head, to_draft, held_batch, eval_steps)
+            train_s += time.perf_counter() - t_seg
+            t_seg = time.perf_counter()
+            history.append({"step": step, "loss": round(float(loss), 4), "heldout_accept": [round(a, 3) for a in acc],
+                            "heldout_tau": round(1 + sum(acc), 3)})
+            bar.set_postfix(loss=f"{float(loss):.3f}", tau=f"{1 + sum(acc):.2f}", acc1=f"{acc[0]:.2f}")
+            _save({"module": module.state_dict(), "optim": optim.state_dict(), "generator": gen.get_state(),
+                   "step": step, "history": history, "train_s": train_s, "options": dataclasses.asdict(opts)},
+                  ckpt_path)
+        elif step % 5 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+    acc = _evaluate(module, target, head, to_draft, held_batch, eval_steps)
+    full = _evaluate(module, target, target.model.head_weight.detach().float(), torch.arange(tc.vocab_size),
+                     _batch(held[:4], 0, opts.unroll, None, answer_only=True), eval_steps)
+    covered = torch.cat([s.top_ids[s.prompt_len :, 0] for s in held])
+    coverage = float((to_draft[covered] >= 0).float().mean())
+    expected = [1.0] + acc
+    num_draft = max(range(1, eval_steps + 1), key=lambda n: sum(expected[: n + 1]) / (1 + 0.1 * n))
+    meta = {
+        "target_name": target_name or str(target.path), "options": dataclasses.asdict(opts),
+        "train_sequences": len(train_set), "heldout_sequences": len(held),
+        "train_tokens": sum(len(s.tokens) for s in train_set), "steps": step,
+        "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
+        "wall_seconds": round(data_s + train_s, 1),
+        "heldout_accept": [round(a, 4) for a in acc], "heldout_tau": round(1 + sum(acc), 3),
+        "heldout_tau_full_head": round(1 + sum(full), 3), "draft_vocab_coverage": round(coverage, 4),
+        "history": history,
+    }
+    module.eval()
+    save_drafter(module, out, target, meta, num_draft)
+    (out / "README.md").write_text(_card(meta, module))
+    return meta
+
+
+@torch.no_grad()
+def _evaluate(module, target, head, to_draft, batch, steps: int) -> list[float]:
+    _, match = unrolled(module, target, head, to_draft, batch, steps)
+    return acceptance(match, batch[-1])
+
+
+def _save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def _load(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise SpecMTPError(f"corrupt or truncated {what} {path}: {e}; delete it to start over") from None
+
+
+def _card(meta: dict[str, Any], module: MTPModule) -> str:
+    cfg, opts = module.cfg, meta["options"]
+    params = sum(p.numel() for p in module.parameters())
+    acc = ", ".join(f"{a:.2f}" for a in meta["heldout_accept"])
+    return f"""# specmtp MTP drafter for `{meta['target_name']}`
+
+Trained with `specmtp train-drafter` (self-distillation on the CPU).
+
+- Target: `{meta['target_name']}`
+- Drafter: {cfg.num_layers} layer(s) of the target's family, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size},
+  {cfg.num_heads} query heads reading the target's layers {list(cfg.kv_source)}; {params / 1e6:.1f} M parameters (bf16)
+- Head: the target's own output rows for a draft vocabulary of {module.draft_vocab.numel()} tokens
+  (covers {meta['draft_vocab_coverage']:.1%} of the target's held-out argmax tokens)
+- Data: {meta['train_sequences']} self-distilled sequences ({meta['train_tokens']} tokens) from
+  {opts['prompts']} offline prompts (Python standard library code + instruction templates), answers of up to
+  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts
+- Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
+  draft steps, lr {opts['lr']}, seed {opts['seed']}
+- Wall time on this 2-core CPU: data {meta['data_seconds']:.0f} s + training {meta['train_seconds']:.0f} s
+  = {meta['wall_seconds'] / 60:.1f} min
+- Held-out greedy acceptance (P(first k drafts accepted), k = 1..): {acc}
+- Held-out tau estimate (tokens per verify pass with enough drafts): {meta['heldout_tau']:.2f}
+  (full-vocabulary head: {meta['heldout_tau_full_head']:.2f}, on a subset)
+"""

@@ -1,0 +1,125 @@
+"""specmtp's own MTP drafters: training learns, save/load round trip, exact greedy output, batches, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specmtp import Engine, SamplingParams, load_drafter, load_model
+from specmtp.drafters import MTPDrafter
+from specmtp.errors import SpecMTPError
+from specmtp.training import TrainOptions, train_drafter
+from specmtp.training.trainer import _batch, acceptance, new_module, unrolled
+
+CORPUS = [f"{w} {w} {w} and {w} again" for w in ("abc", "xyz", "hello", "cat", "dog", "sun", "tea", "map")] + [
+    "the quick brown fox", "one two three four", "red green blue", "a b c d e f g"]
+PROMPTS = ["abcabcabcabc", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
+
+
+def tiny_opts(steps: int) -> TrainOptions:
+    return TrainOptions(steps=steps, batch=4, anchors=24, unroll=3, lr=1e-2, prompts=len(CORPUS), answer_tokens=24,
+                        max_len=96, topk=8, gen_batch=6, heldout=0.25, eval_every=10, draft_vocab=128)
+
+
+def peaked(path) -> object:
+    """A tiny random target whose next-token distributions are peaked, as a trained model's are (a random one's
+    are nearly uniform, which leaves nothing to learn)."""
+    model = load_model(str(path))
+    with torch.no_grad():
+        model.model.norm.mul_(12.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    return peaked(tiny_dir("llama", num_hidden_layers=2))
+
+
+@pytest.fixture(scope="module")
+def trained(target, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mtp")
+    meta = train_drafter(target, out, tiny_opts(80), progress=False, prompts=CORPUS)
+    return out, meta
+
+
+def corpus_acceptance(module, target, out) -> list[float]:
+    """Greedy chained acceptance of a drafter on the training corpus's answers, as training measures it."""
+    samples = torch.load(out / "data.pt", weights_only=False)["samples"]
+    to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+    to_draft[module.draft_vocab] = torch.arange(module.draft_vocab.numel())
+    head = target.model.head_weight.detach()[module.draft_vocab].float()
+    batch = _batch(samples, 0, 3, None, answer_only=True)
+    with torch.no_grad():
+        _, match = unrolled(module.float(), target, head, to_draft, batch, 3)
+    return acceptance(match, batch[-1])
+
+
+def test_training_learns(target, trained):
+    out, meta = trained
+    assert [h["step"] for h in meta["history"]] == [10, 20, 30, 40, 50, 60, 70, 80]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "specmtp_mtp" and cfg["draft_vocab_size"] == 128
+    assert "Held-out tau estimate" in (out / "README.md").read_text()
+    learnt = corpus_acceptance(load_drafter(str(out)).module, target, out)
+    fresh = corpus_acceptance(new_module(target, tiny_opts(0), load_drafter(str(out)).module.draft_vocab), target, out)
+    assert learnt[0] > fresh[0] + 0.3, (learnt, fresh)
+    assert learnt[2] > fresh[2]
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_greedy_output_identical_to_target_only(target, trained, n):
+    drafter = load_drafter(str(trained[0]))
+    assert isinstance(drafter, MTPDrafter)
+    base = Engine(target).generate(PROMPTS, max_new_tokens=20)
+    for schedule in ("constant", "heuristic", "adaptive"):
+        spec = Engine(target, drafter, n, schedule)
+        for prompt, ref in zip(PROMPTS, base, strict=True):  # one at a time and as a batch of 3
+            assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
+    assert spec.stats.accepted > 0
+
+
+def test_sampled_drafting_returns_q_of_the_sampled_tokens(target, trained):
+    drafter = load_drafter(str(trained[0]))
+    engine = Engine(target, drafter, 3)
+    out = engine.generate(PROMPTS, max_new_tokens=12, sampling=SamplingParams(temperature=0.9, top_k=20, seed=3))
+    assert all(len(c.tokens) == 12 or c.finish_reason == "eos" for c in out)
+
+
+def test_save_load_round_trip(target, trained, tmp_path):
+    out, meta = trained
+    drafter = load_drafter(str(out))
+    drafter.check_compatible(target)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["module"]
+    for name, saved in drafter.module.state_dict().items():  # bf16 on disk: equal to rounding
+        assert torch.allclose(saved.float(), state[name].float(), rtol=1e-2, atol=1e-2), name
+    assert json.loads((out / "generation_config.json").read_text())["num_assistant_tokens"] >= 1
+    assert drafter.default_schedule == "adaptive"
+
+
+def test_resume_continues_and_refuses_other_options(target, tmp_path):
+    train_drafter(target, tmp_path, tiny_opts(10), progress=False, prompts=CORPUS)
+    meta = train_drafter(target, tmp_path, tiny_opts(20), progress=False, prompts=CORPUS, resume=True)
+    assert [h["step"] for h in meta["history"]][-1] == 20
+    with pytest.raises(SpecMTPError, match="other options"):
+        opts = tiny_opts(30)
+        opts.lr = 5e-3
+        train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+
+
+def test_bad_drafters_are_refused(target, trained, tiny_dir, tmp_path):
+    out, _ = trained
+    other = peaked(tiny_dir("llama", seed=5, num_hidden_layers=2))  # same shapes, other weights
+    with pytest.raises(SpecMTPError, match="trained for other weights"):
+        Engine(other, load_drafter(str(out)))
+    wider = peaked(tiny_dir("llama", num_hidden_layers=3))
+    with pytest.raises(SpecMTPError, match="num_layers"):
+        Engine(wider, load_drafter(str(out)))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((out / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(SpecMTPError, match="corrupt or truncated"):
+        load_drafter(str(broken))
