@@ -17,22 +17,11 @@ from specmtp.errors import SpecMTPError
 
 @pytest.fixture(autouse=True, scope="module")
 def _all_shared_kv_fix():
-    """transformers 5.23 cannot build any Gemma4AssistantForCausalLM: with every layer KV-shared (which the
-    assistant config enforces), Gemma4TextConfig.kv_sharing_modes raises ("The set of layer types producing a
-    cache is different..."). Patch only that case to what the assistant means: every layer reuses the
-    target's shared K/V. The reference's attention, masks and heads are untouched."""
-    from transformers import Gemma4TextConfig
+    """transformers 5.23 cannot build a Gemma4AssistantForCausalLM without this patch (see specmtp.synthetic)."""
+    from specmtp.synthetic import all_shared_kv_fix
 
-    original = Gemma4TextConfig.kv_sharing_modes
-
-    def modes(self):
-        if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
-            return ["reuse"] * self.num_hidden_layers
-        return original.fget(self)
-
-    Gemma4TextConfig.kv_sharing_modes = property(modes)
-    yield
-    Gemma4TextConfig.kv_sharing_modes = original
+    with all_shared_kv_fix():
+        yield
 
 
 def make_assistant(path, ordered: bool, seed: int = 3, backbone: int = 64):

@@ -54,8 +54,11 @@ def measure_read_bandwidth(gib: float = 1.0) -> float:
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every matrix once; the embedding table only as the head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:  # untied: the embedding lookup reads one row, not the table
+    total += sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
+    if model.lm_head is not None or model.head_q is not None:  # the lookup reads one row, not the table
         total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    if model.head_q is not None:
+        total += model.head_q.nbytes
     return total
 
 
@@ -101,6 +104,31 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
     }
 
 
+class _CallTimer:
+    """Wall time of every forward call of a module (transformers' models), with its number of input tokens."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         module.register_forward_hook(self._post)]
+        self._tokens = 0
+
+    def _pre(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self._tokens = int(ids.shape[1]) if ids is not None else 0
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        self.calls.append((self._tokens, time.perf_counter() - self._t0))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...], assistant=None,
            lookup: int | None = None) -> dict:
     kwargs = dict(do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=eos[0],
@@ -111,16 +139,28 @@ def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...],
         kwargs["prompt_lookup_num_tokens"] = lookup
     model = hf_model(path)
     tokens, seconds = [], 0.0
+    verify_calls: list[float] = []
+    draft_calls: list[float] = []
     with torch.inference_mode():
         model.generate(torch.tensor([ids[0]]), **{**kwargs, "max_new_tokens": min(8, max_new)})
         for p in tqdm(ids, desc="transformers", leave=False):
+            timers = [_CallTimer(model)] + ([_CallTimer(assistant)] if assistant is not None else [])
             t0 = time.perf_counter()
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
             seconds += time.perf_counter() - t0
+            for t in timers:
+                t.remove()
+            verify_calls += [s for _, s in timers[0].calls[1:]]  # every call after the prefill
+            if assistant is not None:
+                draft_calls += [s for n, s in timers[1].calls if n <= 1]  # one-token drafting steps
             new = out[0, len(p):].tolist()
             tokens.append(_strip_pad(new, eos))
     n = sum(len(t) for t in tokens)
-    return {"tokens": tokens, "new_tokens": n, "seconds": seconds, "tok_s": n / seconds}
+    res = {"tokens": tokens, "new_tokens": n, "seconds": seconds, "tok_s": n / seconds,
+           "verify_ms_per_pass": 1000 * sum(verify_calls) / max(len(verify_calls), 1)}
+    if draft_calls:
+        res["draft_ms_per_step"] = 1000 * sum(draft_calls) / len(draft_calls)
+    return res
 
 
 _HF_CACHE: dict[str, torch.nn.Module] = {}
@@ -147,9 +187,15 @@ def _strip_pad(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 def run_bench(args: argparse.Namespace) -> int:
     from specmtp.drafters import DraftModelDrafter, Gemma4AssistantDrafter, MTPDrafter, load_drafter
 
+    if getattr(args, "synthetic", None):  # a random model of a real shape, and its random assistant
+        from specmtp.synthetic import make_gemma4_pair
+
+        target_dir, assistant_dir = make_gemma4_pair(args.synthetic, layers=args.layers)
+        args.model, args.drafter = str(target_dir), str(assistant_dir)
+
     prompts = load_prompts(args.prompts, args.kind, args.limit)
     t0 = time.perf_counter()
-    target = load_model(args.model, dtype=args.dtype)
+    target = load_model(args.model, dtype=args.dtype, weights=args.weights)
     load_s = time.perf_counter() - t0
     drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
     ids = _encode_all(target, prompts)
@@ -161,11 +207,13 @@ def run_bench(args: argparse.Namespace) -> int:
     base = run_ours(Engine(target), ids, max_new)
     rows.append(("specmtp target-only", base))
     summary: dict = {
-        "model": args.model, "prompts": len(prompts), "max_new_tokens": max_new, "new_tokens": base["new_tokens"],
+        "model": args.model, "weights": args.weights,
+        "prompts": len(prompts), "max_new_tokens": max_new, "new_tokens": base["new_tokens"],
         "load_s": round(load_s, 2), "specmtp_tok_s": round(base["tok_s"], 3),
         "target_only_tok_s": round(base["tok_s"], 3),
         "weight_bytes_per_token": wbytes, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_vs_bandwidth_bound": round((base["seconds"] / base["new_tokens"]) / (wbytes / bandwidth), 3),
+        "achieved_weight_gb_s": round(wbytes * base["tok_s"] / 1e9, 2),
     }
     if drafter is not None:
         schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
@@ -195,6 +243,9 @@ def run_bench(args: argparse.Namespace) -> int:
             "draft_ms_per_token": round(res["draft_ms_per_token"], 3),
             "verify_ms_per_pass": round(res["verify_ms_per_pass"], 3),
             "draft_step_vs_verify_pass": round(res["draft_ms_per_token"] / max(res["verify_ms_per_pass"], 1e-9), 4),
+            "target_step_ms": round(1000 * base["seconds"] / base["new_tokens"], 3),
+            "draft_step_vs_target_step": round(res["draft_ms_per_token"] / (1000 * base["seconds"]
+                                                                            / base["new_tokens"]), 4),
             "schedules": per_schedule,
         })
     if args.compare_hf:
@@ -209,12 +260,21 @@ def run_bench(args: argparse.Namespace) -> int:
         if drafter is not None and not isinstance(drafter, MTPDrafter):  # transformers cannot run our MTP drafters
             if isinstance(drafter, DraftModelDrafter | Gemma4AssistantDrafter):
                 from specmtp.loader import checkpoint_dir
+                from specmtp.synthetic import all_shared_kv_fix
 
-                assisted = run_hf(target.path, ids, max_new, eos,
-                                  assistant=hf_model(checkpoint_dir(args.drafter)))
+                with all_shared_kv_fix():  # needed to build a Gemma 4 assistant in transformers 5.23
+                    assisted = run_hf(target.path, ids, max_new, eos,
+                                      assistant=hf_model(checkpoint_dir(args.drafter)))
             else:
                 assisted = run_hf(target.path, ids, max_new, eos, lookup=num_draft)
             rows.append(("transformers assisted", assisted))
+            if "draft_ms_per_step" in assisted:
+                summary.update({
+                    "hf_draft_ms_per_step": round(assisted["draft_ms_per_step"], 3),
+                    "hf_verify_ms_per_pass": round(assisted["verify_ms_per_pass"], 3),
+                    "hf_draft_step_vs_verify_pass": round(assisted["draft_ms_per_step"]
+                                                          / max(assisted["verify_ms_per_pass"], 1e-9), 4),
+                })
             summary.update({
                 "hf_assisted_tok_s": round(assisted["tok_s"], 3),
                 "speedup_vs_hf_assisted": round(summary["spec_tok_s"] / assisted["tok_s"], 3),

@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="target weights")
+    p.add_argument("--weights", default="dense", choices=["dense", "q8", "q4", "native"],
+                   help="target weights: dense (--dtype), or quantized at load with specmtp's CPU kernels")
     p.add_argument("--drafter-dtype", default="fp16", choices=["fp32", "bf16", "fp16"],
                    help="draft-model weights (drafts only propose, so half precision costs no exactness)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate")
     b.add_argument("--schedules", default=None, help="comma list of schedules to run (default: --schedule)")
     b.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
+    b.add_argument("--synthetic", default=None, choices=["gemma4-e2b"],
+                   help="bench a random model of this real shape and a random assistant for it (replaces --model "
+                        "and --drafter; built once and cached)")
+    b.add_argument("--layers", type=int, default=10, help="--synthetic: number of target layers")
 
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a target by self-distillation")
     t.add_argument("--model", default=DEFAULT_MODEL, help="the target: preset, GGUF file or HF directory")
@@ -78,7 +84,7 @@ def _engine(args: argparse.Namespace):
     from specmtp import Engine, load_drafter, load_model
     from specmtp.presets import default_drafter
 
-    target = load_model(args.model, dtype=args.dtype)
+    target = load_model(args.model, dtype=args.dtype, weights=args.weights)
     if args.drafter is None and args.command == "generate":
         args.drafter = default_drafter(args.model)
     if args.drafter == "none":

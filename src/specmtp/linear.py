@@ -32,8 +32,12 @@ def onednn(enabled: bool) -> Iterator[None]:
         _enabled = saved
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., in], weight: [out, in], bias: [out] -> [..., out]"""
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., in], weight: [out, in] (dense, or a quant.QuantWeight), bias: [out] -> [..., out]"""
+    if not isinstance(weight, torch.Tensor):
+        from specmtp.quant import qlinear
+
+        return qlinear(x, weight, bias)
     if (
         _enabled and _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -45,7 +49,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose inference path is `linear` above; parameters and state dict are unchanged."""
+    """nn.Linear whose inference path is `linear` above; parameters and state dict are unchanged.
+    `qweight` (set by quant.quantize_model) replaces the dense weight with a quantized one."""
+
+    qweight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.qweight if self.qweight is not None else self.weight, self.bias)

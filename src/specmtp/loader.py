@@ -44,15 +44,44 @@ def checkpoint_dir(ref: str, progress: bool = True) -> Path:
     raise SpecMTPError(f"{path} is not a checkpoint: expected a GGUF file or a directory with config.json")
 
 
-def load_model(ref: str, dtype: str = "fp32", progress: bool = True) -> LoadedModel:
-    """Load weights, config and tokenizer."""
+WEIGHTS = ("dense", "q8", "q4", "native")
+
+
+def load_model(ref: str, dtype: str = "fp32", progress: bool = True, weights: str = "dense") -> LoadedModel:
+    """Load weights, config and tokenizer.
+
+    weights: "dense" keeps `dtype` weights; "q8" / "q4" re-pack every linear layer and the head into specmtp's
+    quantized formats at load (GGUF or safetensors alike); "native" picks the one nearest a GGUF file's own
+    quantization (4-/5-bit -> q4, else q8)."""
     if dtype not in DTYPES:
         raise SpecMTPError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if weights not in WEIGHTS:
+        raise SpecMTPError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
     path = checkpoint_dir(ref, progress=progress)
     config, model = load_hf_dir(path, DTYPES[dtype])
+    if weights != "dense":
+        from specmtp import quant
+
+        if DTYPES[dtype] != torch.float32:
+            raise SpecMTPError(f"--weights {weights} computes in fp32; drop --dtype {dtype}")
+        fmt = _native_format(ref) if weights == "native" else weights
+        quant.set_threads(torch.get_num_threads())
+        quant.quantize_model(model, fmt)
     gen_path = path / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     eos = set(config.eos_token_ids)
     extra = gen.get("eos_token_id")
     eos.update([extra] if isinstance(extra, int) else (extra or []))
     return LoadedModel(ref, path, config, model, Tokenizer(path, tuple(sorted(eos))), gen)
+
+
+def _native_format(ref: str) -> str:
+    """q4 for a GGUF file whose weights are mostly 4- or 5-bit, else q8."""
+    path = resolve(ref)
+    if path.is_file():
+        from gguf import GGUFReader
+
+        names = [t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.name.endswith("weight")]
+        if names and sum(n.startswith(("Q4", "Q5", "IQ4")) for n in names) * 2 >= len(names):
+            return "q4"
+    return "q8"

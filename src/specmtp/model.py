@@ -245,13 +245,17 @@ class Transformer(nn.Module):
         for kind, rope in cfg.rope.items():
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.kind_head_dim(kind)), persistent=False)
 
+    head_q = None  # a quant.QuantWeight output head, when the model was quantized
+
     @property
-    def head_weight(self) -> torch.Tensor:  # [V, H]
+    def head_weight(self):  # [V, H] dense tensor, or QuantWeight
+        if self.head_q is not None:
+            return self.head_q
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.cfg
-        p = self.embed.weight
+        p = self.norm  # the compute dtype (the embedding table may be stored narrower)
         shapes = [(c.kv_heads_of(i), c.head_dim_of(i)) for i in range(c.num_layers)]
         sources = [c.kv_source_of(i) for i in range(c.num_layers)]
         return KVCache(batch_size, capacity, shapes, sources, p.dtype, p.device)
@@ -259,6 +263,8 @@ class Transformer(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, T] -> [B, T, H] (scaled for Gemma)"""
         x = self.embed(tokens)
+        if x.dtype != self.norm.dtype:  # a quantized model keeps its lookup table in bf16
+            x = x.to(self.norm.dtype)
         if self.cfg.embed_scale != 1.0:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         return x

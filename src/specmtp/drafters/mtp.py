@@ -38,6 +38,7 @@ from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
 from specmtp.loader import LoadedModel
 from specmtp.model import Layer, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
+from specmtp.quant import select_rows
 from specmtp.sampling import probabilities, sample
 
 MODEL_TYPE = "specmtp_mtp"
@@ -102,7 +103,7 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 def target_fingerprint(target: nn.Module) -> list[float]:
     """A few embedding values that tell one set of target weights from another with the same shapes."""
-    return [round(float(x), 5) for x in target.embed.weight[:8, :32].float().flatten()]
+    return [round(float(x), 3) for x in target.embed.weight[:8, :32].float().flatten()]
 
 
 def same_weights(a: list[float], b: list[float]) -> bool:
@@ -203,7 +204,7 @@ class MTPDrafter(Drafter):
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self.default_num_draft_tokens = int(gen["num_assistant_tokens"]) if "num_assistant_tokens" in gen else None
         self.default_schedule = gen.get("specmtp_schedule")
-        self.head: torch.Tensor | None = None  # [K, Ht] target head rows of the draft vocabulary
+        self.head = None  # [K, Ht] target head rows of the draft vocabulary (dense or quantized)
         self.vocab: torch.Tensor | None = None  # [K] their token ids (None: identity)
 
     def check_compatible(self, target: LoadedModel) -> None:
@@ -223,14 +224,13 @@ class MTPDrafter(Drafter):
                     layer.kv_heads, layer.head_dim):
                 raise SpecMTPError(f"MTP drafter layer {i} reads target layer {src} ({layer.kind}), which this "
                                    f"target does not provide with {layer.kv_heads} KV heads of dim {layer.head_dim}")
-        dtype = target.model.embed.weight.dtype
-        self.module.to(dtype)
+        self.module.to(target.model.norm.dtype)
         head = target.model.head_weight
         if self.full_head:
             self.head, self.vocab = head, None
         else:
             self.vocab = self.module.draft_vocab
-            self.head = head[self.vocab].contiguous()
+            self.head = select_rows(head, self.vocab)
 
     def begin(self, ctx: DraftContext) -> None:
         if self.head is None:

@@ -30,7 +30,7 @@ from specmtp.loader import LoadedModel
 from specmtp.training.data import Sample, answer, capture
 from specmtp.training.prompts import build_prompts, raw_windows
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 
 @dataclass
@@ -49,9 +49,9 @@ class TrainOptions:
     answer_tokens: int = 128
     max_len: int = 448
     topk: int = 16
-    raw_tokens: int = 60000  # plus this many tokens of standard-library source read by the target (teacher-forced)
+    raw_tokens: int = 20000  # plus this many tokens of standard-library source read by the target (teacher-forced)
     feature_weight: float = 1.0  # weight of the hidden-state regression beside the distribution loss
-    gen_batch: int = 8
+    gen_batch: int = 32
     heldout: float = 0.06
     eval_every: int = 50
     seed: int = 0
@@ -111,7 +111,7 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
                prompts: list[str] | None = None) -> list[Sample]:
     prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude)
     seqs = answer(target, prompts, opts.answer_tokens, opts.gen_batch, opts.seed, progress)
-    seqs = [(s[: opts.max_len], p) for s, p in seqs if p < min(len(s), opts.max_len) - 1]
+    seqs = [(s[: opts.max_len], p, g) for s, p, g in seqs if p < min(len(s), opts.max_len) - 1]
     return capture(target, seqs, sources, opts.topk, progress=progress)
 
 
@@ -119,7 +119,7 @@ def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progr
     """Standard-library source read by the target: cheap (prefill speed) teacher-forced data."""
     if opts.raw_tokens <= 0:
         return []
-    seqs = [(ids, 1) for ids in raw_windows(target, opts.raw_tokens, opts.max_len, opts.seed)]
+    seqs = [(ids, 1, False) for ids in raw_windows(target, opts.raw_tokens, opts.max_len, opts.seed)]
     return capture(target, seqs, sources, opts.topk, progress=progress)
 
 
@@ -237,8 +237,12 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         raw = saved["raw"]
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
+    # held out: the target's own greedy answers (what greedy drafting meets), the last ones of the prompt set
     n_held = max(2, int(len(samples) * opts.heldout))
-    train_set, held = samples[:-n_held] + raw, samples[-n_held:]  # held out: the target's own answers only
+    greedy = [i for i, s in enumerate(samples) if s.greedy] or list(range(len(samples)))
+    held_idx = set(greedy[-n_held:])
+    held = [s for i, s in enumerate(samples) if i in held_idx]
+    train_set = [s for i, s in enumerate(samples) if i not in held_idx] + raw
 
     vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
     to_draft = torch.full((tc.vocab_size,), -1, dtype=torch.long)

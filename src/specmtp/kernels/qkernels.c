@@ -1,0 +1,393 @@
+/* Quantized linear kernels for the CPU: y[t, n] = sum_k x[t, k] * W[n, k] (+ bias) for weights in specmtp's
+ * two block formats, x in fp32.
+ *
+ *   q8: per row, blocks of 32 weights: int8 q[32] and an fp16 scale d          w = d * q
+ *   q4: per row, blocks of 32 weights: 16 bytes of nibbles (element j in the low nibble of byte j, element
+ *       j + 16 in the high one), fp16 scale d and fp16 offset m                 w = d * q + m, q in 0..15
+ *
+ * Activations are quantized per token to int8 in blocks of 32 (scale = max|x| / 127), and each block's
+ * product is an integer dot (AVX2: maddubs + madd) scaled in fp32. Batch invariance: every (token, row) result
+ * is computed by the same instruction sequence whatever the number of tokens in the call (tokens are processed
+ * in tiles that share only the weight unpacking, never an accumulator), and threads split rows, not the sum.
+ * So a token's logits do not depend on how many tokens are verified with it.
+ *
+ * Threads: a small pool of our own (pthreads), spinning briefly then sleeping, so it does not fight another
+ * runtime's OpenMP pool. Portable scalar fallback when the CPU has no AVX2/FMA (chosen at run time).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPECMTP_X86 1
+#endif
+
+#define QK 32
+#define TILE 4
+#define MAX_THREADS 64
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* activation quantization                                                                                    */
+
+/* x [K] -> xq [K] int8, xd [K/32] scale, xs [K/32] sum of the dequantized block (for q4's offset term) */
+static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xd, float *xs) {
+    for (int64_t b = 0; b < k / QK; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.0f;
+        float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)lrintf(v[j] * id);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xq[b * QK + j] = (int8_t)q;
+            sum += q;
+        }
+        xd[b] = d;
+        xs[b] = d * (float)sum;
+    }
+}
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* row kernels: one weight row against up to TILE tokens                                                       */
+
+typedef struct {
+    int fmt;               /* 8 or 4 */
+    const int8_t *xq;      /* [T, K] */
+    const float *xd, *xs;  /* [T, K/32] */
+    const uint8_t *wq;     /* q8: [N, K] int8; q4: [N, K/2] nibbles */
+    const uint16_t *wd, *wm;  /* [N, K/32] fp16 bits */
+    const float *bias;     /* [N] or NULL */
+    float *y;              /* [T, N] */
+    int64_t t, n, k;
+} gemm_args;
+
+static void rows_scalar(const gemm_args *a, int64_t n0, int64_t n1) {
+    const int64_t nb = a->k / QK;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t t = 0; t < a->t; t++) {
+            const int8_t *xq = a->xq + t * a->k;
+            const float *xd = a->xd + t * nb, *xs = a->xs + t * nb;
+            float acc = 0.0f, off = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t s = 0;
+                if (a->fmt == 8) {
+                    const int8_t *w = (const int8_t *)a->wq + n * a->k + b * QK;
+                    for (int j = 0; j < QK; j++) s += (int32_t)w[j] * xq[b * QK + j];
+                } else {
+                    const uint8_t *w = a->wq + n * (a->k / 2) + b * (QK / 2);
+                    for (int j = 0; j < QK / 2; j++) {
+                        s += (int32_t)(w[j] & 0x0F) * xq[b * QK + j];
+                        s += (int32_t)(w[j] >> 4) * xq[b * QK + j + QK / 2];
+                    }
+                    off += half_to_float(a->wm[n * nb + b]) * xs[b];
+                }
+                acc += half_to_float(a->wd[n * nb + b]) * xd[b] * (float)s;
+            }
+            a->y[t * a->n + n] = acc + off + (a->bias ? a->bias[n] : 0.0f);
+        }
+    }
+}
+
+#ifdef SPECMTP_X86
+__attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One weight row against TN tokens (TN a compile-time constant after inlining, so the accumulators stay in
+ * registers). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_tile(const gemm_args *a, int64_t n,
+                                                                                      int64_t t0, const int TN) {
+    const int64_t nb = a->k / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const uint16_t *wd = a->wd + n * nb;
+    const uint16_t *wm = a->fmt == 4 ? a->wm + n * nb : NULL;
+    const int8_t *xq = a->xq + t0 * a->k;
+    __m256 acc[TILE], offv[TILE];
+    float off_tail[TILE];
+    for (int i = 0; i < TN; i++) {
+        acc[i] = _mm256_setzero_ps();
+        offv[i] = _mm256_setzero_ps();
+        off_tail[i] = 0.0f;
+    }
+    /* groups of 8 blocks: their 8 weight scales (and offsets) convert in one instruction, and each token's
+     * combined scales are one vector multiply */
+    for (int64_t g = 0; g < nb; g += 8) {
+        const int cnt = (int)(nb - g < 8 ? nb - g : 8);
+        float sc[TILE][8];
+        if (cnt == 8) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
+            for (int i = 0; i < TN; i++)
+                _mm256_storeu_ps(sc[i], _mm256_mul_ps(dw, _mm256_loadu_ps(a->xd + (t0 + i) * nb + g)));
+            if (wm) {
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + g)));
+                for (int i = 0; i < TN; i++)
+                    offv[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->xs + (t0 + i) * nb + g), offv[i]);
+            }
+        } else {
+            for (int i = 0; i < TN; i++) {
+                for (int j = 0; j < cnt; j++) {
+                    sc[i][j] = _cvtsh_ss(wd[g + j]) * a->xd[(t0 + i) * nb + g + j];
+                    if (wm) off_tail[i] += _cvtsh_ss(wm[g + j]) * a->xs[(t0 + i) * nb + g + j];
+                }
+            }
+        }
+        for (int j = 0; j < cnt; j++) {
+            const int64_t b = g + j;
+            __m256i w;
+            if (a->fmt == 8) {
+                w = _mm256_loadu_si256((const __m256i *)((const int8_t *)a->wq + n * a->k + b * QK));
+            } else {
+                const __m128i p = _mm_loadu_si128((const __m128i *)(a->wq + n * (a->k / 2) + b * (QK / 2)));
+                w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
+            }
+            const __m256i aw = a->fmt == 8 ? _mm256_sign_epi8(w, w) : w;  /* unsigned operand */
+            for (int i = 0; i < TN; i++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * a->k + b * QK));
+                if (a->fmt == 8) x = _mm256_sign_epi8(x, w);  /* move w's sign onto x */
+                const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones);
+                acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[i][j]), _mm256_cvtepi32_ps(p32), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < TN; i++) {
+        const float off = wm ? hsum(offv[i]) + off_tail[i] : 0.0f;
+        a->y[(t0 + i) * a->n + n] = hsum(acc[i]) + off + (a->bias ? a->bias[n] : 0.0f);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void rows_avx2(const gemm_args *a, int64_t n0, int64_t n1) {
+    /* 8 rows x TILE tokens at a time: both operands of the inner loops stay in L1 even for a long prefill */
+    for (int64_t r0 = n0; r0 < n1; r0 += 8)
+        for (int64_t t0 = 0; t0 < a->t; t0 += TILE) {
+            const int tn = (int)(a->t - t0 < TILE ? a->t - t0 : TILE);
+            const int64_t r1 = r0 + 8 < n1 ? r0 + 8 : n1;
+            for (int64_t n = r0; n < r1; n++) {
+                switch (tn) {
+                    case 1: row_tile(a, n, t0, 1); break;
+                    case 2: row_tile(a, n, t0, 2); break;
+                    case 3: row_tile(a, n, t0, 3); break;
+                    default: row_tile(a, n, t0, 4); break;
+                }
+            }
+        }
+}
+#endif
+
+static int use_avx2 = -1;
+
+static void run_rows(const gemm_args *a, int64_t n0, int64_t n1) {
+#ifdef SPECMTP_X86
+    if (use_avx2) {
+        rows_avx2(a, n0, n1);
+        return;
+    }
+#endif
+    rows_scalar(a, n0, n1);
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* thread pool                                                                                                 */
+
+static int pool_size = 0;  /* threads including the caller; 0: one per online CPU */
+static pthread_t workers[MAX_THREADS];
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static atomic_long pool_gen = 0;
+static atomic_int pool_done = 0;
+static atomic_int pool_sleepers = 0;
+static const gemm_args *pool_job = NULL;
+static int pool_started = 0;
+
+static void job_range(const gemm_args *a, int part, int parts, int64_t *n0, int64_t *n1) {
+    int64_t per = (a->n + parts - 1) / parts;
+    per = (per + 7) / 8 * 8;
+    *n0 = per * part < a->n ? per * part : a->n;
+    *n1 = per * (part + 1) < a->n ? per * (part + 1) : a->n;
+}
+
+static void *worker_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        long gen;
+        int spins = 0;
+        while ((gen = atomic_load(&pool_gen)) == seen) {
+            if (++spins < 20000) {
+#ifdef SPECMTP_X86
+                _mm_pause();
+#endif
+                continue;
+            }
+            pthread_mutex_lock(&pool_mu);
+            atomic_fetch_add(&pool_sleepers, 1);
+            while (atomic_load(&pool_gen) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+            atomic_fetch_sub(&pool_sleepers, 1);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = gen;
+        const gemm_args *a = pool_job;
+        int64_t n0, n1;
+        job_range(a, id, pool_size, &n0, &n1);
+        if (n0 < n1) run_rows(a, n0, n1);
+        atomic_fetch_add(&pool_done, 1);
+    }
+    return NULL;
+}
+
+static void pool_start(int threads) {
+    if (threads < 1) threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (pool_started) return;  /* the size is fixed once workers exist */
+    pool_size = threads;
+    for (int i = 1; i < pool_size; i++) pthread_create(&workers[i], NULL, worker_main, (void *)(intptr_t)i);
+    pool_started = 1;
+}
+
+static void run_parallel(const gemm_args *a) {
+    if (!pool_started) pool_start(pool_size);
+    /* small problems: not worth waking anyone */
+    if (pool_size <= 1 || a->n * a->k * a->t < (1 << 16)) {
+        run_rows(a, 0, a->n);
+        return;
+    }
+    pool_job = a;
+    atomic_store(&pool_done, 0);
+    pthread_mutex_lock(&pool_mu);
+    atomic_fetch_add(&pool_gen, 1);
+    if (atomic_load(&pool_sleepers)) pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    int64_t n0, n1;
+    job_range(a, 0, pool_size, &n0, &n1);
+    if (n0 < n1) run_rows(a, n0, n1);
+    while (atomic_load(&pool_done) < pool_size - 1) {
+#ifdef SPECMTP_X86
+        _mm_pause();
+#endif
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Python entry points: raw pointers from torch tensors (contiguous, checked by the caller)                    */
+
+static int8_t *scratch_q = NULL;
+static float *scratch_f = NULL;
+static int64_t scratch_cap = 0;
+
+static PyObject *py_gemm(PyObject *self, PyObject *args) {
+    int fmt;
+    unsigned long long x, wq, wd, wm, bias, y;
+    long long t, n, k;
+    if (!PyArg_ParseTuple(args, "iKLLKKKKKL", &fmt, &x, &t, &k, &wq, &wd, &wm, &bias, &y, &n)) return NULL;
+    if (k % QK) {
+        PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32");
+        return NULL;
+    }
+    if (fmt != 4 && fmt != 8) {
+        PyErr_SetString(PyExc_ValueError, "format must be 4 or 8");
+        return NULL;
+    }
+    if (t * k > scratch_cap) {
+        free(scratch_q);
+        free(scratch_f);
+        scratch_cap = t * k;
+        scratch_q = (int8_t *)malloc((size_t)scratch_cap);
+        scratch_f = (float *)malloc(sizeof(float) * (size_t)(2 * scratch_cap / QK + 2));
+        if (!scratch_q || !scratch_f) {
+            scratch_cap = 0;
+            return PyErr_NoMemory();
+        }
+    }
+    const int64_t nb = k / QK;
+    for (int64_t i = 0; i < t; i++)
+        quantize_row((const float *)x + i * k, k, scratch_q + i * k, scratch_f + i * nb, scratch_f + t * nb + i * nb);
+    gemm_args a = {fmt, scratch_q, scratch_f, scratch_f + t * nb, (const uint8_t *)wq, (const uint16_t *)wd,
+                   (const uint16_t *)wm, bias ? (const float *)bias : NULL, (float *)y, t, n, k};
+    run_parallel(&a);  /* the GIL stays held: the scratch buffers and the pool serve one call at a time */
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (!pool_started) pool_size = n < 1 ? 0 : (n > MAX_THREADS ? MAX_THREADS : n);
+    return PyLong_FromLong(pool_size);
+}
+
+static PyObject *py_info(PyObject *self, PyObject *args) {
+    return Py_BuildValue("{s:i,s:i,s:i}", "avx2", use_avx2, "threads", pool_size, "started", pool_started);
+}
+
+static PyObject *py_force_scalar(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+#ifdef SPECMTP_X86
+    use_avx2 = on ? 0 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c"));
+#else
+    use_avx2 = 0;
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"gemm", py_gemm, METH_VARARGS, "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T"},
+    {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
+    {"info", py_info, METH_NOARGS, "which code path and how many threads"},
+    {"force_scalar", py_force_scalar, METH_VARARGS, "use the portable path (tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", "specmtp quantized CPU kernels", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__qkernels(void) {
+#ifdef SPECMTP_X86
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    use_avx2 = 0;
+#endif
+    return PyModule_Create(&module);
+}

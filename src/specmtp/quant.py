@@ -1,0 +1,136 @@
+"""Quantized weights on the CPU: specmtp's q8 and q4 block formats and the linear op that reads them.
+
+    q8: blocks of 32 weights per row, int8 values and an fp16 scale          w = d * q           1.06 bytes/weight
+    q4: blocks of 32 weights per row, 4-bit values, fp16 scale and offset     w = d * q + m       0.63 bytes/weight
+
+`quantize_model` replaces the weights of a model's linear layers (and the output head) in place, one tensor at a
+time, so the fp32 copies are freed as it goes; the model code does not change (`linear.Linear` and `linear.linear`
+dispatch on the weight's type). The kernels (kernels/qkernels.c, built on install) quantize activations per
+token to int8 and are batch-invariant: a token's result does not depend on how many tokens share the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specmtp.errors import SpecMTPError
+
+try:
+    from specmtp import _qkernels
+except ImportError as _e:  # built on install; absent only where no C compiler was available
+    _qkernels = None
+    _IMPORT_ERROR: str | None = str(_e)
+else:
+    _IMPORT_ERROR = None
+
+QK = 32
+FORMATS = {"q8": 8, "q4": 4}
+
+
+@dataclass
+class QuantWeight:
+    fmt: int  # 8 or 4
+    shape: tuple[int, int]  # (N out, K in)
+    qs: torch.Tensor  # q8: int8 [N, K]; q4: uint8 [N, K/2]
+    d: torch.Tensor  # fp16 [N, K/32]
+    m: torch.Tensor | None  # fp16 [N, K/32] (q4 only)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+
+def available() -> bool:
+    return _qkernels is not None
+
+
+def require() -> None:
+    if _qkernels is None:
+        raise SpecMTPError(f"the quantized kernels are not built ({_IMPORT_ERROR}); reinstall specmtp with a C "
+                           "compiler available (make clean && make test), or use --weights fp32")
+
+
+def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
+    """w: [N, K] float -> QuantWeight (round to nearest; q4 spans each block's min..max)."""
+    if fmt not in FORMATS:
+        raise SpecMTPError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
+    n, k = w.shape
+    if k % QK:
+        raise SpecMTPError(f"cannot quantize a weight with {k} inputs: not a multiple of {QK}")
+    blocks = w.detach().float().reshape(n, k // QK, QK)
+    if FORMATS[fmt] == 8:
+        d = blocks.abs().amax(-1) / 127.0  # [N, B]
+        d16 = d.half()
+        inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(d))
+        q = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        return QuantWeight(8, (n, k), q.reshape(n, k).contiguous(), d16.contiguous(), None)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    m16 = lo.half()
+    d16 = ((hi - m16.float()) / 15.0).half()
+    inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(lo))
+    q = torch.round((blocks - m16.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)  # element j low nibble, j + 16 high nibble
+    return QuantWeight(4, (n, k), packed.reshape(n, k // 2).contiguous(), d16.contiguous(), m16.contiguous())
+
+
+def dequantize(qw: QuantWeight) -> torch.Tensor:
+    """The fp32 weight a QuantWeight stands for (the reference the kernels are tested against)."""
+    n, k = qw.shape
+    if qw.fmt == 8:
+        q = qw.qs.reshape(n, k // QK, QK).float()
+        return (q * qw.d.float()[..., None]).reshape(n, k)
+    packed = qw.qs.reshape(n, k // QK, QK // 2)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    return (q * qw.d.float()[..., None] + qw.m.float()[..., None]).reshape(n, k)
+
+
+def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] through the quantized kernels (fp32 in and out)."""
+    require()
+    n, k = qw.shape
+    shape = x.shape
+    x2 = x.reshape(-1, k).float().contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    b = bias.float().contiguous() if bias is not None else None
+    _qkernels.gemm(qw.fmt, x2.data_ptr(), x2.shape[0], k, qw.qs.data_ptr(), qw.d.data_ptr(),
+                   qw.m.data_ptr() if qw.m is not None else 0, b.data_ptr() if b is not None else 0,
+                   y.data_ptr(), n)
+    return y.reshape(*shape[:-1], n)
+
+
+def set_threads(n: int) -> None:
+    if _qkernels is not None:
+        _qkernels.set_threads(n)
+
+
+def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
+    """Quantize every linear layer of a Transformer in place (and its output head); returns bytes of weights.
+    The embedding table stays for lookups, in bf16 when the head no longer shares it."""
+    from specmtp.linear import Linear
+
+    require()
+    total = 0
+    if head and getattr(model, "head_q", None) is None:
+        model.head_q = quantize(model.head_weight.data, fmt)
+        total += model.head_q.nbytes
+        if model.lm_head is not None:
+            model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        model.embed.weight = torch.nn.Parameter(model.embed.weight.data.to(torch.bfloat16), requires_grad=False)
+    for module in model.modules():
+        if isinstance(module, Linear) and module is not getattr(model, "lm_head", None) and module.qweight is None:
+            if module.weight.shape[1] % QK:
+                continue  # stays dense
+            module.qweight = quantize(module.weight.data, fmt)
+            module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # free the dense copy
+            total += module.qweight.nbytes
+    return total
+
+
+def select_rows(w, rows: torch.Tensor):
+    """Rows of a dense or quantized weight (an MTP drafter's reduced head)."""
+    if isinstance(w, torch.Tensor):
+        return w[rows].contiguous()
+    return QuantWeight(w.fmt, (len(rows), w.shape[1]), w.qs[rows].contiguous(), w.d[rows].contiguous(),
+                       w.m[rows].contiguous() if w.m is not None else None)

@@ -1,0 +1,85 @@
+"""Quantized weights: kernel correctness against the dequantized fp32 reference, exact batch invariance, and a
+quantized model whose speculative output equals its own target-only output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmtp import Engine, load_model
+from specmtp.drafters import DraftModelDrafter, NgramDrafter
+from specmtp.errors import SpecMTPError
+from specmtp.quant import _qkernels, available, dequantize, qlinear, quantize, quantize_model
+
+pytestmark = pytest.mark.skipif(not available(), reason="quantized kernels not built")
+
+# Stated bounds. Weights: q8 rounds to 1/254 of a block's max |w|, q4 to 1/30 of its range (fp16 scales add
+# ~1e-3). Products: activations are quantized to int8 per block of 32, so the kernel's result is within
+# 1 % (relative Frobenius norm) of x @ dequantize(W).T for either format.
+PRODUCT_RTOL = 1e-2
+
+
+@pytest.fixture(params=[False, True], ids=["avx2", "scalar"])
+def path(request):
+    _qkernels.force_scalar(request.param)
+    yield request.param
+    _qkernels.force_scalar(False)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantize_round_trip(fmt):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    back = dequantize(quantize(w, fmt))
+    blocks, err = w.reshape(48, 8, 32), (back - w).abs().reshape(48, 8, 32)
+    if fmt == "q8":
+        bound = blocks.abs().amax(-1, keepdim=True) / 254 * 1.01 + 1e-6
+    else:
+        bound = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 30 * 1.05 + 2e-3
+    assert (err <= bound).all()
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 37])
+def test_kernel_matches_dequantized_reference(fmt, tokens, path):
+    g = torch.Generator().manual_seed(tokens)
+    w, x = torch.randn(200, 320, generator=g), torch.randn(tokens, 320, generator=g)
+    bias = torch.randn(200, generator=g)
+    qw = quantize(w, fmt)
+    ref = x @ dequantize(qw).T + bias
+    y = qlinear(x, qw, bias)
+    assert y.shape == (tokens, 200)
+    assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_batch_invariance_is_exact(fmt, path):
+    g = torch.Generator().manual_seed(1)
+    qw = quantize(torch.randn(520, 640, generator=g), fmt)  # large enough to use every thread
+    x = torch.randn(16, 640, generator=g)
+    alone = torch.cat([qlinear(x[t : t + 1], qw) for t in range(16)])
+    for n in (2, 4, 5, 8, 16):
+        assert torch.equal(qlinear(x[:n], qw), alone[:n]), n
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(SpecMTPError, match="multiple of 32"):
+        quantize(torch.randn(4, 40), "q4")
+    with pytest.raises(SpecMTPError, match="unknown weight format"):
+        quantize(torch.randn(4, 64), "q3")
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_model_speculative_equals_target_only(tiny_dir, fmt):
+    target = load_model(str(tiny_dir("llama", num_hidden_layers=2)))
+    dense = Engine(target).generate(["hello world, hello"], max_new_tokens=16)[0].tokens
+    nbytes = quantize_model(target.model, fmt)
+    assert nbytes > 0 and target.model.head_q is not None
+    assert all(m.weight.numel() == 0 for m in target.model.layers[0].modules() if hasattr(m, "qweight")
+               and m.qweight is not None)
+    prompts = ["abcabcabcabc", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
+    base = [c.tokens for c in Engine(target).generate(prompts, max_new_tokens=20)]
+    for drafter in (NgramDrafter(), DraftModelDrafter(target.model, target.tokenizer.vocab, "self")):
+        for n in (1, 4, 8):
+            spec = Engine(target, drafter, n).generate(prompts, max_new_tokens=20)
+            assert [c.tokens for c in spec] == base
+    assert len(dense) == 16  # the dense model ran before quantization
