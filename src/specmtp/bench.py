@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -138,6 +139,8 @@ def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...],
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = lookup
     model = hf_model(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # transformers as users run it (a quantized target set ours to 1)
     tokens, seconds = [], 0.0
     verify_calls: list[float] = []
     draft_calls: list[float] = []
@@ -155,6 +158,7 @@ def run_hf(path: Path, ids: list[list[int]], max_new: int, eos: tuple[int, ...],
                 draft_calls += [s for n, s in timers[1].calls if n <= 1]  # one-token drafting steps
             new = out[0, len(p):].tolist()
             tokens.append(_strip_pad(new, eos))
+    torch.set_num_threads(threads)
     n = sum(len(t) for t in tokens)
     res = {"tokens": tokens, "new_tokens": n, "seconds": seconds, "tok_s": n / seconds,
            "verify_ms_per_pass": 1000 * sum(verify_calls) / max(len(verify_calls), 1)}
@@ -197,7 +201,7 @@ def run_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     target = load_model(args.model, dtype=args.dtype, weights=args.weights)
     load_s = time.perf_counter() - t0
-    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
+    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype, weights=args.weights) if args.drafter else None
     ids = _encode_all(target, prompts)
     max_new = args.max_new_tokens
     bandwidth = measure_read_bandwidth()

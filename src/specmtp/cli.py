@@ -89,7 +89,7 @@ def _engine(args: argparse.Namespace):
         args.drafter = default_drafter(args.model)
     if args.drafter == "none":
         args.drafter = None
-    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype) if args.drafter else None
+    drafter = load_drafter(args.drafter, dtype=args.drafter_dtype, weights=args.weights) if args.drafter else None
     return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule)
 
 
@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):
         import torch
 
+        from specmtp import quant
+
         torch.set_num_threads(args.threads)
+        quant.set_threads(args.threads)
     debug = args.debug or bool(os.environ.get("SPECMTP_DEBUG"))
     try:
         commands = {"generate": cmd_generate, "bench": cmd_bench, "train-drafter": cmd_train}

@@ -65,8 +65,10 @@ def load_model(ref: str, dtype: str = "fp32", progress: bool = True, weights: st
         if DTYPES[dtype] != torch.float32:
             raise SpecMTPError(f"--weights {weights} computes in fp32; drop --dtype {dtype}")
         fmt = _native_format(ref) if weights == "native" else weights
-        quant.set_threads(torch.get_num_threads())
         quant.quantize_model(model, fmt)
+        # The kernels' own thread pool uses every core; torch's pool (norms, attention: small in decoding) gets
+        # one thread so that the two never spin against each other (measured: 17.0 vs 5.8 tok/s on 2 cores).
+        torch.set_num_threads(1)
     gen_path = path / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     eos = set(config.eos_token_ids)

@@ -11,12 +11,13 @@ from specmtp.drafters.ngram import NgramDrafter
 from specmtp.loader import load_model
 
 
-def load_drafter(ref: str, dtype: str = "fp16", progress: bool = True) -> Drafter:
+def load_drafter(ref: str, dtype: str = "fp16", progress: bool = True, weights: str = "dense") -> Drafter:
     """'ngram', or a preset / path / HF id of a draft model sharing the target's tokenizer.
 
     dtype: a draft model's weights. Half precision by default: a draft only proposes, the target's verification
     keeps the output exact, and a draft step reads half the bytes (on a CPU, 56 ms instead of 130 ms for
-    Qwen2.5-Coder-0.5B). MTP drafters compute in the target's dtype and ignore it."""
+    Qwen2.5-Coder-0.5B). MTP drafters compute in the target's dtype and ignore it.
+    weights: "q8" / "q4" quantize a draft model like a target (then it computes in fp32, whatever dtype says)."""
     if ref == "ngram":
         return NgramDrafter()
     from specmtp.checkpoint import read_config
@@ -28,7 +29,7 @@ def load_drafter(ref: str, dtype: str = "fp16", progress: bool = True) -> Drafte
         return Gemma4AssistantDrafter(path)
     if model_type == MTP_TYPE:
         return MTPDrafter(path)
-    loaded = load_model(ref, dtype=dtype, progress=progress)
+    loaded = load_model(ref, dtype="fp32" if weights != "dense" else dtype, progress=progress, weights=weights)
     return DraftModelDrafter(loaded.model, loaded.tokenizer.vocab, name=ref)
 
 

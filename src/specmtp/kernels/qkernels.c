@@ -238,6 +238,7 @@ static atomic_int pool_done = 0;
 static atomic_int pool_sleepers = 0;
 static const gemm_args *pool_job = NULL;
 static int pool_started = 0;
+static long spin_limit = 20000;  /* pause instructions before a worker sleeps (SPECMTP_SPIN overrides) */
 
 static void job_range(const gemm_args *a, int part, int parts, int64_t *n0, int64_t *n1) {
     int64_t per = (a->n + parts - 1) / parts;
@@ -251,9 +252,9 @@ static void *worker_main(void *arg) {
     long seen = 0;
     for (;;) {
         long gen;
-        int spins = 0;
+        long spins = 0;
         while ((gen = atomic_load(&pool_gen)) == seen) {
-            if (++spins < 20000) {
+            if (++spins < spin_limit) {
 #ifdef SPECMTP_X86
                 _mm_pause();
 #endif
@@ -280,6 +281,8 @@ static void pool_start(int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (pool_started) return;  /* the size is fixed once workers exist */
+    const char *spin = getenv("SPECMTP_SPIN");
+    if (spin) spin_limit = atol(spin);
     pool_size = threads;
     for (int i = 1; i < pool_size; i++) pthread_create(&workers[i], NULL, worker_main, (void *)(intptr_t)i);
     pool_started = 1;
