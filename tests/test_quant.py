@@ -83,3 +83,21 @@ def test_quantized_model_speculative_equals_target_only(tiny_dir, fmt):
             spec = Engine(target, drafter, n).generate(prompts, max_new_tokens=20)
             assert [c.tokens for c in spec] == base
     assert len(dense) == 16  # the dense model ran before quantization
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_quantized_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_dir, family):
+    """What makes speculative output exact: a verify pass over T tokens gives each token the very logits a
+    one-token step gives it (kernels and attention alike)."""
+    target = load_model(str(tiny_dir(family)))
+    model = target.model
+    quantize_model(model, "q4")
+    g = torch.Generator().manual_seed(0)
+    prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
+    caches = [model.new_cache(1, 64) for _ in range(2)]
+    for c in caches:
+        model(prompt, torch.arange(40)[None], c)
+    together = model.logits(model(block, torch.arange(40, 47)[None], caches[0]))
+    alone = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + i]]), caches[1]))
+                       for i in range(7)], dim=1)
+    assert torch.equal(together, alone)

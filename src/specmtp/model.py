@@ -121,7 +121,12 @@ class Experts(nn.Module):
         return out
 
 
+INVARIANT_MAX_T = 64  # batch-invariant attention covers verify passes (a longer prefill is the same in any mode)
+
+
 class Layer(nn.Module):
+    batch_invariant = False  # set with quantized weights, whose kernels are batch-invariant too
+
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.index = index
@@ -190,10 +195,23 @@ class Layer(nn.Module):
             cache.write(self.index, positions, apply_rope(k, cos, sin), v)
         keys = cache.k[self.source][:, :, start:end]  # [B, Hkv, S, D]
         values = cache.v[self.source][:, :, start:end]  # [B, Hkv, S, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=cfg.attn_scale,
-            enable_gqa=cfg.num_heads != keys.shape[1],
-        )  # [B, Hq, T, D]
+        q = q.transpose(1, 2)  # [B, Hq, T, D]
+        gqa = cfg.num_heads != keys.shape[1]
+        if self.batch_invariant and 1 < t <= INVARIANT_MAX_T:
+            # One query at a time over exactly the slots a one-token step would read: a verified token's attention
+            # is then computed as in target-only decoding, bit for bit (a multi-query SDPA blocks differently).
+            outs = []
+            for i in range(t):
+                pos = positions[:, i]
+                lo = max(start, int(pos.min()) - self.window + 1) if self.window is not None else start
+                a, z = lo - start, int(pos.max()) + 1 - start
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, i : i + 1], keys[:, :, a:z], values[:, :, a:z], attn_mask=mask[:, :, i : i + 1, a:z],
+                    scale=cfg.attn_scale, enable_gqa=gqa))
+            out = torch.cat(outs, dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.attn_scale,
+                                                 enable_gqa=gqa)  # [B, Hq, T, D]
         return self.wo(out.transpose(1, 2).reshape(b, t, self.q_size))
 
     def forward(

@@ -125,6 +125,8 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
             module.qweight = quantize(module.weight.data, fmt)
             module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # free the dense copy
             total += module.qweight.nbytes
+    for layer in getattr(model, "layers", []):
+        layer.batch_invariant = True  # attention too, so speculative output is bit-identical to target-only
     return total
 
 
