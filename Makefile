@@ -8,7 +8,7 @@ PROMPT ?= Explain the concepts of speculative decoding and MTP in 3 sentences.
 
 .PHONY: run test bootstrap models lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py src/specmtp/kernels/qkernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel (an unpinned torch would pull a multi-GB CUDA build)
 	$(PIP) install torch==2.13.0
@@ -35,4 +35,4 @@ bench: $(STAMP)
 	$(VENV)/bin/specmtp bench --model smollm2-135m --prompts ../shared/prompts/bench.jsonl --max-new-tokens 64 --compare-hf --json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/specmtp/_qkernels*.so

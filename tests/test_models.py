@@ -81,3 +81,34 @@ def test_ragged_batch_rows_equal_single_rows(tiny_dir, family):
             single = m.logits(m(r[None], torch.arange(len(r))[None], m.new_cache(1, 32)))[0]
             # GEMMs of another shape sum in another order: equal to rounding, not bit for bit
             torch.testing.assert_close(batch[b, : len(r)], single, atol=1e-4, rtol=1e-4)
+
+
+def test_gemma4_multimodal_checkpoint_loads_text_weights_only(tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (vision tower and projector included) loads as its text model:
+    the towers are skipped, never materialized, and the logits match transformers' full model on text."""
+    from conftest import VOCAB, byte_tokenizer, gemma4_kwargs, hf_config
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+
+    torch.manual_seed(0)
+    common = hf_config("llama").to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    text = Gemma4TextConfig(**gemma4_kwargs("gemma4", {k: common[k] for k in keep}))
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=VOCAB - 1,
+                       boi_token_id=VOCAB - 2, eoi_token_id=VOCAB - 3)
+    hf = Gemma4ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.15)
+    hf.save_pretrained(str(tmp_path))
+    byte_tokenizer(tmp_path)
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[0]
+    m = load_model(str(tmp_path)).model
+    assert not any("vision" in n or "audio" in n for n, _ in m.named_parameters())
+    with torch.inference_mode():
+        ours = m.logits(m(ids, torch.arange(14)[None], m.new_cache(1, 32)))[0]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

@@ -123,3 +123,14 @@ def test_bad_drafters_are_refused(target, trained, tiny_dir, tmp_path):
     (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:100])
     with pytest.raises(SpecMTPError, match="corrupt or truncated"):
         load_drafter(str(broken))
+
+
+def test_narrower_drafter_starts_from_the_most_important_channels(target):
+    opts = tiny_opts(0)
+    opts.intermediate = 48  # the target's MLP is 128 wide
+    module = new_module(target, opts, torch.arange(64))
+    src, dst = target.model.layers[module.layers[0].source], module.layers[0]
+    keep = torch.sort(torch.topk(src.w_down.weight.norm(dim=0), 48).indices).values
+    assert torch.equal(dst.w_down.weight, src.w_down.weight[:, keep])
+    assert torch.equal(dst.w_gate_up.weight[:48], src.w_gate_up.weight[:128][keep])
+    assert torch.equal(dst.wqkv.weight, src.wqkv.weight[: dst.wqkv.weight.shape[0]])

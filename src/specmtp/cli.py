@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory (also holds data and checkpoints for --resume)")
     t.add_argument("--resume", action="store_true", help="continue from the data and checkpoint in --out")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    t.add_argument("--weights", default="dense", choices=["dense", "q8", "q4", "native"],
+                   help="the target's weights while it answers and is read (q4: several times faster data)")
     defaults = TrainOptions()
     for f in dataclasses.fields(TrainOptions):
         kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
@@ -111,7 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
         _print_stats(engine.stats, time.perf_counter() - t0)
         return 0
-    base = Engine(engine.target) if args.compare else None
+    base = Engine(engine.target) if args.compare and engine.drafter is not None else None
+    if args.compare and base is None and not args.json:
+        print("[--compare: no drafter (none given, and the model has no shipped one), nothing to compare]")
     if base is not None:  # warm both up so that neither timing pays one-off kernel setup
         for e in (engine, base):
             e.generate(prompts[:1], 8, sampling, args.stop, chat=chat)
@@ -156,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from specmtp.training import train_drafter
 
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    target = load_model(args.model)
+    target = load_model(args.model, weights=args.weights)
     meta = train_drafter(target, Path(args.out), opts, resume=args.resume, target_name=args.model)
     print(f"drafter saved to {args.out}: held-out tau {meta['heldout_tau']:.2f}, acceptance "
           f"{meta['heldout_accept']}, {meta['wall_seconds'] / 60:.1f} min")

@@ -28,6 +28,8 @@ from specmtp.linear import Linear, linear
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H], weight: [H] -> [..., H]; computed in fp32."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op: decoding is per-op-overhead bound
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (h * weight.float()).to(x.dtype)
@@ -180,8 +182,17 @@ class Layer(nn.Module):
         b, t, _ = h.shape
         d = self.head_dim
         qkv = self.wqkv(h)
-        q = qkv[..., : self.q_size].view(b, t, cfg.num_heads, d)
         cos, sin = rope
+        if self.own_kv and not cfg.qk_norm and not self.values_are_keys:  # Llama, Qwen2: one RoPE call for q and k
+            qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(b, t, cfg.num_heads + self.kv_heads, d),
+                            cos, sin)
+            q, k = qk[:, :, : cfg.num_heads], qk[:, :, cfg.num_heads :]
+            v = qkv[..., self.q_size + self.kv_size :].view(b, t, self.kv_heads, d)
+            if cfg.v_norm:
+                v = rms_norm_plain(v, eps)
+            cache.write(self.index, positions, k, v)
+            return self._attend(q, positions, mask, start, end, cache)
+        q = qkv[..., : self.q_size].view(b, t, cfg.num_heads, d)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm, eps)
         q = apply_rope(q, cos, sin)
@@ -193,6 +204,19 @@ class Layer(nn.Module):
             if cfg.v_norm:
                 v = rms_norm_plain(v, eps)
             cache.write(self.index, positions, apply_rope(k, cos, sin), v)
+        return self._attend(q, positions, mask, start, end, cache)
+
+    def _attend(
+        self,
+        q: torch.Tensor,  # [B, T, Hq, D] after RoPE
+        positions: torch.Tensor,  # [B, T]
+        mask: torch.Tensor | None,  # [B, 1, T, S]; None: every slot in [start, end) is visible
+        start: int,
+        end: int,
+        cache: KVCache,
+    ) -> torch.Tensor:  # [B, T, H]
+        cfg = self.cfg
+        b, t = q.shape[:2]
         keys = cache.k[self.source][:, :, start:end]  # [B, Hkv, S, D]
         values = cache.v[self.source][:, :, start:end]  # [B, Hkv, S, D]
         q = q.transpose(1, 2)  # [B, Hq, T, D]
@@ -205,9 +229,10 @@ class Layer(nn.Module):
                 pos = positions[:, i]
                 lo = max(start, int(pos.min()) - self.window + 1) if self.window is not None else start
                 a, z = lo - start, int(pos.max()) + 1 - start
+                one_row = None if b == 1 else mask[:, :, i : i + 1, a:z]  # one row sees all of [a, z), as a step does
                 outs.append(F.scaled_dot_product_attention(
-                    q[:, :, i : i + 1], keys[:, :, a:z], values[:, :, a:z], attn_mask=mask[:, :, i : i + 1, a:z],
-                    scale=cfg.attn_scale, enable_gqa=gqa))
+                    q[:, :, i : i + 1], keys[:, :, a:z], values[:, :, a:z], attn_mask=one_row, scale=cfg.attn_scale,
+                    enable_gqa=gqa))
             out = torch.cat(outs, dim=2)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.attn_scale,
@@ -312,7 +337,9 @@ class Transformer(nn.Module):
             window = cfg.sliding_window if kind == SLIDING else None
             start = max(0, lo - window + 1) if window is not None else 0
             rope = rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions)
-            views[kind] = (rope, attention_mask(positions, start, hi, window), start)
+            # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path)
+            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window)
+            views[kind] = (rope, mask, start)
         x = self.embed_tokens(tokens)
         ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         for i, layer in enumerate(self.layers):

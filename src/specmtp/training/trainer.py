@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,15 @@ class StoredKV:
     v: dict[int, torch.Tensor]
 
 
+MLP_BUDGET = 12_000_000  # default cap on a drafter layer's MLP parameters (keeps a shipped drafter under 50 MB)
+
+
 def _default_shape(target: LoadedModel, opts: TrainOptions) -> tuple[int, int, int]:
+    """The target's width (so the drafter's layer can start as a copy of the layer it reads), and its MLP width
+    capped by MLP_BUDGET (then the copy keeps the most important channels)."""
     tc = target.config
-    hidden = opts.hidden or min(tc.hidden_size, 1024)
-    inter = opts.intermediate or (tc.intermediate_size if hidden == tc.hidden_size else int(2.75 * hidden) // 64 * 64)
+    hidden = opts.hidden or tc.hidden_size
+    inter = opts.intermediate or min(tc.intermediate_size, max(256, MLP_BUDGET // (3 * hidden) // 256 * 256))
     heads = opts.heads or tc.num_heads
     return hidden, inter, heads
 
@@ -87,23 +93,52 @@ def new_module(target: LoadedModel, opts: TrainOptions, draft_vocab: torch.Tenso
             module.pre_projection.weight[:, tc.hidden_size :] += torch.eye(hidden)  # start from the hidden state
             module.post_projection.weight.copy_(torch.eye(hidden))
             module.norm.copy_(target.model.norm.float())
-            if inter == tc.intermediate_size and heads == tc.num_heads:
+            if heads == tc.num_heads and inter <= tc.intermediate_size:
                 for layer in module.layers:
                     _copy_layer(layer, target.model.layers[layer.source])
     return module
 
 
 def _copy_layer(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Query, output and MLP weights (and norms) of the target layer the drafter layer reads."""
+    """Query, output and MLP weights (and norms) of the target layer the drafter layer reads; a narrower MLP keeps
+    the channels whose output columns weigh most."""
     own = dict(dst.named_parameters())
-    for name, p in src.named_parameters():
-        if name not in own:
+    theirs = {name: _dense(src, name, p) for name, p in src.named_parameters()}
+    inter_src, inter_dst = src.w_down.in_features, dst.w_down.in_features
+    keep = torch.arange(inter_src)
+    if inter_dst < inter_src:
+        keep = torch.sort(torch.topk(theirs["w_down.weight"].norm(dim=0), inter_dst).indices).values
+    for name, p in theirs.items():
+        if name not in own or p.numel() == 0:
             continue
         q = own[name]
         if name.startswith("wqkv."):
-            q.copy_(p[: q.shape[0]].float())
+            q.copy_(p[: q.shape[0]])
+        elif name == "w_gate_up.weight":
+            q.copy_(torch.cat([p[:inter_src][keep], p[inter_src:][keep]]))
+        elif name == "w_down.weight":
+            q.copy_(p[:, keep])
         elif q.shape == p.shape:
-            q.copy_(p.float())
+            q.copy_(p)
+
+
+def dense_rows(weight, rows: torch.Tensor) -> torch.Tensor:
+    """fp32 rows of a dense or quantized weight matrix."""
+    if isinstance(weight, torch.Tensor):
+        return weight.detach()[rows].float()
+    from specmtp.quant import dequantize, select_rows
+
+    return dequantize(select_rows(weight, rows))
+
+
+def _dense(module: torch.nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
+    """A parameter as fp32, dequantizing a quantized layer's weight."""
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    if name.endswith(".weight") and getattr(owner, "qweight", None) is not None:
+        from specmtp.quant import dequantize
+
+        return dequantize(owner.qweight)
+    return p.detach().float()
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -237,6 +272,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         raw = saved["raw"]
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
+    torch.set_num_threads(os.cpu_count() or 1)  # a quantized target leaves torch one thread; training wants all
     # held out: the target's own greedy answers (what greedy drafting meets), the last ones of the prompt set
     n_held = max(2, int(len(samples) * opts.heldout))
     greedy = [i for i, s in enumerate(samples) if s.greedy] or list(range(len(samples)))
@@ -247,7 +283,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
     to_draft = torch.full((tc.vocab_size,), -1, dtype=torch.long)
     to_draft[vocab] = torch.arange(len(vocab))
-    head = target.model.head_weight.detach()[vocab].float()  # [K, Ht] frozen: the target's own rows
+    head = dense_rows(target.model.head_weight, vocab)  # [K, Ht] frozen: the target's own rows
     module = new_module(target, opts, vocab)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -301,7 +337,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     bar.close()
 
     acc = _evaluate(module, target, head, to_draft, held_batch, eval_steps)
-    full = _evaluate(module, target, target.model.head_weight.detach().float(), torch.arange(tc.vocab_size),
+    full = _evaluate(module, target, dense_rows(target.model.head_weight, torch.arange(tc.vocab_size)),
+                     torch.arange(tc.vocab_size),
                      _batch(held[:4], 0, opts.unroll, None, answer_only=True), eval_steps)
     covered = torch.cat([s.top_ids[s.prompt_len :, 0] for s in held])
     coverage = float((to_draft[covered] >= 0).float().mean())
