@@ -54,7 +54,8 @@ def test_ngram_lookup_prefers_longest_latest_match():
 
 def test_adaptive_ignores_one_off_slow_samples():
     # The first verify at each T pays a 10x setup cost (as a new GEMM shape can) and the first draft step a
-    # 100x one (a drafter catching up on a prompt): neither may keep the schedule from drafting long.
+    # 2000x one (a drafter catching up on a prompt): neither may keep the schedule stuck at plain decoding (a
+    # running mean of the costs did: it settled on N = 0).
     seen: set[int] = set()
 
     def cost(t: int) -> float:
@@ -68,5 +69,5 @@ def test_adaptive_ignores_one_off_slow_samples():
         a = 0
         while a < n and torch.rand((), generator=g).item() < 0.9:
             a += 1
-        s.update(n, torch.tensor([a]), n * 0.05 + (5.0 if step == 0 else 0.0), cost(n + 1))
-    assert s.best() >= 4
+        s.update(n, torch.tensor([a]), n * 0.05 + (100.0 if step == 0 else 0.0), cost(n + 1))
+    assert s.best() >= 2
