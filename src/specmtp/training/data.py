@@ -1,6 +1,7 @@
-"""Self-distillation data: the target answers prompts, then one forward over each answered sequence records
-what the drafter sees at inference (the target's final hidden states and the K/V of the layers it reads) and
-what it must predict (the target's next-token distribution, as its top-k).
+"""Self-distillation data: the target answers prompts, and the same forward passes that produce its answers
+record what the drafter sees at inference (the target's final hidden states and the K/V of the layers it reads)
+and what it must predict (the target's next-token distribution, as its top-k). Raw text (teacher-forced) goes
+through `capture`, one forward per batch.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from specmtp.engine import Engine
 from specmtp.loader import LoadedModel
-from specmtp.sampling import SamplingParams
+from specmtp.sampling import SamplingParams, probabilities, sample
 
 
 @dataclass
@@ -25,25 +25,6 @@ class Sample:
     top_ids: torch.Tensor  # [T, k] int64: the target's k most likely next tokens at each position
     top_p: torch.Tensor  # [T, k] float32: their probabilities
     greedy: bool = True  # the answer was decoded greedily (held-out acceptance is measured on those)
-
-
-def answer(target: LoadedModel, prompts: list[str], max_new_tokens: int, batch: int, seed: int,
-           progress: bool = True) -> list[tuple[list[int], int, bool]]:
-    """The target's own answers, chat-formatted where it has a template: alternate batches greedy and sampled.
-    Returns (prompt + answer tokens, prompt length, greedy) per prompt."""
-    engine = Engine(target)
-    chat = target.tokenizer.has_chat_template
-    out = []
-    bar = tqdm(total=len(prompts), desc="answering", unit="prompt", disable=not progress)
-    for i in range(0, len(prompts), batch):
-        ids = [engine.encode(p, chat=chat) for p in prompts[i : i + batch]]
-        greedy = (i // batch) % 2 == 0
-        sampling = SamplingParams() if greedy else SamplingParams(temperature=0.8, top_p=0.95, seed=seed + i)
-        for prompt, c in zip(ids, engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling), strict=True):
-            out.append((prompt + c.tokens, len(prompt), greedy))
-        bar.update(len(ids))
-    bar.close()
-    return out
 
 
 @torch.inference_mode()
@@ -73,4 +54,65 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
             ))
         bar.update(len(chunk))
     bar.close()
+    return samples
+
+
+@torch.inference_mode()
+def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, max_len: int, greedy: bool,
+            sources: list[int], topk: int, seed: int) -> list[Sample]:
+    """One batch of prompts (token ids) answered by the target, recorded as it decodes: prefill, then one token
+    per step for every row (rows past their EOS idle along), then one more forward of each row's last token so
+    that every kept position has its hidden state, K/V and next-token distribution (the target's top-k, prompt
+    positions included)."""
+    model, eos = target.model, set(target.tokenizer.eos_token_ids)
+    sampling = SamplingParams() if greedy else SamplingParams(temperature=0.8, top_p=0.95)
+    gen = torch.Generator().manual_seed(seed)
+    bsz = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts])  # [B]
+    budget = [max(1, min(max_new_tokens, max_len - len(p))) for p in prompts]
+    width, steps = int(plen.max()), max(budget)
+    cache = model.new_cache(bsz, width + steps + 1)
+    tokens = torch.zeros(bsz, width + steps + 1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    hidden = torch.zeros(bsz, width + steps + 1, model.cfg.hidden_size, dtype=torch.bfloat16)
+    top_ids = torch.zeros(bsz, width + steps + 1, topk, dtype=torch.long)
+    top_p = torch.zeros(bsz, width + steps + 1, topk)
+    batch = torch.arange(bsz)
+
+    h = model(tokens[:, :width], torch.arange(width).expand(bsz, width), cache)  # [B, W, H]
+    hidden[:, :width] = h.to(torch.bfloat16)
+    for b in range(bsz):  # the prompt's own positions, read by the target (weighted lower as anchors)
+        n = int(plen[b]) - 1
+        top = torch.topk(model.logits(h[b, :n]).float().log_softmax(-1), topk, dim=-1)
+        top_ids[b, :n], top_p[b, :n] = top.indices, top.values.exp()
+    last = h[batch, plen - 1]  # [B, H]
+    ends = [0] * bsz  # sequence length of each row once it stops (EOS or budget)
+    pos = plen.clone()  # [B] where each row's next token goes
+    for step in range(steps + 1):
+        logits = model.logits(last).float()  # [B, V]
+        top = torch.topk(logits.log_softmax(-1), topk, dim=-1)
+        top_ids[batch, pos - 1], top_p[batch, pos - 1] = top.indices, top.values.exp()
+        if step == steps or all(ends):
+            break
+        nxt = logits.argmax(-1) if greedy else sample(probabilities(logits, sampling), gen)  # [B]
+        tokens[batch, pos] = nxt
+        for b in range(bsz):
+            if not ends[b] and (int(nxt[b]) in eos or step + 1 >= budget[b]):
+                ends[b] = int(pos[b]) + 1
+        h = model(nxt[:, None], pos[:, None], cache)[:, 0]  # [B, H]
+        hidden[batch, pos] = h.to(torch.bfloat16)
+        last = h
+        pos = pos + 1
+    ends = [e or int(pos[b]) for b, e in enumerate(ends)]
+    samples = []
+    for b in range(bsz):
+        t, p = ends[b], int(plen[b])
+        ids, probs = top_ids[b, :t].clone(), top_p[b, :t].clone()
+        samples.append(Sample(
+            tokens=tokens[b, :t].clone(), prompt_len=p, hidden=hidden[b, :t].clone(),
+            keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
+            values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
+            top_ids=ids, top_p=probs, greedy=greedy,
+        ))
     return samples

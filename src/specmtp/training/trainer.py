@@ -2,7 +2,8 @@
 
 Pipeline (each stage saved under --out, so --resume picks up where a run stopped):
     prompts  = build_prompts(...)                         stdlib code + instruction templates, no bench prompts
-    data.pt  = capture(target, answer(target, prompts))   hidden states, read K/V, top-k next-token targets
+    data     = distill(target, prompts)                   the target's answers, recorded as it decodes: hidden
+                                                          states, read K/V, top-k next-token targets (shards/)
     train    : unrolled exactly as drafting runs: for anchors L (last token at L, target KV [0, L)),
                step 1 gets (embed(tok_L), h_{L-1}), step k the drafter's own previous output and embed(tok_{L+k-1});
                loss = cross-entropy against the target's distribution at L+k-1, over the draft vocabulary
@@ -15,6 +16,7 @@ over draft positions), which gives the expected tokens per verify pass (tau) wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -28,10 +30,10 @@ from tqdm import tqdm
 from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
-from specmtp.training.data import Sample, answer, capture
+from specmtp.training.data import Sample, capture, distill
 from specmtp.training.prompts import build_prompts, raw_windows
 
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 @dataclass
@@ -142,12 +144,48 @@ def _dense(module: torch.nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool,
+def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool, shards: Path,
                prompts: list[str] | None = None) -> list[Sample]:
+    """The target's answers to the prompt set, recorded as it decodes, in batches of similar prompt length
+    (alternately greedy and sampled). Each batch is saved as a shard under `shards`, so an interrupted run
+    resumes with the next batch."""
     prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude)
-    seqs = answer(target, prompts, opts.answer_tokens, opts.gen_batch, opts.seed, progress)
-    seqs = [(s[: opts.max_len], p, g) for s, p, g in seqs if p < min(len(s), opts.max_len) - 1]
-    return capture(target, seqs, sources, opts.topk, progress=progress)
+    chat = target.tokenizer.has_chat_template
+    ids = [target.tokenizer.encode_chat(p) if chat else target.tokenizer.encode(p) for p in prompts]
+    ids = sorted((p for p in ids if len(p) < opts.max_len - 8), key=len)
+    batches = [ids[i : i + opts.gen_batch] for i in range(0, len(ids), opts.gen_batch)]
+    shards.mkdir(parents=True, exist_ok=True)
+    samples: list[Sample] = []
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc="answering", unit="prompt", disable=not progress)
+    for i, chunk in enumerate(batches):
+        path = shards / f"{i:04d}.pt"
+        if path.is_file():
+            part = _load(path, "training data shard")
+        else:
+            t0 = time.perf_counter()
+            part = distill(target, chunk, opts.answer_tokens, opts.max_len, greedy=i % 2 == 0, sources=sources,
+                           topk=opts.topk, seed=opts.seed + i)
+            _save(part, path)
+            _add_seconds(shards, time.perf_counter() - t0)
+        samples += part
+        bar.update(len(chunk))
+        bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for s in samples))
+    bar.close()
+    return samples
+
+
+def stored_samples(out: Path) -> list[Sample]:
+    """The answered-prompt samples a run under `out` recorded (its shards, in order; raw text excluded)."""
+    return [s for path in sorted((out / "shards").glob("[0-9]*.pt")) for s in _load(path, "training data shard")]
+
+
+def _add_seconds(shards: Path, seconds: float) -> float:
+    """Wall time spent building data, summed over runs (interrupted ones included)."""
+    path = shards / "seconds.json"
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    path.write_text(json.dumps({"seconds": total}))
+    return total
 
 
 def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool) -> list[Sample]:
@@ -171,8 +209,8 @@ def choose_vocab(samples: list[Sample], vocab_size: int, size: int, eos: tuple[i
 
 
 # ---- one batch ---------------------------------------------------------------------------------------------------
-def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generator | None, answer_only: bool):
-    """Pad a batch; pick anchor positions (answer positions preferred). Returns tensors for `unrolled_loss`."""
+def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generator | None):
+    """Pad a batch; pick anchor positions (evaluation: answers only). Returns tensors for `unrolled_loss`."""
     bsz, width = len(samples), max(len(s.tokens) for s in samples)
     tokens = torch.zeros(bsz, width, dtype=torch.long)
     hidden = torch.zeros(bsz, width, samples[0].hidden.shape[-1])
@@ -191,7 +229,7 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
         top_ids[b, :t], top_p[b, :t] = s.top_ids, s.top_p
         weight = torch.ones(t)
         weight[0] = 0.0  # anchor 0 has no visible KV
-        weight[: s.prompt_len] *= 0.0 if answer_only else 0.25
+        weight[: s.prompt_len] *= 0.25 if gen is not None else 0.0  # drafting meets answers; prompts add variety
         if anchors and gen is not None:
             pick = torch.multinomial(weight, min(anchors, int((weight > 0).sum())), generator=gen)
         else:
@@ -250,26 +288,32 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     cfg = drafter_config(tc, opts.layers, hidden, inter, heads)  # validates before any expensive work
     sources = sorted(set(cfg.kv_source))
 
-    data_path, ckpt_path = out / "data.pt", out / "checkpoint.pt"
+    shards, ckpt_path = out / "shards", out / "checkpoint.pt"
     key = {"version": DATA_VERSION, "prompts": opts.prompts, "answer_tokens": opts.answer_tokens,
            "max_len": opts.max_len, "topk": opts.topk, "seed": opts.seed, "sources": sources,
-           "raw_tokens": opts.raw_tokens,
+           "raw_tokens": opts.raw_tokens, "gen_batch": opts.gen_batch,
            "target": target_name or str(target.path), "custom_prompts": prompts}
-    samples = None
-    if resume and data_path.is_file():
-        saved = _load(data_path, "training data")
-        if saved.get("key") != key:
-            raise SpecMTPError(f"{data_path} was built with other settings ({saved.get('key')}); use another --out "
-                               "or the same options")
-        samples, data_s = saved["samples"], saved["seconds"]
-    if samples is None:
-        t0 = time.perf_counter()
-        samples = build_data(target, opts, sources, progress, prompts)
-        raw = build_raw(target, opts, sources, progress) if prompts is None else []
-        data_s = time.perf_counter() - t0
-        _save({"key": key, "samples": samples, "raw": raw, "seconds": data_s}, data_path)
+    key_path = shards / "key.json"
+    if shards.is_dir() and any(shards.iterdir()):
+        if not resume:
+            raise SpecMTPError(f"{out} already holds training data; pass --resume to continue it or choose another "
+                               "--out")
+        saved_key = json.loads(key_path.read_text()) if key_path.is_file() else None
+        if saved_key != json.loads(json.dumps(key)):
+            raise SpecMTPError(f"{shards} was built with other settings ({saved_key}); use another --out or the "
+                               "same options")
+    shards.mkdir(parents=True, exist_ok=True)
+    key_path.write_text(json.dumps(key))
+    samples = build_data(target, opts, sources, progress, shards, prompts)
+    raw_path = shards / "raw.pt"
+    if raw_path.is_file():
+        raw = _load(raw_path, "training data shard")
     else:
-        raw = saved["raw"]
+        t0 = time.perf_counter()
+        raw = build_raw(target, opts, sources, progress) if prompts is None else []
+        _save(raw, raw_path)
+        _add_seconds(shards, time.perf_counter() - t0)
+    data_s = _add_seconds(shards, 0.0)
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
     torch.set_num_threads(os.cpu_count() or 1)  # a quantized target leaves torch one thread; training wants all
@@ -304,13 +348,13 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         gen.set_state(ck["generator"])
         step, history, train_s = ck["step"], ck["history"], ck["train_s"]
 
-    held_batch = _batch(held, 0, opts.unroll, None, answer_only=True)
+    held_batch = _batch(held, 0, opts.unroll, None)
     eval_steps = max(opts.unroll, 6)
     bar = tqdm(total=opts.steps, initial=step, desc="training", unit="step", disable=not progress)
     t_seg = time.perf_counter()
     while step < opts.steps:
         idx = torch.randint(len(train_set), (opts.batch,), generator=gen).tolist()
-        batch = _batch([train_set[i] for i in idx], opts.anchors, opts.unroll, gen, answer_only=False)
+        batch = _batch([train_set[i] for i in idx], opts.anchors, opts.unroll, gen)
         lr = opts.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
         for g in optim.param_groups:
             g["lr"] = lr
@@ -339,7 +383,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     acc = _evaluate(module, target, head, to_draft, held_batch, eval_steps)
     full = _evaluate(module, target, dense_rows(target.model.head_weight, torch.arange(tc.vocab_size)),
                      torch.arange(tc.vocab_size),
-                     _batch(held[:4], 0, opts.unroll, None, answer_only=True), eval_steps)
+                     _batch(held[:4], 0, opts.unroll, None), eval_steps)
     covered = torch.cat([s.top_ids[s.prompt_len :, 0] for s in held])
     coverage = float((to_draft[covered] >= 0).float().mean())
     expected = [1.0] + acc
