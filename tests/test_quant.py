@@ -101,3 +101,21 @@ def test_quantized_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_d
     alone = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + i]]), caches[1]))
                        for i in range(7)], dim=1)
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_loader_quantizes_each_layer_as_it_reads(tiny_dir, family):
+    """--weights q4 quantizes tensor by tensor while reading the checkpoint (the dense model never exists), with
+    the very weights quantize_model would give the dense model, and keeps no tensor of the mapped file."""
+    path = str(tiny_dir(family))
+    streamed = load_model(path, weights="q4").model
+    dense = load_model(path).model
+    quantize_model(dense, "q4")
+    for (name, a), b in zip(streamed.named_modules(), dense.modules(), strict=True):
+        if getattr(a, "qweight", None) is not None:
+            assert a.weight.numel() == 0, name
+            assert torch.equal(a.qweight.qs, b.qweight.qs) and torch.equal(a.qweight.d, b.qweight.d), name
+    assert torch.equal(streamed.head_q.qs, dense.head_q.qs)
+    tokens = torch.randint(0, 256, (1, 12))
+    out = [m.logits(m(tokens, torch.arange(12)[None], m.new_cache(1, 16))) for m in (streamed, dense)]
+    assert torch.equal(out[0], out[1])

@@ -9,8 +9,10 @@ never read. GGUF files are converted to this layout once and cached (see `gguf_c
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,16 +57,54 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def read_tensors(files: list[Path], keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
     """Read the tensors whose names pass `keep`; a truncated or corrupt file is a clear error."""
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
+    with LazyTensors(files, lambda n: n if keep(n) else None) as lazy:
+        return {name: lazy[name] for name in lazy}
+
+
+class LazyTensors(Mapping):
+    """A checkpoint's tensors, read one at a time when asked for (under names given by `rename`; None skips a
+    tensor), so a loader that converts as it goes never holds the whole checkpoint. Close it (or use `with`)
+    to unmap the files."""
+
+    def __init__(self, files: list[Path], rename: Callable[[str], str | None]) -> None:
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Any, str, Path]] = {}
+        for f in files:
+            try:
+                sf = self._stack.enter_context(safe_open(str(f), framework="pt"))
+                names = list(sf.keys())
+            except (SafetensorError, OSError, RuntimeError) as e:
+                self._stack.close()
+                raise SpecMTPError(f"corrupt or truncated safetensors file {f}: {e}") from None
+            for name in names:
+                new = rename(name)
+                if new is not None:
+                    self._where[new] = (sf, name, f)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sf, stored, f = self._where[name]
         try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    if keep(name):
-                        out[name] = sf.get_tensor(name)
+            return sf.get_tensor(stored)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise SpecMTPError(f"corrupt or truncated safetensors file {f}: {e}") from None
-    return out
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> LazyTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _strip_prefix(name: str) -> str | None:
@@ -78,10 +118,16 @@ def _strip_prefix(name: str) -> str | None:
     return name
 
 
-def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Map Hugging Face tensor names (prefix already stripped) to our fused layout; strict both ways."""
-    hf = dict(hf)
+def hf_to_native(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 convert: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
+    """Map Hugging Face tensor names (prefix already stripped) to our fused layout; strict both ways.
+    `convert(name, tensor)`, when given, is applied to each of our tensors as soon as it is made (the loader
+    quantizes there), so with a lazy `hf` only one layer's dense tensors exist at a time."""
     used: set[str] = set()
+    out: dict[str, Any] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        out[name] = convert(name, t) if convert is not None else t
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
@@ -93,9 +139,10 @@ def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dty
         w = take(name).float()
         return (w + 1.0 if cfg.norm_unit_offset else w).to(dtype)
 
-    out = {"embed.weight": take("embed_tokens.weight"), "norm": norm("norm.weight")}
+    put("embed.weight", take("embed_tokens.weight"))
+    put("norm", norm("norm.weight"))
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
+        put("lm_head.weight", take("lm_head.weight"))
     elif "lm_head.weight" in hf:
         used.add("lm_head.weight")  # tied: the copy some checkpoints store is ignored
     for i in range(cfg.num_layers):
@@ -104,65 +151,81 @@ def hf_to_native(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dty
         own_kv = cfg.owns_kv(i)
         values_are_keys = cfg.k_eq_v and cfg.layer_types[i] == "full_attention"
         proj = ["q"] + (["k"] if own_kv else []) + (["v"] if own_kv and not values_are_keys else [])
-        out[o + "wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in proj])
+        put(o + "wqkv.weight", torch.cat([take(a + f"{n}_proj.weight") for n in proj]))
         if cfg.attn_bias:
-            out[o + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in proj])
+            put(o + "wqkv.bias", torch.cat([take(a + f"{n}_proj.bias") for n in proj]))
         if not own_kv:  # KV-shared layers: transformers ignores stored k/v weights, so do we
             used.update(n for n in hf if n.startswith((a + "k_", a + "v_")))
-        out[o + "wo.weight"] = take(a + "o_proj.weight")
-        out[o + "w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        out[o + "w_down.weight"] = take(p + "mlp.down_proj.weight")
-        out[o + "attn_norm"] = norm(p + "input_layernorm.weight")
+        put(o + "wo.weight", take(a + "o_proj.weight"))
+        put(o + "w_gate_up.weight", torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+        put(o + "w_down.weight", take(p + "mlp.down_proj.weight"))
+        put(o + "attn_norm", norm(p + "input_layernorm.weight"))
         if cfg.sandwich_norm:
-            out[o + "attn_post_norm"] = norm(p + "post_attention_layernorm.weight")
-            out[o + "mlp_norm"] = norm(p + "pre_feedforward_layernorm.weight")
-            out[o + "mlp_post_norm"] = norm(p + "post_feedforward_layernorm.weight")
+            put(o + "attn_post_norm", norm(p + "post_attention_layernorm.weight"))
+            put(o + "mlp_norm", norm(p + "pre_feedforward_layernorm.weight"))
+            put(o + "mlp_post_norm", norm(p + "post_feedforward_layernorm.weight"))
         else:
-            out[o + "mlp_norm"] = norm(p + "post_attention_layernorm.weight")
+            put(o + "mlp_norm", norm(p + "post_attention_layernorm.weight"))
         if cfg.qk_norm:
-            out[o + "q_norm"] = norm(a + "q_norm.weight")
+            put(o + "q_norm", norm(a + "q_norm.weight"))
             if own_kv:
-                out[o + "k_norm"] = norm(a + "k_norm.weight")
+                put(o + "k_norm", norm(a + "k_norm.weight"))
         if cfg.layer_scalar:
-            out[o + "scalar"] = take(p + "layer_scalar")
+            put(o + "scalar", take(p + "layer_scalar"))
         if cfg.num_experts:
-            out[o + "experts.router.weight"] = take(p + "router.proj.weight")
-            out[o + "experts.router_scale"] = take(p + "router.scale")
-            out[o + "experts.per_expert_scale"] = take(p + "router.per_expert_scale")
-            out[o + "experts.gate_up"] = take(p + "experts.gate_up_proj")
-            out[o + "experts.down"] = take(p + "experts.down_proj")
-            out[o + "mlp_post_norm_1"] = norm(p + "post_feedforward_layernorm_1.weight")
-            out[o + "moe_norm"] = norm(p + "pre_feedforward_layernorm_2.weight")
-            out[o + "moe_post_norm"] = norm(p + "post_feedforward_layernorm_2.weight")
+            put(o + "experts.router.weight", take(p + "router.proj.weight"))
+            put(o + "experts.router_scale", take(p + "router.scale"))
+            put(o + "experts.per_expert_scale", take(p + "router.per_expert_scale"))
+            put(o + "experts.gate_up", take(p + "experts.gate_up_proj"))
+            put(o + "experts.down", take(p + "experts.down_proj"))
+            put(o + "mlp_post_norm_1", norm(p + "post_feedforward_layernorm_1.weight"))
+            put(o + "moe_norm", norm(p + "pre_feedforward_layernorm_2.weight"))
+            put(o + "moe_post_norm", norm(p + "post_feedforward_layernorm_2.weight"))
         if cfg.ple_dim:
-            out[o + "ple_gate.weight"] = take(p + "per_layer_input_gate.weight")
-            out[o + "ple_proj.weight"] = take(p + "per_layer_projection.weight")
-            out[o + "ple_norm"] = norm(p + "post_per_layer_input_norm.weight")
+            put(o + "ple_gate.weight", take(p + "per_layer_input_gate.weight"))
+            put(o + "ple_proj.weight", take(p + "per_layer_projection.weight"))
+            put(o + "ple_norm", norm(p + "post_per_layer_input_norm.weight"))
     if cfg.ple_dim:
-        out["ple_embed.weight"] = take("embed_tokens_per_layer.weight")
-        out["ple_model_proj.weight"] = take("per_layer_model_projection.weight")
-        out["ple_proj_norm"] = norm("per_layer_projection_norm.weight")
+        put("ple_embed.weight", take("embed_tokens_per_layer.weight"))
+        put("ple_model_proj.weight", take("per_layer_model_projection.weight"))
+        put("ple_proj_norm", norm("per_layer_projection_norm.weight"))
     extra = sorted(set(hf) - used - {n for n in hf if "rotary_emb" in n})
     if extra:
         raise SpecMTPError(f"checkpoint has {len(extra)} unexpected tensors, e.g. {extra[0]!r}")
     return out
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """Instantiate without allocating, then adopt the loaded tensors (no second copy of the weights)."""
+def build_model(cfg: ModelConfig, state: dict[str, Any]) -> Transformer:
+    """Instantiate without allocating, then adopt the loaded tensors (no second copy of the weights).
+    Entries that are quant.QuantWeight become their Linear layer's `qweight`."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    state = dict(state)
+    for name, w in list(state.items()):
+        if not isinstance(w, torch.Tensor):
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.qweight = w
+            module.weight = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+            state[name] = torch.empty(0)
     model.load_state_dict(state, strict=True, assign=True)
     for kind, rope in cfg.rope.items():  # non-persistent buffers were created on meta
         setattr(model, f"inv_freq_{kind}", rope_inv_freq(rope, cfg.kind_head_dim(kind)))
     return model.eval().requires_grad_(False)
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, Transformer]:
+def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, quantize: str | None = None
+                ) -> tuple[ModelConfig, Transformer]:
+    """Read an HF-layout directory. With `quantize` ("q8" / "q4") every linear layer's weight is quantized as it
+    is read, and the model keeps no reference to the (memory-mapped) files."""
     raw = read_config(path)
     cfg = from_hf_config(raw)
-    tensors = read_tensors(safetensors_files(path), keep=lambda n: _strip_prefix(n) is not None)
-    hf = {}
-    for name, t in tensors.items():
-        hf[_strip_prefix(name)] = t
-    return cfg, build_model(cfg, hf_to_native(cfg, hf, dtype))
+    convert = None
+    if quantize is not None:
+        from specmtp.quant import quantize_tensor
+
+        def convert(name: str, t: torch.Tensor) -> Any:
+            return quantize_tensor(name, t, quantize)
+
+    with LazyTensors(safetensors_files(path), _strip_prefix) as hf:
+        state = hf_to_native(cfg, hf, dtype, convert)
+    return cfg, build_model(cfg, state)

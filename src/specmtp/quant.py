@@ -3,8 +3,9 @@
     q8: blocks of 32 weights per row, int8 values and an fp16 scale          w = d * q           1.06 bytes/weight
     q4: blocks of 32 weights per row, 4-bit values, fp16 scale and offset     w = d * q + m       0.63 bytes/weight
 
-`quantize_model` replaces the weights of a model's linear layers (and the output head) in place, one tensor at a
-time, so the fp32 copies are freed as it goes; the model code does not change (`linear.Linear` and `linear.linear`
+The loader quantizes each linear layer's weight as it reads it from the checkpoint (`quantize_tensor`), so the
+dense model never exists in memory; `quantize_model` then does the output head (and any model built dense) in
+place. The model code does not change (`linear.Linear` and `linear.linear`
 dispatch on the weight's type). The kernels (kernels/qkernels.c, built on install) quantize activations per
 token to int8 and are batch-invariant: a token's result does not depend on how many tokens share the call.
 """
@@ -52,6 +53,9 @@ def require() -> None:
                            "compiler available (make clean && make test), or use --weights fp32")
 
 
+ROWS_PER_CHUNK = 4096  # quantize() works through large matrices in slices, so its temporaries stay small
+
+
 def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     """w: [N, K] float -> QuantWeight (round to nearest; q4 spans each block's min..max)."""
     if fmt not in FORMATS:
@@ -59,8 +63,17 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     n, k = w.shape
     if k % QK:
         raise SpecMTPError(f"cannot quantize a weight with {k} inputs: not a multiple of {QK}")
+    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], FORMATS[fmt]) for i in range(0, n, ROWS_PER_CHUNK)]
+    if len(parts) == 1:
+        return parts[0]
+    m = torch.cat([q.m for q in parts]) if parts[0].m is not None else None
+    return QuantWeight(parts[0].fmt, (n, k), torch.cat([q.qs for q in parts]), torch.cat([q.d for q in parts]), m)
+
+
+def _quantize_rows(w: torch.Tensor, bits: int) -> QuantWeight:
+    n, k = w.shape
     blocks = w.detach().float().reshape(n, k // QK, QK)
-    if FORMATS[fmt] == 8:
+    if bits == 8:
         d = blocks.abs().amax(-1) / 127.0  # [N, B]
         d16 = d.half()
         inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(d))
@@ -105,26 +118,40 @@ def set_threads(n: int) -> None:
         _qkernels.set_threads(n)
 
 
+LINEAR_WEIGHTS = ("wqkv.weight", "wo.weight", "w_gate_up.weight", "w_down.weight")  # a Transformer's Linear layers
+
+
+def quantize_tensor(name: str, t: torch.Tensor, fmt: str) -> torch.Tensor | QuantWeight:
+    """One checkpoint tensor as the loader adopts it for a quantized model: a linear layer's weight quantized
+    (when its input width allows), anything else copied into memory of its own (so no tensor keeps the
+    checkpoint file mapped)."""
+    if name.endswith(LINEAR_WEIGHTS) and t.dim() == 2 and t.shape[1] % QK == 0:
+        return quantize(t, fmt)
+    return t.clone()
+
+
 def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
     """Quantize every linear layer of a Transformer in place (and its output head); returns bytes of weights.
-    The embedding table stays for lookups, in bf16 when the head no longer shares it."""
+    Layers already quantized (by the loader, tensor by tensor) are kept. The embedding table stays for lookups,
+    in bf16 when the head no longer shares it."""
     from specmtp.linear import Linear
 
     require()
     total = 0
     if head and getattr(model, "head_q", None) is None:
         model.head_q = quantize(model.head_weight.data, fmt)
-        total += model.head_q.nbytes
         if model.lm_head is not None:
             model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
         model.embed.weight = torch.nn.Parameter(model.embed.weight.data.to(torch.bfloat16), requires_grad=False)
+    if head and model.head_q is not None:
+        total += model.head_q.nbytes
     for module in model.modules():
-        if isinstance(module, Linear) and module is not getattr(model, "lm_head", None) and module.qweight is None:
-            if module.weight.shape[1] % QK:
-                continue  # stays dense
-            module.qweight = quantize(module.weight.data, fmt)
-            module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # free the dense copy
-            total += module.qweight.nbytes
+        if isinstance(module, Linear) and module is not getattr(model, "lm_head", None):
+            if module.qweight is None and module.weight.shape[1] % QK == 0:
+                module.qweight = quantize(module.weight.data, fmt)
+                module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # free the dense copy
+            if module.qweight is not None:
+                total += module.qweight.nbytes
     for layer in getattr(model, "layers", []):
         layer.batch_invariant = True  # attention too, so speculative output is bit-identical to target-only
     return total
