@@ -119,3 +119,54 @@ def test_loader_quantizes_each_layer_as_it_reads(tiny_dir, family):
     tokens = torch.randint(0, 256, (1, 12))
     out = [m.logits(m(tokens, torch.arange(12)[None], m.new_cache(1, 16))) for m in (streamed, dense)]
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_attention_matches_reference(path, window):
+    """quant.attend (RoPE, cache write, attention of one row's new tokens) against rope + SDPA over the slots each
+    query may see; and each token's output is the same computed alone or with the others (batch invariance)."""
+    from specmtp.model import apply_rope, rope_cos_sin
+    from specmtp.quant import attend
+
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, slots, pos0, t = 6, 2, 16, 32, 11, 4
+    qkv = torch.randn(1, t, (hq + 2 * hkv) * d, generator=g)
+    cache = [torch.randn(1, hkv, slots, d, generator=g) for _ in range(2)]
+    cos, sin = rope_cos_sin(1.0 / (10000 ** (torch.arange(0, d, 2) / d)), torch.arange(pos0, pos0 + t)[None])
+    ref_k, ref_v = cache[0].clone(), cache[1].clone()
+    q = apply_rope(qkv[..., : hq * d].view(1, t, hq, d), cos, sin)
+    k = apply_rope(qkv[..., hq * d : (hq + hkv) * d].view(1, t, hkv, d), cos, sin)
+    ref_k[0, :, pos0 : pos0 + t] = k[0].transpose(0, 1)
+    ref_v[0, :, pos0 : pos0 + t] = qkv[..., (hq + hkv) * d :].view(1, t, hkv, d)[0].transpose(0, 1)
+    ref = []
+    for i in range(t):
+        p = pos0 + i
+        lo = max(0, p - window + 1) if window else 0
+        ref.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, i : i + 1].transpose(1, 2), ref_k[:, :, lo : p + 1], ref_v[:, :, lo : p + 1], scale=0.3,
+            enable_gqa=True).transpose(1, 2).reshape(1, 1, hq * d))
+    kc, vc = cache[0].clone(), cache[1].clone()
+    out = attend(qkv.clone(), pos0, cos, sin, kc, vc, hq, window, 0.3)
+    assert torch.allclose(out, torch.cat(ref, 1), atol=1e-5)
+    assert torch.allclose(kc, ref_k, atol=1e-6) and torch.equal(vc, ref_v)
+    for i in range(t):  # token by token, as decode steps: the same bits
+        one = attend(qkv[:, i : i + 1].clone(), pos0 + i, cos[:, i : i + 1].contiguous(),
+                     sin[:, i : i + 1].contiguous(), kc, vc, hq, window, 0.3)
+        assert torch.equal(one[0, 0], out[0, i]), i
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_attention_model_matches_unfused(tiny_dir, family):
+    model = load_model(str(tiny_dir(family)), weights="q4").model
+    assert all(layer.fused_attention for layer in model.layers)
+    tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for fused in (True, False):
+        for layer in model.layers:
+            layer.fused_attention = fused
+        cache = model.new_cache(1, 40)
+        prefix = model(tokens[:, :24], torch.arange(24)[None], cache)
+        step = model(tokens[:, 24:], torch.arange(24, 30)[None], cache)  # a verify-sized pass
+        outs.append(torch.cat([prefix, step], 1))
+    # equal to rounding; a rounding difference can move an activation across an int8 step, hence the norm bound
+    assert (outs[0] - outs[1]).norm() / outs[1].norm() < PRODUCT_RTOL

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmtp import quant
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
 from specmtp.linear import Linear, linear
@@ -128,6 +129,12 @@ INVARIANT_MAX_T = 64  # batch-invariant attention covers verify passes (a longer
 
 class Layer(nn.Module):
     batch_invariant = False  # set with quantized weights, whose kernels are batch-invariant too
+    fused_attention = False  # set with quantized weights where the layer is a plain Llama/Qwen2 one (quant.attend)
+
+    def plain_attention(self) -> bool:
+        """q/k/v of its own, RoPE and nothing else (no q/k/v norms): what quant.attend computes."""
+        cfg = self.cfg
+        return self.own_kv and not cfg.qk_norm and not cfg.v_norm and not self.values_are_keys
 
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -183,6 +190,11 @@ class Layer(nn.Module):
         d = self.head_dim
         qkv = self.wqkv(h)
         cos, sin = rope
+        if self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1:
+            # quantized mode, one row: RoPE, cache write and attention in one kernel call (quant.attend)
+            out = quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index], cache.v[self.index],
+                               cfg.num_heads, self.window, cfg.attn_scale)
+            return self.wo(out)
         if self.own_kv and not cfg.qk_norm and not self.values_are_keys:  # Llama, Qwen2: one RoPE call for q and k
             qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(b, t, cfg.num_heads + self.kv_heads, d),
                             cos, sin)

@@ -113,6 +113,27 @@ def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) 
     return y.reshape(*shape[:-1], n)
 
 
+def attend(
+    qkv: torch.Tensor,  # [1, T, (Hq + 2 Hkv) D] fp32 contiguous: q, k, v of one row's new tokens (rotated in place)
+    pos0: int,  # position of the first of them (they are contiguous)
+    cos: torch.Tensor,  # [1, T, 1, D] fp32 contiguous
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [1, Hkv, S, D] fp32 contiguous: the layer's cache (written at pos0 .. pos0 + T - 1)
+    v_cache: torch.Tensor,
+    heads: int,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:  # [1, T, Hq D]
+    """Attention of one row's new tokens in the kernels' batch-invariant way: RoPE, cache write, and each query
+    over exactly the slots a one-token step at its position reads (quantized mode's Llama/Qwen2 layers)."""
+    _, t, width = qkv.shape
+    _, kv_heads, slots, d = k_cache.shape
+    out = torch.empty(1, t, heads * d, dtype=torch.float32)
+    _qkernels.attend(qkv.data_ptr(), t, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                     v_cache.data_ptr(), slots, pos0, window or 0, scale, out.data_ptr())
+    return out
+
+
 def set_threads(n: int) -> None:
     if _qkernels is not None:
         _qkernels.set_threads(n)
@@ -154,6 +175,7 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
                 total += module.qweight.nbytes
     for layer in getattr(model, "layers", []):
         layer.batch_invariant = True  # attention too, so speculative output is bit-identical to target-only
+        layer.fused_attention = layer.plain_attention()
     return total
 
 

@@ -236,7 +236,9 @@ static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
 static atomic_long pool_gen = 0;
 static atomic_int pool_done = 0;
 static atomic_int pool_sleepers = 0;
-static const gemm_args *pool_job = NULL;
+typedef void (*part_fn)(const void *arg, int part, int parts);
+static part_fn pool_fn = NULL;  /* the job: every thread runs pool_fn(pool_arg, its part, pool_size) */
+static const void *pool_arg = NULL;
 static int pool_started = 0;
 static long spin_limit = 20000;  /* pause instructions before a worker sleeps (SPECMTP_SPIN overrides) */
 
@@ -245,6 +247,13 @@ static void job_range(const gemm_args *a, int part, int parts, int64_t *n0, int6
     per = (per + 7) / 8 * 8;
     *n0 = per * part < a->n ? per * part : a->n;
     *n1 = per * (part + 1) < a->n ? per * (part + 1) : a->n;
+}
+
+static void gemm_part(const void *arg, int part, int parts) {
+    const gemm_args *a = (const gemm_args *)arg;
+    int64_t n0, n1;
+    job_range(a, part, parts, &n0, &n1);
+    if (n0 < n1) run_rows(a, n0, n1);
 }
 
 static void *worker_main(void *arg) {
@@ -267,10 +276,7 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&pool_mu);
         }
         seen = gen;
-        const gemm_args *a = pool_job;
-        int64_t n0, n1;
-        job_range(a, id, pool_size, &n0, &n1);
-        if (n0 < n1) run_rows(a, n0, n1);
+        pool_fn(pool_arg, id, pool_size);
         atomic_fetch_add(&pool_done, 1);
     }
     return NULL;
@@ -288,26 +294,119 @@ static void pool_start(int threads) {
     pool_started = 1;
 }
 
-static void run_parallel(const gemm_args *a) {
+/* Run fn(arg, part, parts) on every thread of the pool (the caller is part 0); `work` small: on the caller only */
+static void run_parts(part_fn fn, const void *arg, int64_t work) {
     if (!pool_started) pool_start(pool_size);
-    /* small problems: not worth waking anyone */
-    if (pool_size <= 1 || a->n * a->k * a->t < (1 << 16)) {
-        run_rows(a, 0, a->n);
+    if (pool_size <= 1 || work < (1 << 16)) {  /* small problems: not worth waking anyone */
+        fn(arg, 0, 1);
         return;
     }
-    pool_job = a;
+    pool_fn = fn;
+    pool_arg = arg;
     atomic_store(&pool_done, 0);
     pthread_mutex_lock(&pool_mu);
     atomic_fetch_add(&pool_gen, 1);
     if (atomic_load(&pool_sleepers)) pthread_cond_broadcast(&pool_cv);
     pthread_mutex_unlock(&pool_mu);
-    int64_t n0, n1;
-    job_range(a, 0, pool_size, &n0, &n1);
-    if (n0 < n1) run_rows(a, n0, n1);
+    fn(arg, 0, pool_size);
     while (atomic_load(&pool_done) < pool_size - 1) {
 #ifdef SPECMTP_X86
         _mm_pause();
 #endif
+    }
+}
+
+static void run_parallel(const gemm_args *a) { run_parts(gemm_part, a, a->n * a->k * a->t); }
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* attention of one sequence's new tokens (quantized mode, Llama/Qwen2 layers): RoPE on q and k, K/V written  */
+/* into the cache, then each query over exactly the slots a one-token step at its position reads. Every      */
+/* (token, head) is computed by the same code whatever the number of tokens or threads: batch-invariant.      */
+
+typedef struct {
+    float *qkv;            /* [T, (Hq + 2 Hkv) D]: q and k are rotated in place */
+    const float *cos, *sin;  /* [T, D] */
+    float *kc, *vc;        /* the layer's cache for this row: [Hkv, S, D] */
+    float *out;            /* [T, Hq D] */
+    float *scores;         /* [threads, S] scratch */
+    int64_t t, hq, hkv, d, s, pos0, window;  /* window 0: none */
+    float scale;
+} attn_args;
+
+static void rope_row(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t j = 0; j < h; j++) {  /* x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) */
+        const float a = x[j], b = x[j + h];
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + h] = b * cos[j + h] + a * sin[j + h];
+    }
+}
+
+static float dot_scalar(const float *a, const float *b, int64_t d) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < d; j++) s += a[j] * b[j];
+    return s;
+}
+
+static void axpy_scalar(float *y, float w, const float *x, int64_t d) {
+    for (int64_t j = 0; j < d; j++) y[j] += w * x[j];
+}
+
+#ifdef SPECMTP_X86
+__attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *a, const float *b, int64_t d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    return hsum(acc);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void axpy_avx2(float *y, float w, const float *x, int64_t d) {
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int64_t j = 0; j < d; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+}
+#endif
+
+static void attend_part(const void *arg, int part, int parts) {
+    const attn_args *a = (const attn_args *)arg;
+    const int64_t d = a->d, group = a->hq / a->hkv, stride = (a->hq + 2 * a->hkv) * d;
+    float *sc = a->scores + part * a->s;
+#ifdef SPECMTP_X86
+    const int vec = use_avx2 && d % 8 == 0;
+#else
+    const int vec = 0;
+#endif
+    /* parts split the (token, head) pairs */
+    const int64_t total = a->t * a->hq, per = (total + parts - 1) / parts;
+    const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
+    for (int64_t idx = i0; idx < i1; idx++) {
+        const int64_t i = idx / a->hq, h = idx % a->hq, g = h / group;
+        const int64_t p = a->pos0 + i, lo = a->window && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+        const float *q = a->qkv + i * stride + h * d;
+        const float *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
+        float m = -INFINITY;
+        for (int64_t j = lo; j <= p; j++) {
+#ifdef SPECMTP_X86
+            const float x = (vec ? dot_avx2(q, k + j * d, d) : dot_scalar(q, k + j * d, d)) * a->scale;
+#else
+            const float x = dot_scalar(q, k + j * d, d) * a->scale;
+#endif
+            sc[j - lo] = x;
+            m = x > m ? x : m;
+        }
+        float *o = a->out + i * a->hq * d + h * d, sum = 0.0f;
+        memset(o, 0, sizeof(float) * (size_t)d);
+        for (int64_t j = lo; j <= p; j++) {
+            const float w = expf(sc[j - lo] - m);
+            sum += w;
+#ifdef SPECMTP_X86
+            if (vec)
+                axpy_avx2(o, w, v + j * d, d);
+            else
+#endif
+                axpy_scalar(o, w, v + j * d, d);
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < d; j++) o[j] *= inv;
     }
 }
 
@@ -351,6 +450,45 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static float *attn_scratch = NULL;
+static int64_t attn_cap = 0;
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long qkv, cos, sin, kc, vc, out;
+    long long t, hq, hkv, d, s, pos0, window;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLLLLKKKKLLLfK", &qkv, &t, &hq, &hkv, &d, &cos, &sin, &kc, &vc, &s, &pos0, &window,
+                          &scale, &out))
+        return NULL;
+    if (hkv < 1 || hq % hkv || d % 2 || pos0 < 0 || pos0 + t > s) {
+        PyErr_SetString(PyExc_ValueError, "attend: bad shapes (heads, head dim or positions past the cache)");
+        return NULL;
+    }
+    if (!pool_started) pool_start(pool_size);
+    if ((int64_t)pool_size * s > attn_cap) {
+        free(attn_scratch);
+        attn_cap = (int64_t)pool_size * s;
+        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
+        if (!attn_scratch) {
+            attn_cap = 0;
+            return PyErr_NoMemory();
+        }
+    }
+    attn_args a = {(float *)qkv, (const float *)cos, (const float *)sin, (float *)kc, (float *)vc, (float *)out,
+                   attn_scratch, t, hq, hkv, d, s, pos0, window, scale};
+    const int64_t stride = (hq + 2 * hkv) * d;
+    for (int64_t i = 0; i < t; i++) {  /* rotate q and k, write k and v at the token's slot */
+        float *row = a.qkv + i * stride;
+        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, a.cos + i * d, a.sin + i * d, d);
+        for (int64_t g = 0; g < hkv; g++) {
+            memcpy(a.kc + (g * s + pos0 + i) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
+            memcpy(a.vc + (g * s + pos0 + i) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
+        }
+    }
+    run_parts(attend_part, &a, t * hq * (pos0 + t) * d);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -376,6 +514,8 @@ static PyObject *py_force_scalar(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS, "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"force_scalar", py_force_scalar, METH_VARARGS, "use the portable path (tests)"},
