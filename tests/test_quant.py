@@ -156,17 +156,35 @@ def test_fused_attention_matches_reference(path, window):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_attention_model_matches_unfused(tiny_dir, family):
+def test_fused_layers_match_unfused(tiny_dir, family):
     model = load_model(str(tiny_dir(family)), weights="q4").model
-    assert all(layer.fused_attention for layer in model.layers)
+    assert all(layer.fused_attention and layer.fused for layer in model.layers)
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     outs = []
     for fused in (True, False):
         for layer in model.layers:
-            layer.fused_attention = fused
+            layer.fused_attention = layer.fused = fused
         cache = model.new_cache(1, 40)
         prefix = model(tokens[:, :24], torch.arange(24)[None], cache)
         step = model(tokens[:, 24:], torch.arange(24, 30)[None], cache)  # a verify-sized pass
         outs.append(torch.cat([prefix, step], 1))
     # equal to rounding; a rounding difference can move an activation across an int8 step, hence the norm bound
     assert (outs[0] - outs[1]).norm() / outs[1].norm() < PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_kernel_pre_ops_and_residual(fmt, path):
+    """The kernel's RMSNorm / SwiGLU of each token before quantizing it, and the residual added to the result."""
+    g = torch.Generator().manual_seed(3)
+    qw = quantize(torch.randn(96, 128, generator=g), fmt)
+    x, norm, res = torch.randn(5, 128, generator=g), torch.rand(128, generator=g) + 0.5, torch.randn(5, 96, generator=g)
+    ref = qlinear(torch.nn.functional.rms_norm(x, (128,), norm, 1e-6), qw)
+    y = qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)
+    assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
+    gate_up = torch.randn(5, 256, generator=g)
+    ref = qlinear(torch.nn.functional.silu(gate_up[:, :128]) * gate_up[:, 128:], qw)
+    y = qlinear(gate_up, qw, pre="swiglu")
+    assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
+    assert torch.equal(qlinear(x, qw, residual=res), qlinear(x, qw) + res)
+    assert torch.equal(qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)[2:3],
+                       qlinear(x[2:3], qw, pre="rms_norm", norm=norm, eps=1e-6))  # per token: batch-invariant

@@ -130,6 +130,13 @@ INVARIANT_MAX_T = 64  # batch-invariant attention covers verify passes (a longer
 class Layer(nn.Module):
     batch_invariant = False  # set with quantized weights, whose kernels are batch-invariant too
     fused_attention = False  # set with quantized weights where the layer is a plain Llama/Qwen2 one (quant.attend)
+    fused = False  # ... and where its whole forward can run as four kernel calls and quant.attend
+
+    def plain_layer(self) -> bool:
+        """Pre-norm, SwiGLU MLP, nothing else (Llama, Qwen2): what the fused quantized forward computes."""
+        cfg = self.cfg
+        return (self.plain_attention() and cfg.activation == "silu" and not cfg.sandwich_norm and not cfg.num_experts
+                and not cfg.ple_dim and not cfg.layer_scalar)
 
     def plain_attention(self) -> bool:
         """q/k/v of its own, RoPE and nothing else (no q/k/v norms): what quant.attend computes."""
@@ -185,16 +192,26 @@ class Layer(nn.Module):
         end: int,  # one past the last cache slot attended to
         cache: KVCache,
     ) -> torch.Tensor:  # [B, T, H]
+        return self.wo(self.attend_qkv(self.wqkv(h), positions, rope, mask, start, end, cache))
+
+    def attend_qkv(
+        self,
+        qkv: torch.Tensor,  # [B, T, (Hq + 2 Hkv) D] (or fewer heads where K/V are shared or values are keys)
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        start: int,
+        end: int,
+        cache: KVCache,
+    ) -> torch.Tensor:  # [B, T, Hq D] before the output projection
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        b, t, _ = h.shape
+        b, t, _ = qkv.shape
         d = self.head_dim
-        qkv = self.wqkv(h)
         cos, sin = rope
         if self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1:
             # quantized mode, one row: RoPE, cache write and attention in one kernel call (quant.attend)
-            out = quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index], cache.v[self.index],
-                               cfg.num_heads, self.window, cfg.attn_scale)
-            return self.wo(out)
+            return quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index],
+                                cache.v[self.index], cfg.num_heads, self.window, cfg.attn_scale)
         if self.own_kv and not cfg.qk_norm and not self.values_are_keys:  # Llama, Qwen2: one RoPE call for q and k
             qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(b, t, cfg.num_heads + self.kv_heads, d),
                             cos, sin)
@@ -226,7 +243,7 @@ class Layer(nn.Module):
         start: int,
         end: int,
         cache: KVCache,
-    ) -> torch.Tensor:  # [B, T, H]
+    ) -> torch.Tensor:  # [B, T, Hq D] before the output projection
         cfg = self.cfg
         b, t = q.shape[:2]
         keys = cache.k[self.source][:, :, start:end]  # [B, Hkv, S, D]
@@ -249,7 +266,7 @@ class Layer(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=cfg.attn_scale,
                                                  enable_gqa=gqa)  # [B, Hq, T, D]
-        return self.wo(out.transpose(1, 2).reshape(b, t, self.q_size))
+        return out.transpose(1, 2).reshape(b, t, self.q_size)
 
     def forward(
         self,
@@ -263,6 +280,12 @@ class Layer(nn.Module):
         ple: torch.Tensor | None = None,  # [B, T, P] this layer's per-layer input (Gemma 4)
     ) -> torch.Tensor:  # [B, T, H]
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        if self.fused:  # quantized plain layer: norms, SwiGLU and residual adds run inside the kernel calls
+            qkv = quant.qlinear(x, self.wqkv.qweight, self.wqkv.bias, "rms_norm", self.attn_norm, eps)
+            out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache)
+            x = quant.qlinear(out, self.wo.qweight, self.wo.bias, residual=x)
+            gate_up = quant.qlinear(x, self.w_gate_up.qweight, None, "rms_norm", self.mlp_norm, eps)
+            return quant.qlinear(gate_up, self.w_down.qweight, None, "swiglu", residual=x)
         out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.attn_post_norm, eps)

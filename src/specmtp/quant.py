@@ -99,17 +99,34 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
     return (q * qw.d.float()[..., None] + qw.m.float()[..., None]).reshape(n, k)
 
 
-def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> [..., N] through the quantized kernels (fp32 in and out)."""
+PRE = {None: 0, "rms_norm": 1, "swiglu": 2}
+
+
+def qlinear(
+    x: torch.Tensor,  # [..., K] ([..., 2K] with pre="swiglu": gate then up)
+    qw: QuantWeight,
+    bias: torch.Tensor | None = None,
+    pre: str | None = None,  # what the kernel applies to each token first: None, "rms_norm" (with norm, eps), "swiglu"
+    norm: torch.Tensor | None = None,  # [K] the RMSNorm weight
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,  # [..., N] added to the result
+) -> torch.Tensor:  # [..., N]
+    """pre(x) @ W.T + bias + residual through the quantized kernels (fp32 in and out)."""
     require()
     n, k = qw.shape
     shape = x.shape
-    x2 = x.reshape(-1, k).float().contiguous()
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = bias.float().contiguous() if bias is not None else None
+    if norm is not None:
+        norm = norm.float().contiguous()
+    r = residual.reshape(-1, n).float().contiguous() if residual is not None else None
     _qkernels.gemm(qw.fmt, x2.data_ptr(), x2.shape[0], k, qw.qs.data_ptr(), qw.d.data_ptr(),
                    qw.m.data_ptr() if qw.m is not None else 0, b.data_ptr() if b is not None else 0,
-                   y.data_ptr(), n)
+                   y.data_ptr(), n, PRE[pre], norm.data_ptr() if norm is not None else 0, eps,
+                   r.data_ptr() if r is not None else 0)
     return y.reshape(*shape[:-1], n)
 
 
@@ -176,6 +193,8 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
     for layer in getattr(model, "layers", []):
         layer.batch_invariant = True  # attention too, so speculative output is bit-identical to target-only
         layer.fused_attention = layer.plain_attention()
+        linears = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        layer.fused = layer.plain_layer() and all(m.qweight is not None for m in linears)
     return total
 
 

@@ -94,6 +94,7 @@ typedef struct {
     const uint8_t *wq;     /* q8: [N, K] int8; q4: [N, K/2] nibbles */
     const uint16_t *wd, *wm;  /* [N, K/32] fp16 bits */
     const float *bias;     /* [N] or NULL */
+    const float *res;      /* [T, N] or NULL: added to the result (a residual connection) */
     float *y;              /* [T, N] */
     int64_t t, n, k;
 } gemm_args;
@@ -120,7 +121,7 @@ static void rows_scalar(const gemm_args *a, int64_t n0, int64_t n1) {
                 }
                 acc += half_to_float(a->wd[n * nb + b]) * xd[b] * (float)s;
             }
-            a->y[t * a->n + n] = acc + off + (a->bias ? a->bias[n] : 0.0f);
+            a->y[t * a->n + n] = acc + off + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
         }
     }
 }
@@ -192,7 +193,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_t
     }
     for (int i = 0; i < TN; i++) {
         const float off = wm ? hsum(offv[i]) + off_tail[i] : 0.0f;
-        a->y[(t0 + i) * a->n + n] = hsum(acc[i]) + off + (a->bias ? a->bias[n] : 0.0f);
+        a->y[(t0 + i) * a->n + n] = hsum(acc[i]) + off + (a->bias ? a->bias[n] : 0.0f) +
+                                    (a->res ? a->res[(t0 + i) * a->n + n] : 0.0f);
     }
 }
 
@@ -417,17 +419,44 @@ static int8_t *scratch_q = NULL;
 static float *scratch_f = NULL;
 static int64_t scratch_cap = 0;
 
+/* What the kernel does to each token's activations before quantizing them (per token, so batch-invariant) */
+enum { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
+
+static void prepare_row(int pre, const float *x, int64_t k, const float *norm, float eps, float *out) {
+    if (pre == PRE_RMSNORM) {  /* out = norm * x / sqrt(mean(x^2) + eps) */
+        float ss = 0.0f;
+        for (int64_t j = 0; j < k; j++) ss += x[j] * x[j];
+        const float r = 1.0f / sqrtf(ss / (float)k + eps);
+        for (int64_t j = 0; j < k; j++) out[j] = norm[j] * (x[j] * r);
+    } else {  /* PRE_SWIGLU: x = [gate (k), up (k)], out = silu(gate) * up */
+        for (int64_t j = 0; j < k; j++) {
+            const float g = x[j];
+            out[j] = g / (1.0f + expf(-g)) * x[k + j];
+        }
+    }
+}
+
+static float *scratch_x = NULL;
+static int64_t scratch_x_cap = 0;
+
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
-    int fmt;
-    unsigned long long x, wq, wd, wm, bias, y;
+    int fmt, pre = PRE_NONE;
+    unsigned long long x, wq, wd, wm, bias, y, res = 0, norm = 0;
     long long t, n, k;
-    if (!PyArg_ParseTuple(args, "iKLLKKKKKL", &fmt, &x, &t, &k, &wq, &wd, &wm, &bias, &y, &n)) return NULL;
+    float eps = 0.0f;
+    if (!PyArg_ParseTuple(args, "iKLLKKKKKL|iKfK", &fmt, &x, &t, &k, &wq, &wd, &wm, &bias, &y, &n, &pre, &norm, &eps,
+                          &res))
+        return NULL;
     if (k % QK) {
         PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32");
         return NULL;
     }
     if (fmt != 4 && fmt != 8) {
         PyErr_SetString(PyExc_ValueError, "format must be 4 or 8");
+        return NULL;
+    }
+    if (pre < PRE_NONE || pre > PRE_SWIGLU || (pre == PRE_RMSNORM && !norm)) {
+        PyErr_SetString(PyExc_ValueError, "pre must be 0 (none), 1 (rms norm, with its weight) or 2 (swiglu)");
         return NULL;
     }
     if (t * k > scratch_cap) {
@@ -441,11 +470,27 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
             return PyErr_NoMemory();
         }
     }
-    const int64_t nb = k / QK;
-    for (int64_t i = 0; i < t; i++)
-        quantize_row((const float *)x + i * k, k, scratch_q + i * k, scratch_f + i * nb, scratch_f + t * nb + i * nb);
+    if (pre != PRE_NONE && k > scratch_x_cap) {
+        free(scratch_x);
+        scratch_x_cap = k;
+        scratch_x = (float *)malloc(sizeof(float) * (size_t)k);
+        if (!scratch_x) {
+            scratch_x_cap = 0;
+            return PyErr_NoMemory();
+        }
+    }
+    const int64_t nb = k / QK, width = pre == PRE_SWIGLU ? 2 * k : k;
+    for (int64_t i = 0; i < t; i++) {
+        const float *row = (const float *)x + i * width;
+        if (pre != PRE_NONE) {
+            prepare_row(pre, row, k, (const float *)norm, eps, scratch_x);
+            row = scratch_x;
+        }
+        quantize_row(row, k, scratch_q + i * k, scratch_f + i * nb, scratch_f + t * nb + i * nb);
+    }
     gemm_args a = {fmt, scratch_q, scratch_f, scratch_f + t * nb, (const uint8_t *)wq, (const uint16_t *)wd,
-                   (const uint16_t *)wm, bias ? (const float *)bias : NULL, (float *)y, t, n, k};
+                   (const uint16_t *)wm, bias ? (const float *)bias : NULL, res ? (const float *)res : NULL,
+                   (float *)y, t, n, k};
     run_parallel(&a);  /* the GIL stays held: the scratch buffers and the pool serve one call at a time */
     Py_RETURN_NONE;
 }
@@ -513,7 +558,8 @@ static PyObject *py_force_scalar(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"gemm", py_gemm, METH_VARARGS, "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T"},
+    {"gemm", py_gemm, METH_VARARGS,
+     "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N[, pre, norm, eps, res]): y[T,N] = pre(x)[T,K] @ W[N,K]^T + res"},
     {"attend", py_attend, METH_VARARGS,
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
