@@ -161,3 +161,16 @@ def test_narrower_drafter_starts_from_the_most_important_channels(target):
     assert torch.equal(dst.w_down.weight, src.w_down.weight[:, keep])
     assert torch.equal(dst.w_gate_up.weight[:48], src.w_gate_up.weight[:128][keep])
     assert torch.equal(dst.wqkv.weight, src.wqkv.weight[: dst.wqkv.weight.shape[0]])
+
+
+def test_quantized_target_quantizes_its_mtp_drafter(trained, tiny_dir):
+    """With a q8 target the drafter's layers run through the same kernels; output still equals target-only."""
+    target = load_model(str(tiny_dir("llama", num_hidden_layers=2)), weights="q8")
+    with torch.no_grad():
+        target.model.norm.mul_(12.0)  # as `peaked` does for the dense target the drafter was trained on
+    drafter = load_drafter(str(trained[0]))
+    base = [c.tokens for c in Engine(target).generate(PROMPTS, max_new_tokens=20)]
+    spec = Engine(target, drafter, 3)
+    assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
+    assert drafter.quantized and drafter.module.layers[0].w_down.qweight is not None
+    assert spec.stats.accepted > 0

@@ -206,6 +206,7 @@ class MTPDrafter(Drafter):
         self.default_schedule = gen.get("specmtp_schedule")
         self.head = None  # [K, Ht] target head rows of the draft vocabulary (dense or quantized)
         self.vocab: torch.Tensor | None = None  # [K] their token ids (None: identity)
+        self.quantized = False
 
     def check_compatible(self, target: LoadedModel) -> None:
         want, tc = self.raw["target"], target.config
@@ -226,6 +227,11 @@ class MTPDrafter(Drafter):
                                    f"target does not provide with {layer.kv_heads} KV heads of dim {layer.head_dim}")
         self.module.to(target.model.norm.dtype)
         head = target.model.head_weight
+        if not isinstance(head, torch.Tensor) and not self.quantized:  # a quantized target: quantize the drafter too
+            from specmtp.quant import quantize_model
+
+            quantize_model(self.module, f"q{head.fmt}", head=False)
+            self.quantized = True
         if self.full_head:
             self.head, self.vocab = head, None
         else:
