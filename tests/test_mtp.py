@@ -120,14 +120,18 @@ def test_resume_continues_and_refuses_other_options(target, tmp_path):
 
 
 def test_recorded_answers_are_the_targets_own(target):
-    """distill() records, while decoding, what a fresh forward over the answered sequence gives."""
+    """distill() records, while decoding, what a fresh forward over the answered sequence gives; rows that stop
+    early (here: at max_len, so each prompt length stops at its own step) leave the batch on the way."""
     from specmtp.training.data import capture, distill
 
-    prompts = [target.tokenizer.encode(p) for p in PROMPTS]
-    recorded = distill(target, prompts, 12, 64, greedy=True, sources=[1], topk=4, seed=0)
-    base = Engine(target).generate(PROMPTS, max_new_tokens=12)
+    texts = PROMPTS + ["a b c d e f g h i j k l m n o p", "tea map sun", "one two three four five six"]
+    prompts = [target.tokenizer.encode(p) for p in texts]
+    max_len = max(len(p) for p in prompts) + 8
+    recorded = distill(target, prompts, 24, max_len, greedy=True, sources=[1], topk=4, seed=0)
+    base = Engine(target).generate(texts, max_new_tokens=24)
+    assert len({len(s.tokens) - s.prompt_len for s in recorded}) > 3  # stopped at different steps
     for s, ref, p in zip(recorded, base, prompts, strict=True):
-        assert s.tokens.tolist() == p + ref.tokens
+        assert s.tokens.tolist() == (p + ref.tokens)[:max_len]
     fresh = capture(target, [(s.tokens.tolist(), s.prompt_len, True) for s in recorded], [1], 4, progress=False)
     for s, f in zip(recorded, fresh, strict=True):
         assert torch.allclose(s.hidden.float(), f.hidden.float(), atol=3e-2, rtol=3e-2)

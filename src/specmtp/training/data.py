@@ -61,9 +61,9 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
 def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, max_len: int, greedy: bool,
             sources: list[int], topk: int, seed: int) -> list[Sample]:
     """One batch of prompts (token ids) answered by the target, recorded as it decodes: prefill, then one token
-    per step for every row (rows past their EOS idle along), then one more forward of each row's last token so
-    that every kept position has its hidden state, K/V and next-token distribution (the target's top-k, prompt
-    positions included)."""
+    per step for every unfinished row, then one more forward of each row's last token so that every kept
+    position has its hidden state, K/V and next-token distribution (the target's top-k, prompt positions
+    included). Finished rows leave the batch once a quarter of it has finished (their K/V kept)."""
     model, eos = target.model, set(target.tokenizer.eos_token_ids)
     sampling = SamplingParams() if greedy else SamplingParams(temperature=0.8, top_p=0.95)
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +78,6 @@ def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, 
     hidden = torch.zeros(bsz, width + steps + 1, model.cfg.hidden_size, dtype=torch.bfloat16)
     top_ids = torch.zeros(bsz, width + steps + 1, topk, dtype=torch.long)
     top_p = torch.zeros(bsz, width + steps + 1, topk)
-    batch = torch.arange(bsz)
 
     h = model(tokens[:, :width], torch.arange(width).expand(bsz, width), cache)  # [B, W, H]
     hidden[:, :width] = h.to(torch.bfloat16)
@@ -86,33 +85,45 @@ def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, 
         n = int(plen[b]) - 1
         top = torch.topk(model.logits(h[b, :n]).float().log_softmax(-1), topk, dim=-1)
         top_ids[b, :n], top_p[b, :n] = top.indices, top.values.exp()
-    last = h[batch, plen - 1]  # [B, H]
-    ends = [0] * bsz  # sequence length of each row once it stops (EOS or budget)
-    pos = plen.clone()  # [B] where each row's next token goes
+    rows = torch.arange(bsz)  # [B'] the prompt index of each row still in the batch
+    last = h[rows, plen - 1]  # [B', H]
+    ends = [0] * bsz  # sequence length of each prompt once it stops (EOS or budget)
+    kv: dict[int, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+    pos = plen.clone()  # [B'] where each row's next token goes
+
+    def keep_kv(i: int, b: int) -> None:  # row i of the batch is prompt b, complete
+        t = ends[b] or int(pos[i])
+        kv[b] = ({src: cache.k[src][i, :, :t].to(torch.bfloat16) for src in sources},
+                 {src: cache.v[src][i, :, :t].to(torch.bfloat16) for src in sources})
+
     for step in range(steps + 1):
-        logits = model.logits(last).float()  # [B, V]
+        logits = model.logits(last).float()  # [B', V]
         top = torch.topk(logits.log_softmax(-1), topk, dim=-1)
-        top_ids[batch, pos - 1], top_p[batch, pos - 1] = top.indices, top.values.exp()
-        if step == steps or all(ends):
+        top_ids[rows, pos - 1], top_p[rows, pos - 1] = top.indices, top.values.exp()
+        done = torch.tensor([ends[b] > 0 for b in rows.tolist()])  # [B'] complete: last token forwarded, labelled
+        if step == steps or bool(done.all()):
             break
-        nxt = logits.argmax(-1) if greedy else sample(probabilities(logits, sampling), gen)  # [B]
-        tokens[batch, pos] = nxt
-        for b in range(bsz):
-            if not ends[b] and (int(nxt[b]) in eos or step + 1 >= budget[b]):
-                ends[b] = int(pos[b]) + 1
-        h = model(nxt[:, None], pos[:, None], cache)[:, 0]  # [B, H]
-        hidden[batch, pos] = h.to(torch.bfloat16)
+        if int(done.sum()) * 4 >= len(rows):  # drop finished rows from the batch
+            for i in torch.nonzero(done)[:, 0].tolist():
+                keep_kv(i, int(rows[i]))
+            live = torch.nonzero(~done)[:, 0]
+            cache, rows, pos, logits = cache.select(live), rows[live], pos[live], logits[live]
+        nxt = logits.argmax(-1) if greedy else sample(probabilities(logits, sampling), gen)  # [B']
+        tokens[rows, pos] = nxt
+        for i, b in enumerate(rows.tolist()):
+            if not ends[b] and (int(nxt[i]) in eos or step + 1 >= budget[b]):
+                ends[b] = int(pos[i]) + 1
+        h = model(nxt[:, None], pos[:, None], cache)[:, 0]  # [B', H]
+        hidden[rows, pos] = h.to(torch.bfloat16)
         last = h
         pos = pos + 1
-    ends = [e or int(pos[b]) for b, e in enumerate(ends)]
+    for i, b in enumerate(rows.tolist()):
+        keep_kv(i, b)
     samples = []
     for b in range(bsz):
-        t, p = ends[b], int(plen[b])
-        ids, probs = top_ids[b, :t].clone(), top_p[b, :t].clone()
+        t, p = ends[b] or int(plen[b]), int(plen[b])
         samples.append(Sample(
-            tokens=tokens[b, :t].clone(), prompt_len=p, hidden=hidden[b, :t].clone(),
-            keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
-            values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
-            top_ids=ids, top_p=probs, greedy=greedy,
+            tokens=tokens[b, :t].clone(), prompt_len=p, hidden=hidden[b, :t].clone(), keys=kv[b][0],
+            values=kv[b][1], top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=greedy,
         ))
     return samples
