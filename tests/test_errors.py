@@ -118,3 +118,26 @@ def test_bad_prompts_file(tmp_path, tiny_dir):
     f = tmp_path / "p.jsonl"
     f.write_text('{"no_prompt": 1}\n')
     assert_clean_error(cli("bench", "--model", str(tiny_dir("llama")), "--prompts", str(f)), "no string 'prompt'")
+
+
+def test_llamacpp_comparison_reads_its_timings_and_reports_failures(tmp_path):
+    from specmtp.bench import llamacpp_binary, run_llamacpp
+
+    fake = tmp_path / "llama-completion"
+    fake.write_text("#!/bin/sh\necho 'some text'\n"
+                    "echo 'common_perf_print: prompt eval time =      20.00 ms /    10 tokens' >&2\n"
+                    "echo 'common_perf_print:        eval time =     180.00 ms /     9 runs   (20 ms per token)' >&2\n")
+    fake.chmod(0o755)
+    assert llamacpp_binary(str(tmp_path)) == fake
+    out = run_llamacpp(fake, tmp_path / "m.gguf", ["a", "b"], 16, 2)
+    assert out["new_tokens"] == 20 and out["seconds"] == pytest.approx(0.4) and out["decode_tok_s"] == pytest.approx(50)
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\necho 'error: unknown model' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(SpecMTPError, match="unknown model"):
+        run_llamacpp(broken, tmp_path / "m.gguf", ["a"], 16, 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecMTPError, match="no llama-completion"):
+        llamacpp_binary(str(tmp_path / "empty"))
+    with pytest.raises(SpecMTPError, match="not found"):
+        llamacpp_binary(str(tmp_path / "missing"))

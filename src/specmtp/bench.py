@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -181,6 +182,45 @@ def hf_model(path: Path) -> torch.nn.Module:
     return _HF_CACHE[key]
 
 
+_LLAMA_EVAL = re.compile(r"(prompt eval|\s eval) time =\s*([\d.]+) ms /\s*(\d+)")
+
+
+def llamacpp_binary(path: str) -> Path:
+    """A llama.cpp build's non-interactive generator: the file itself, or llama-completion / llama-cli under path."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("llama-completion", "bin/llama-completion", "build/bin/llama-completion"):
+            if (p / name).is_file():
+                return p / name
+        raise SpecMTPError(f"no llama-completion binary under {path} (build llama.cpp's llama-completion target)")
+    if not p.is_file():
+        raise SpecMTPError(f"llama.cpp binary not found: {path}")
+    return p
+
+
+def run_llamacpp(binary: Path, gguf: Path, texts: list[str], max_new: int, threads: int) -> dict:
+    """The same prompts through llama.cpp (greedy, the same GGUF file), one process per prompt; its own timings
+    (prompt eval + eval), so process start and model load are not counted. Tokens: eval runs + the first one."""
+    import subprocess
+
+    seconds, decode_s, new, decoded = 0.0, 0.0, 0, 0
+    for text in tqdm(texts, desc="llama.cpp", leave=False):
+        cmd = [str(binary), "-m", str(gguf), "-p", text, "-n", str(max_new), "--temp", "0", "-t", str(threads),
+               "-no-cnv", "--simple-io", "--no-display-prompt", "-s", "0"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except OSError as e:
+            raise SpecMTPError(f"cannot run {binary}: {e}") from None
+        found = {kind.strip(): (float(ms), int(n)) for kind, ms, n in _LLAMA_EVAL.findall(out.stderr)}
+        if out.returncode != 0 or "eval" not in found or "prompt eval" not in found:
+            raise SpecMTPError(f"{binary} failed (exit {out.returncode}): {out.stderr.strip()[-400:]}")
+        seconds += (found["prompt eval"][0] + found["eval"][0]) / 1000
+        decode_s += found["eval"][0] / 1000
+        new += found["eval"][1] + 1
+        decoded += found["eval"][1]
+    return {"new_tokens": new, "seconds": seconds, "tok_s": new / seconds, "decode_tok_s": decoded / decode_s}
+
+
 def _strip_pad(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos:
@@ -284,6 +324,20 @@ def run_bench(args: argparse.Namespace) -> int:
                 "speedup_vs_hf_assisted": round(summary["spec_tok_s"] / assisted["tok_s"], 3),
                 "hf_assisted_identical": assisted["tokens"] == base["tokens"],
             })
+    if getattr(args, "compare_llamacpp", None):
+        from specmtp.presets import resolve
+
+        gguf = resolve(args.model)
+        if not gguf.is_file():
+            raise SpecMTPError(f"--compare-llamacpp needs a GGUF model; {args.model} resolves to {gguf}")
+        texts = [target.tokenizer.hf.decode(p, skip_special_tokens=False) for p in ids]
+        llama = run_llamacpp(llamacpp_binary(args.compare_llamacpp), gguf, texts, max_new, os.cpu_count() or 1)
+        rows.append(("llama.cpp (same GGUF, its own timings)", llama))
+        best = summary.get("spec_tok_s", base["tok_s"])
+        summary.update({"llamacpp_tok_s": round(llama["tok_s"], 3),
+                        "llamacpp_decode_tok_s": round(llama["decode_tok_s"], 3),
+                        "target_only_vs_llamacpp": round(base["tok_s"] / llama["tok_s"], 3),
+                        "speedup_vs_llamacpp": round(best / llama["tok_s"], 3)})
     _print_table(rows, base["tok_s"])
     print(json.dumps(summary))
     return 0

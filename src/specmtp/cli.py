@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", default=None, help="only prompts whose 'kind' field equals this")
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' generate")
+    b.add_argument("--compare-llamacpp", metavar="PATH", default=None,
+                   help="also run the same GGUF through llama.cpp (its llama-completion binary, or a build directory)")
     b.add_argument("--schedules", default=None, help="comma list of schedules to run (default: --schedule)")
     b.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
     b.add_argument("--synthetic", default=None, choices=["gemma4-e2b"],
