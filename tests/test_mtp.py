@@ -178,3 +178,28 @@ def test_quantized_target_quantizes_its_mtp_drafter(trained, tiny_dir):
     assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
     assert drafter.quantized and drafter.module.layers[0].w_down.qweight is not None
     assert spec.stats.accepted > 0
+
+
+def test_continuous_batching_refills_rows_and_keeps_answers(target):
+    """distill_stream with fewer rows than prompts: finished rows take the next prompt, chunks come back in order,
+    greedy answers are the target's own and sampled ones do not depend on which prompts shared a step."""
+    from specmtp.training.data import distill_stream
+
+    texts = PROMPTS + ["a b c d e f g h i j k l m n o p", "tea map sun", "one two three four five six"]
+    prompts = [target.tokenizer.encode(p) for p in texts]
+    max_len = max(len(p) for p in prompts) + 10
+    base = Engine(target).generate(texts, max_new_tokens=10)
+
+    def run(batch: int) -> list[tuple[int, list]]:
+        got: list[tuple[int, list]] = []
+        distill_stream(target, [(prompts[:3], True, 0), (prompts[3:], False, 1)], 10, max_len, [1], 4, batch,
+                       lambda i, samples: got.append((i, samples)))
+        return got
+
+    two, four = run(2), run(4)
+    assert [i for i, _ in two] == [0, 1] and [len(s) for _, s in two] == [3, 3]
+    for s, ref, p in zip(two[0][1], base[:3], prompts[:3], strict=True):
+        assert s.tokens.tolist() == (p + ref.tokens)[:max_len] and s.greedy
+    for a, b in zip(two[1][1], four[1][1], strict=True):  # sampled: the same draws whatever the batch
+        assert torch.equal(a.tokens, b.tokens) and not a.greedy
+        assert torch.allclose(a.hidden.float(), b.hidden.float(), atol=3e-2)

@@ -74,3 +74,14 @@ class KVCache:
         out.capacity = self.capacity
         out.batch_index = torch.arange(len(rows), device=self.lengths.device)[:, None]
         return out
+
+    def row(self, b: int) -> KVCache:
+        """A one-row cache whose tensors are views of row b of this one (writes land in this cache)."""
+        out = KVCache.__new__(KVCache)
+        views: dict[int, torch.Tensor] = {}
+        out.k = [views.setdefault(id(t), t[b : b + 1]) for t in self.k]
+        out.v = [views.setdefault(id(t), t[b : b + 1]) for t in self.v]
+        out.lengths = self.lengths[b : b + 1].clone()
+        out.capacity = self.capacity
+        out.batch_index = torch.zeros(1, 1, dtype=torch.long, device=self.lengths.device)
+        return out

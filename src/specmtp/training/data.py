@@ -6,6 +6,7 @@ through `capture`, one forward per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,73 +58,108 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
     return samples
 
 
-@torch.inference_mode()
 def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, max_len: int, greedy: bool,
             sources: list[int], topk: int, seed: int) -> list[Sample]:
-    """One batch of prompts (token ids) answered by the target, recorded as it decodes: prefill, then one token
-    per step for every unfinished row, then one more forward of each row's last token so that every kept
-    position has its hidden state, K/V and next-token distribution (the target's top-k, prompt positions
-    included). Finished rows leave the batch once a quarter of it has finished (their K/V kept)."""
+    """One chunk of prompts (token ids) answered and recorded (see `distill_stream`), all in one batch."""
+    out: list[Sample] = []
+    distill_stream(target, [(prompts, greedy, seed)], max_new_tokens, max_len, sources, topk, len(prompts),
+                   lambda _, samples: out.extend(samples))
+    return out
+
+
+@torch.inference_mode()
+def distill_stream(
+    target: LoadedModel,
+    chunks: list[tuple[list[list[int]], bool, int]],  # (prompts as token ids, greedy, seed) per chunk
+    max_new_tokens: int,
+    max_len: int,
+    sources: list[int],
+    topk: int,
+    batch: int,
+    done: Callable[[int, list[Sample]], None],  # called with each chunk's index and samples, in chunk order
+) -> None:
+    """The target answers every prompt, recorded as it decodes: each prompt is prefilled into a free row of a
+    batch of `batch` rows (continuous batching: a row that finishes takes the next prompt at once), then decoded
+    one token a step with the others, then its last token forwarded once more, so that every kept position has
+    its hidden state, K/V and next-token distribution (the target's top-k, prompt positions included). Sampled
+    chunks draw from a generator per prompt, so the answers do not depend on which prompts share a step."""
     model, eos = target.model, set(target.tokenizer.eos_token_ids)
-    sampling = SamplingParams() if greedy else SamplingParams(temperature=0.8, top_p=0.95)
-    gen = torch.Generator().manual_seed(seed)
-    bsz = len(prompts)
-    plen = torch.tensor([len(p) for p in prompts])  # [B]
-    budget = [max(1, min(max_new_tokens, max_len - len(p))) for p in prompts]
-    width, steps = int(plen.max()), max(budget)
-    cache = model.new_cache(bsz, width + steps + 1)
-    tokens = torch.zeros(bsz, width + steps + 1, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p)
-    hidden = torch.zeros(bsz, width + steps + 1, model.cfg.hidden_size, dtype=torch.bfloat16)
-    top_ids = torch.zeros(bsz, width + steps + 1, topk, dtype=torch.long)
-    top_p = torch.zeros(bsz, width + steps + 1, topk)
+    sampling = SamplingParams(temperature=0.8, top_p=0.95)
+    cap = max_len + 1
+    cache = model.new_cache(batch, cap)
+    tokens = torch.zeros(batch, cap, dtype=torch.long)
+    hidden = torch.zeros(batch, cap, model.cfg.hidden_size, dtype=torch.bfloat16)
+    top_ids = torch.zeros(batch, cap, topk, dtype=torch.long)
+    top_p = torch.zeros(batch, cap, topk)
+    last = torch.zeros(batch, model.cfg.hidden_size, dtype=model.norm.dtype)  # [B, H] hidden that predicts pos
+    pos = torch.zeros(batch, dtype=torch.long)  # [B] where each row's next token goes
+    todo = iter([(i, j) for i, (prompts, _, _) in enumerate(chunks) for j in range(len(prompts))])
+    rows: list[dict | None] = [None] * batch
+    results: list[list[Sample | None]] = [[None] * len(prompts) for prompts, _, _ in chunks]
+    emitted = 0
 
-    h = model(tokens[:, :width], torch.arange(width).expand(bsz, width), cache)  # [B, W, H]
-    hidden[:, :width] = h.to(torch.bfloat16)
-    for b in range(bsz):  # the prompt's own positions, read by the target (weighted lower as anchors)
-        n = int(plen[b]) - 1
-        top = torch.topk(model.logits(h[b, :n]).float().log_softmax(-1), topk, dim=-1)
-        top_ids[b, :n], top_p[b, :n] = top.indices, top.values.exp()
-    rows = torch.arange(bsz)  # [B'] the prompt index of each row still in the batch
-    last = h[rows, plen - 1]  # [B', H]
-    ends = [0] * bsz  # sequence length of each prompt once it stops (EOS or budget)
-    kv: dict[int, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
-    pos = plen.clone()  # [B'] where each row's next token goes
+    def fill(b: int) -> None:
+        nxt = next(todo, None)
+        if nxt is None:
+            rows[b] = None
+            return
+        i, j = nxt
+        prompts, greedy, seed = chunks[i]
+        ids = prompts[j]
+        n = len(ids)
+        if n >= max_len:
+            raise ValueError(f"prompt of {n} tokens does not fit max_len {max_len}")
+        tokens[b, :n] = torch.tensor(ids)
+        view = cache.row(b)
+        h = model(tokens[b : b + 1, :n], torch.arange(n)[None], view)[0]  # [n, H]
+        hidden[b, :n] = h.to(torch.bfloat16)
+        if n > 1:
+            top = torch.topk(model.logits(h[: n - 1]).float().log_softmax(-1), topk, dim=-1)
+            top_ids[b, : n - 1], top_p[b, : n - 1] = top.indices, top.values.exp()
+        last[b], pos[b] = h[n - 1], n
+        gen = None if greedy else torch.Generator().manual_seed(seed * 100_003 + j)
+        rows[b] = {"chunk": i, "index": j, "plen": n, "budget": max(1, min(max_new_tokens, max_len - n)),
+                   "greedy": greedy, "gen": gen, "end": 0}
 
-    def keep_kv(i: int, b: int) -> None:  # row i of the batch is prompt b, complete
-        t = ends[b] or int(pos[i])
-        kv[b] = ({src: cache.k[src][i, :, :t].to(torch.bfloat16) for src in sources},
-                 {src: cache.v[src][i, :, :t].to(torch.bfloat16) for src in sources})
-
-    for step in range(steps + 1):
-        logits = model.logits(last).float()  # [B', V]
+    for b in range(batch):
+        fill(b)
+    while any(r is not None for r in rows):
+        live = [b for b in range(batch) if rows[b] is not None]
+        idx = torch.tensor(live)
+        logits = model.logits(last[idx]).float()  # [L, V]
         top = torch.topk(logits.log_softmax(-1), topk, dim=-1)
-        top_ids[rows, pos - 1], top_p[rows, pos - 1] = top.indices, top.values.exp()
-        done = torch.tensor([ends[b] > 0 for b in rows.tolist()])  # [B'] complete: last token forwarded, labelled
-        if step == steps or bool(done.all()):
-            break
-        if int(done.sum()) * 4 >= len(rows):  # drop finished rows from the batch
-            for i in torch.nonzero(done)[:, 0].tolist():
-                keep_kv(i, int(rows[i]))
-            live = torch.nonzero(~done)[:, 0]
-            cache, rows, pos, logits = cache.select(live), rows[live], pos[live], logits[live]
-        nxt = logits.argmax(-1) if greedy else sample(probabilities(logits, sampling), gen)  # [B']
-        tokens[rows, pos] = nxt
-        for i, b in enumerate(rows.tolist()):
-            if not ends[b] and (int(nxt[i]) in eos or step + 1 >= budget[b]):
-                ends[b] = int(pos[i]) + 1
-        h = model(nxt[:, None], pos[:, None], cache)[:, 0]  # [B', H]
-        hidden[rows, pos] = h.to(torch.bfloat16)
-        last = h
-        pos = pos + 1
-    for i, b in enumerate(rows.tolist()):
-        keep_kv(i, b)
-    samples = []
-    for b in range(bsz):
-        t, p = ends[b] or int(plen[b]), int(plen[b])
-        samples.append(Sample(
-            tokens=tokens[b, :t].clone(), prompt_len=p, hidden=hidden[b, :t].clone(), keys=kv[b][0],
-            values=kv[b][1], top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=greedy,
-        ))
-    return samples
+        top_ids[idx, pos[idx] - 1], top_p[idx, pos[idx] - 1] = top.indices, top.values.exp()
+        for k, b in enumerate(live):
+            r = rows[b]
+            if r["end"]:  # its last token was forwarded and labelled: complete
+                t = r["end"]
+                results[r["chunk"]][r["index"]] = Sample(
+                    tokens=tokens[b, :t].clone(), prompt_len=r["plen"], hidden=hidden[b, :t].clone(),
+                    keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
+                    values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
+                    top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=r["greedy"])
+                rows[b] = None
+                continue
+            if r["greedy"]:
+                t_next = int(logits[k].argmax())
+            else:
+                t_next = int(sample(probabilities(logits[k : k + 1], sampling), r["gen"])[0])
+            tokens[b, pos[b]] = t_next
+            if t_next in eos or int(pos[b]) + 1 - r["plen"] >= r["budget"]:
+                r["end"] = int(pos[b]) + 1
+        while emitted < len(chunks) and all(x is not None for x in results[emitted]):
+            done(emitted, results[emitted])  # type: ignore[arg-type]
+            results[emitted] = []
+            emitted += 1
+        step = [b for b in range(batch) if rows[b] is not None]
+        if step:  # one forward over the whole batch; rows left idle as the stream drains run at slot 0, unread
+            idx = torch.tensor(step)
+            inputs, at = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+            inputs[idx], at[idx] = tokens[idx, pos[idx]], pos[idx]
+            h = model(inputs[:, None], at[:, None], cache)[:, 0]  # [B, H]
+            hidden[idx, pos[idx]] = h[idx].to(torch.bfloat16)
+            last[idx] = h[idx]
+            pos[idx] += 1
+        for b in range(batch):
+            if rows[b] is None:
+                fill(b)

@@ -2,7 +2,7 @@
 
 Pipeline (each stage saved under --out, so --resume picks up where a run stopped):
     prompts  = build_prompts(...)                         stdlib code + instruction templates, no bench prompts
-    data     = distill(target, prompts)                   the target's answers, recorded as it decodes: hidden
+    data     = distill_stream(target, prompts)            the target's answers, recorded as it decodes: hidden
                                                           states, read K/V, top-k next-token targets (shards/)
     train    : unrolled exactly as drafting runs: for anchors L (last token at L, target KV [0, L)),
                step 1 gets (embed(tok_L), h_{L-1}), step k the drafter's own previous output and embed(tok_{L+k-1});
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
-from specmtp.training.data import Sample, capture, distill
+from specmtp.training.data import Sample, capture, distill_stream
 from specmtp.training.prompts import build_prompts, raw_windows
 
 DATA_VERSION = 3
@@ -146,33 +146,39 @@ def _dense(module: torch.nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
 # ---- data ------------------------------------------------------------------------------------------------------
 def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool, shards: Path,
                prompts: list[str] | None = None) -> list[Sample]:
-    """The target's answers to the prompt set, recorded as it decodes, in batches of similar prompt length
-    (alternately greedy and sampled). Each batch is saved as a shard under `shards`, so an interrupted run
-    resumes with the next batch."""
+    """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
+    in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
+    shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
     prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude)
     chat = target.tokenizer.has_chat_template
     ids = [target.tokenizer.encode_chat(p) if chat else target.tokenizer.encode(p) for p in prompts]
     ids = sorted((p for p in ids if len(p) < opts.max_len - 8), key=len)
-    batches = [ids[i : i + opts.gen_batch] for i in range(0, len(ids), opts.gen_batch)]
+    chunks = [ids[i : i + opts.gen_batch] for i in range(0, len(ids), opts.gen_batch)]
     shards.mkdir(parents=True, exist_ok=True)
-    samples: list[Sample] = []
-    total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, desc="answering", unit="prompt", disable=not progress)
-    for i, chunk in enumerate(batches):
-        path = shards / f"{i:04d}.pt"
-        if path.is_file():
-            part = _load(path, "training data shard")
-        else:
-            t0 = time.perf_counter()
-            part = distill(target, chunk, opts.answer_tokens, opts.max_len, greedy=i % 2 == 0, sources=sources,
-                           topk=opts.topk, seed=opts.seed + i)
-            _save(part, path)
-            _add_seconds(shards, time.perf_counter() - t0)
-        samples += part
-        bar.update(len(chunk))
-        bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for s in samples))
+    parts: dict[int, list[Sample]] = {}
+    for i in range(len(chunks)):
+        if (shards / f"{i:04d}.pt").is_file():
+            parts[i] = _load(shards / f"{i:04d}.pt", "training data shard")
+    todo = [i for i in range(len(chunks)) if i not in parts]
+    bar = tqdm(total=len(ids), initial=sum(len(chunks[i]) for i in parts), desc="answering", unit="prompt",
+               disable=not progress)
+    clock = [time.perf_counter()]
+
+    def done(k: int, samples: list[Sample]) -> None:
+        i = todo[k]
+        _save(samples, shards / f"{i:04d}.pt")
+        now = time.perf_counter()
+        _add_seconds(shards, now - clock[0])
+        clock[0] = now
+        parts[i] = samples
+        bar.update(len(samples))
+        bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for p in parts.values() for s in p))
+
+    if todo:
+        distill_stream(target, [(chunks[i], i % 2 == 0, opts.seed + i) for i in todo], opts.answer_tokens,
+                       opts.max_len, sources, opts.topk, opts.gen_batch, done)
     bar.close()
-    return samples
+    return [s for i in range(len(chunks)) for s in parts[i]]
 
 
 def stored_samples(out: Path) -> list[Sample]:
