@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -63,28 +62,27 @@ def read_tensors(files: list[Path], keep: Callable[[str], bool] = lambda name: T
 
 class LazyTensors(Mapping):
     """A checkpoint's tensors, read one at a time when asked for (under names given by `rename`; None skips a
-    tensor), so a loader that converts as it goes never holds the whole checkpoint. Close it (or use `with`)
-    to unmap the files."""
+    tensor), so a loader that converts as it goes never holds the whole checkpoint. Each read maps its file only
+    while it copies the tensor out, so the pages of tensors already converted do not stay resident."""
 
     def __init__(self, files: list[Path], rename: Callable[[str], str | None]) -> None:
-        self._stack = ExitStack()
-        self._where: dict[str, tuple[Any, str, Path]] = {}
+        self._where: dict[str, tuple[str, Path]] = {}
         for f in files:
             try:
-                sf = self._stack.enter_context(safe_open(str(f), framework="pt"))
-                names = list(sf.keys())
+                with safe_open(str(f), framework="pt") as sf:
+                    names = list(sf.keys())
             except (SafetensorError, OSError, RuntimeError) as e:
-                self._stack.close()
                 raise SpecMTPError(f"corrupt or truncated safetensors file {f}: {e}") from None
             for name in names:
                 new = rename(name)
                 if new is not None:
-                    self._where[new] = (sf, name, f)
+                    self._where[new] = (name, f)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        sf, stored, f = self._where[name]
+        stored, f = self._where[name]
         try:
-            return sf.get_tensor(stored)
+            with safe_open(str(f), framework="pt") as sf:
+                return sf.get_tensor(stored)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise SpecMTPError(f"corrupt or truncated safetensors file {f}: {e}") from None
 
@@ -97,14 +95,11 @@ class LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
-    def close(self) -> None:
-        self._stack.close()
-
     def __enter__(self) -> LazyTensors:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        pass
 
 
 def _strip_prefix(name: str) -> str | None:
