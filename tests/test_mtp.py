@@ -168,16 +168,26 @@ def test_narrower_drafter_starts_from_the_most_important_channels(target):
 
 
 def test_quantized_target_quantizes_its_mtp_drafter(trained, tiny_dir):
-    """With a q8 target the drafter's layers run through the same kernels; output still equals target-only."""
+    """With a q8 target the drafter's layers run through the same kernels: they compute what the dense drafter
+    computes, to quantization error, and speculative output still equals target-only output."""
     target = load_model(str(tiny_dir("llama", num_hidden_layers=2)), weights="q8")
     with torch.no_grad():
         target.model.norm.mul_(12.0)  # as `peaked` does for the dense target the drafter was trained on
-    drafter = load_drafter(str(trained[0]))
+    drafter, dense = load_drafter(str(trained[0])), load_drafter(str(trained[0]))
     base = [c.tokens for c in Engine(target).generate(PROMPTS, max_new_tokens=20)]
-    spec = Engine(target, drafter, 3)
-    assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
+    for n in (1, 3):
+        spec = Engine(target, drafter, n, "constant")
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
     assert drafter.quantized and drafter.module.layers[0].w_down.qweight is not None
-    assert spec.stats.accepted > 0
+    g = torch.Generator().manual_seed(0)
+    cache = target.model.new_cache(1, 32)
+    target.model(torch.randint(0, 256, (1, 20), generator=g), torch.arange(20)[None], cache)
+    hidden_size = target.config.hidden_size
+    embeds, hidden = torch.randn(1, 3, hidden_size, generator=g), torch.randn(1, 3, hidden_size, generator=g)
+    positions = torch.tensor([[8, 14, 20]])
+    with torch.no_grad():
+        q, d = (m.module(embeds, hidden, positions, cache, 20) for m in (drafter, dense))
+    assert (q - d).norm() / d.norm() < 0.05
 
 
 def test_continuous_batching_refills_rows_and_keeps_answers(target):
