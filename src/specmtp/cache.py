@@ -64,17 +64,6 @@ class KVCache:
         """Forget everything at or past `lengths` per row (rejected drafts). lengths: [B]"""
         self.lengths.copy_(torch.minimum(self.lengths, lengths))
 
-    def select(self, rows: torch.Tensor) -> KVCache:
-        """A cache of only these batch rows (copies; KV-shared layers stay shared). rows: [B'] indices"""
-        out = KVCache.__new__(KVCache)
-        copies: dict[int, torch.Tensor] = {}
-        out.k = [copies.setdefault(id(t), t[rows]) for t in self.k]
-        out.v = [copies.setdefault(id(t), t[rows]) for t in self.v]
-        out.lengths = self.lengths[rows].clone()
-        out.capacity = self.capacity
-        out.batch_index = torch.arange(len(rows), device=self.lengths.device)[:, None]
-        return out
-
     def row(self, b: int) -> KVCache:
         """A one-row cache whose tensors are views of row b of this one (writes land in this cache)."""
         out = KVCache.__new__(KVCache)
