@@ -8,7 +8,7 @@ PROMPT ?= Explain the concepts of speculative decoding and MTP in 3 sentences.
 
 .PHONY: run test bootstrap models lint bench clean
 
-$(STAMP): pyproject.toml Makefile setup.py src/specmtp/kernels/qkernels.c
+$(STAMP): pyproject.toml Makefile setup.py src/specmtp/kernels/qkernels.c src/specmtp/kernels/qtile.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel (an unpinned torch would pull a multi-GB CUDA build)
 	$(PIP) install torch==2.13.0

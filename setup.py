@@ -7,6 +7,7 @@ setup(
         Extension(
             "specmtp._qkernels",
             ["src/specmtp/kernels/qkernels.c"],
+            depends=["src/specmtp/kernels/qtile.h"],
             extra_compile_args=["-O3", "-std=c11", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,  # without a compiler specmtp still runs (fp32/bf16); --weights q4/q8 then says why not

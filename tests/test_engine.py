@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specmtp import Engine, SamplingParams, load_model
-from specmtp.drafters import DraftModelDrafter, NgramDrafter
+from specmtp.drafters import DraftModelDrafter, LookupFirst, NgramDrafter
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.errors import SpecMTPError
 
 PROMPTS = ["abcabcabcabc", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
@@ -34,10 +35,11 @@ def drafters(target, other):
         "ngram": NgramDrafter(),
         "self": DraftModelDrafter(target.model, target.tokenizer.vocab, "self"),  # accepts everything
         "other": DraftModelDrafter(other.model, other.tokenizer.vocab, "other"),  # mostly rejected
+        "ngram+other": LookupFirst(DraftModelDrafter(other.model, other.tokenizer.vocab, "other")),
     }
 
 
-@pytest.mark.parametrize("kind", ["ngram", "self", "other"])
+@pytest.mark.parametrize("kind", ["ngram", "self", "other", "ngram+other"])
 @pytest.mark.parametrize("schedule", ["constant", "heuristic", "adaptive"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n", [1, 4, 8])
@@ -115,13 +117,49 @@ def test_streaming_yields_the_same_text(target, other):
 
 def test_sampling_is_seeded_and_reproducible(target, other):
     s = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=11)
-    for kind in ("other", "ngram"):
+    for kind in ("other", "ngram", "ngram+other"):
         engine = Engine(target, drafters(target, other)[kind], num_draft_tokens=3)
         a = engine.generate(PROMPTS, max_new_tokens=16, sampling=s)
         b = engine.generate(PROMPTS, max_new_tokens=16, sampling=s)
         assert [c.tokens for c in a] == [c.tokens for c in b]
     plain = Engine(target)
     assert plain.generate([PROMPTS[0]], 16, s)[0].tokens == plain.generate([PROMPTS[0]], 16, s)[0].tokens
+
+
+class Recorder(Drafter):
+    """Proposes token 7 everywhere with a flat q over 10 tokens; records what it is told was accepted."""
+
+    def __init__(self) -> None:
+        self.accepted: list[list[int]] = []
+
+    def begin(self, ctx: DraftContext) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+        bsz = len(ctx.sequences)
+        return Proposal(torch.full((bsz, n), 7), torch.full((bsz,), n), torch.full((bsz, n, 10), 0.1))
+
+    def accept(self, num_accepted: torch.Tensor) -> None:
+        self.accepted.append(num_accepted.tolist())
+
+
+def test_lookup_first_copies_repeats_and_keeps_the_inner_drafter_elsewhere(target):
+    inner = Recorder()
+    drafter = LookupFirst(inner, min_match=2)
+    seqs = [[1, 2, 3, 4, 5, 1, 2], [1, 2, 3, 4, 5, 6, 9]]  # row 0 repeats "1 2": copy "3 4 5"; row 1 does not
+    ctx = DraftContext(seqs, torch.zeros(2, 1), target.model, target.model.new_cache(2, 16),
+                       SamplingParams(temperature=1.0), None)
+    p = drafter.propose(ctx, 3)
+    assert p.tokens.tolist() == [[3, 4, 5], [7, 7, 7]] and p.num.tolist() == [3, 3]
+    assert torch.equal(p.probs[0], torch.nn.functional.one_hot(torch.tensor([3, 4, 5]), 10).float())
+    assert torch.equal(p.probs[1], torch.full((3, 10), 0.1))
+    drafter.accept(torch.tensor([2, 1]))
+    assert inner.accepted == [[0, 1]]  # the copying row used none of the inner drafter's tokens
+    ctx.sequences = [seqs[0]]  # one row that copies: the inner drafter is not asked at all
+    p = drafter.propose(ctx, 2)
+    assert p.tokens.tolist() == [[3, 4]] and p.probs is None
+    drafter.accept(torch.tensor([2]))
+    assert inner.accepted == [[0, 1]]
 
 
 def test_chat_mode_applies_template(target):

@@ -19,11 +19,20 @@ pytestmark = pytest.mark.skipif(not available(), reason="quantized kernels not b
 PRODUCT_RTOL = 1e-2
 
 
-@pytest.fixture(params=[False, True], ids=["avx2", "scalar"])
+ISAS = ["scalar", "avx2", "vnni"]
+
+
+def supported(isa: str) -> bool:
+    return available() and ISAS.index(isa) <= ISAS.index(_qkernels.info()["best"])
+
+
+@pytest.fixture(params=ISAS)
 def path(request):
-    _qkernels.force_scalar(request.param)
+    if not supported(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    _qkernels.set_isa(request.param)
     yield request.param
-    _qkernels.force_scalar(False)
+    _qkernels.set_isa("best")
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -59,6 +68,27 @@ def test_batch_invariance_is_exact(fmt, path):
     alone = torch.cat([qlinear(x[t : t + 1], qw) for t in range(16)])
     for n in (2, 4, 5, 8, 16):
         assert torch.equal(qlinear(x[:n], qw), alone[:n]), n
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_vector_paths_agree_bit_for_bit(fmt):
+    """AVX2 and VNNI compute the same integer block dots and the same float operations: identical results, so a
+    model's output does not depend on which of them the CPU has (the scalar path rounds its sums differently)."""
+    if not supported("vnni"):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    g = torch.Generator().manual_seed(2)
+    qw = quantize(torch.randn(136, 1024, generator=g), fmt)
+    x, bias = torch.randn(7, 1024, generator=g), torch.randn(136, generator=g)
+    try:
+        out = {isa: qlinear(x, qw, bias) for isa in ("avx2", "vnni") if _qkernels.set_isa(isa)}
+    finally:
+        _qkernels.set_isa("best")
+    assert torch.equal(out["avx2"], out["vnni"])
+
+
+def test_unsupported_code_path_is_refused():
+    with pytest.raises(ValueError, match="not known or not supported"):
+        _qkernels.set_isa("sse9")
 
 
 def test_bad_shapes_are_refused():

@@ -6,13 +6,14 @@
  *       j + 16 in the high one), fp16 scale d and fp16 offset m                 w = d * q + m, q in 0..15
  *
  * Activations are quantized per token to int8 in blocks of 32 (scale = max|x| / 127), and each block's
- * product is an integer dot (AVX2: maddubs + madd) scaled in fp32. Batch invariance: every (token, row) result
+ * product is an integer dot (AVX2: maddubs + madd; AVX-512 VNNI: vpdpbusd) scaled in fp32. Batch invariance: every (token, row) result
  * is computed by the same instruction sequence whatever the number of tokens in the call (tokens are processed
  * in tiles that share only the weight unpacking, never an accumulator), and threads split rows, not the sum.
  * So a token's logits do not depend on how many tokens are verified with it.
  *
  * Threads: a small pool of our own (pthreads), spinning briefly then sleeping, so it does not fight another
- * runtime's OpenMP pool. Portable scalar fallback when the CPU has no AVX2/FMA (chosen at run time).
+ * runtime's OpenMP pool. The code path is chosen at run time: VNNI where the CPU has AVX-512 VNNI, else AVX2 + FMA,
+ * else a portable scalar fallback.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +32,6 @@
 #endif
 
 #define QK 32
-#define TILE 4
 #define MAX_THREADS 64
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -85,7 +85,7 @@ static float half_to_float(uint16_t h) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------- */
-/* row kernels: one weight row against up to TILE tokens                                                       */
+/* row kernels: one weight row against a tile of tokens                                                       */
 
 typedef struct {
     int fmt;               /* 8 or 4 */
@@ -134,93 +134,59 @@ __attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One weight row against TN tokens (TN a compile-time constant after inlining, so the accumulators stay in
- * registers). */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_tile(const gemm_args *a, int64_t n,
-                                                                                      int64_t t0, const int TN) {
-    const int64_t nb = a->k / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const uint16_t *wd = a->wd + n * nb;
-    const uint16_t *wm = a->fmt == 4 ? a->wm + n * nb : NULL;
-    const int8_t *xq = a->xq + t0 * a->k;
-    __m256 acc[TILE], offv[TILE];
-    float off_tail[TILE];
-    for (int i = 0; i < TN; i++) {
-        acc[i] = _mm256_setzero_ps();
-        offv[i] = _mm256_setzero_ps();
-        off_tail[i] = 0.0f;
-    }
-    /* groups of 8 blocks: their 8 weight scales (and offsets) convert in one instruction, and each token's
-     * combined scales are one vector multiply */
-    for (int64_t g = 0; g < nb; g += 8) {
-        const int cnt = (int)(nb - g < 8 ? nb - g : 8);
-        float sc[TILE][8];
-        if (cnt == 8) {
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
-            for (int i = 0; i < TN; i++)
-                _mm256_storeu_ps(sc[i], _mm256_mul_ps(dw, _mm256_loadu_ps(a->xd + (t0 + i) * nb + g)));
-            if (wm) {
-                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + g)));
-                for (int i = 0; i < TN; i++)
-                    offv[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->xs + (t0 + i) * nb + g), offv[i]);
-            }
-        } else {
-            for (int i = 0; i < TN; i++) {
-                for (int j = 0; j < cnt; j++) {
-                    sc[i][j] = _cvtsh_ss(wd[g + j]) * a->xd[(t0 + i) * nb + g + j];
-                    if (wm) off_tail[i] += _cvtsh_ss(wm[g + j]) * a->xs[(t0 + i) * nb + g + j];
-                }
-            }
-        }
-        for (int j = 0; j < cnt; j++) {
-            const int64_t b = g + j;
-            __m256i w;
-            if (a->fmt == 8) {
-                w = _mm256_loadu_si256((const __m256i *)((const int8_t *)a->wq + n * a->k + b * QK));
-            } else {
-                const __m128i p = _mm_loadu_si128((const __m128i *)(a->wq + n * (a->k / 2) + b * (QK / 2)));
-                w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
-            }
-            const __m256i aw = a->fmt == 8 ? _mm256_sign_epi8(w, w) : w;  /* unsigned operand */
-            for (int i = 0; i < TN; i++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * a->k + b * QK));
-                if (a->fmt == 8) x = _mm256_sign_epi8(x, w);  /* move w's sign onto x */
-                const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones);
-                acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[i][j]), _mm256_cvtepi32_ps(p32), acc[i]);
-            }
-        }
-    }
-    for (int i = 0; i < TN; i++) {
-        const float off = wm ? hsum(offv[i]) + off_tail[i] : 0.0f;
-        a->y[(t0 + i) * a->n + n] = hsum(acc[i]) + off + (a->bias ? a->bias[n] : 0.0f) +
-                                    (a->res ? a->res[(t0 + i) * a->n + n] : 0.0f);
-    }
-}
+#define TILE_TARGET "avx2,fma,f16c"
+#define TILE_FN(name) name##_avx2
+#define TILE_MAX 4
+#define BLOCK_DOT_SETUP const __m256i ones = _mm256_set1_epi16(1);
+#define BLOCK_DOT(aw, x) _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones)
+#include "qtile.h"
+#undef TILE_TARGET
+#undef TILE_FN
+#undef TILE_MAX
+#undef BLOCK_DOT_SETUP
+#undef BLOCK_DOT
 
-__attribute__((target("avx2,fma,f16c"))) static void rows_avx2(const gemm_args *a, int64_t n0, int64_t n1) {
-    /* 8 rows x TILE tokens at a time: both operands of the inner loops stay in L1 even for a long prefill */
-    for (int64_t r0 = n0; r0 < n1; r0 += 8)
-        for (int64_t t0 = 0; t0 < a->t; t0 += TILE) {
-            const int tn = (int)(a->t - t0 < TILE ? a->t - t0 : TILE);
-            const int64_t r1 = r0 + 8 < n1 ? r0 + 8 : n1;
-            for (int64_t n = r0; n < r1; n++) {
-                switch (tn) {
-                    case 1: row_tile(a, n, t0, 1); break;
-                    case 2: row_tile(a, n, t0, 2); break;
-                    case 3: row_tile(a, n, t0, 3); break;
-                    default: row_tile(a, n, t0, 4); break;
-                }
-            }
-        }
-}
+/* AVX-512 VNNI on 256-bit vectors: one vpdpbusd replaces maddubs + madd, and twice the tokens share one unpacking
+ * of the weights (a verify pass of several tokens is bound by these vector operations, not by memory). */
+#define TILE_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512vnni"
+#define TILE_FN(name) name##_vnni
+#define TILE_MAX 8  /* AVX-512 has 32 vector registers */
+#define BLOCK_DOT_SETUP const __m256i zero = _mm256_setzero_si256();
+#define BLOCK_DOT(aw, x) _mm256_dpbusd_epi32(zero, aw, x)
+#include "qtile.h"
+#undef TILE_TARGET
+#undef TILE_FN
+#undef TILE_MAX
+#undef BLOCK_DOT_SETUP
+#undef BLOCK_DOT
 #endif
 
-static int use_avx2 = -1;
+/* Instruction sets, best last; `isa` is the one in use (the best the CPU has, unless set_isa chose another). */
+enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI };
+static const char *isa_names[] = {"scalar", "avx2", "vnni"};
+static int isa = ISA_SCALAR;
+static int use_avx2 = 0;  /* isa >= ISA_AVX2: the attention kernel's vector path */
+
+static int best_isa(void) {
+#ifdef SPECMTP_X86
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return ISA_SCALAR;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        return ISA_VNNI;
+    return ISA_AVX2;
+#else
+    return ISA_SCALAR;
+#endif
+}
 
 static void run_rows(const gemm_args *a, int64_t n0, int64_t n1) {
 #ifdef SPECMTP_X86
-    if (use_avx2) {
+    if (isa == ISA_VNNI) {
+        rows_vnni(a, n0, n1);
+        return;
+    }
+    if (isa == ISA_AVX2) {
         rows_avx2(a, n0, n1);
         return;
     }
@@ -542,19 +508,26 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_info(PyObject *self, PyObject *args) {
-    return Py_BuildValue("{s:i,s:i,s:i}", "avx2", use_avx2, "threads", pool_size, "started", pool_started);
+    return Py_BuildValue("{s:s,s:s,s:i,s:i}", "isa", isa_names[isa], "best", isa_names[best_isa()], "threads",
+                         pool_size, "started", pool_started);
 }
 
-static PyObject *py_force_scalar(PyObject *self, PyObject *args) {
-    int on;
-    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
-#ifdef SPECMTP_X86
-    use_avx2 = on ? 0 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c"));
-#else
-    use_avx2 = 0;
-#endif
-    Py_RETURN_NONE;
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const int best = best_isa();
+    int want = -1;
+    for (int i = 0; i <= ISA_VNNI; i++)
+        if (strcmp(name, isa_names[i]) == 0) want = i;
+    if (strcmp(name, "best") == 0) want = best;
+    if (want < 0 || want > best) {
+        PyErr_Format(PyExc_ValueError, "instruction set %s is not known or not supported here (best: %s)", name,
+                     isa_names[best]);
+        return NULL;
+    }
+    isa = want;
+    use_avx2 = isa >= ISA_AVX2;
+    return PyUnicode_FromString(isa_names[isa]);
 }
 
 static PyMethodDef methods[] = {
@@ -564,7 +537,7 @@ static PyMethodDef methods[] = {
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
-    {"force_scalar", py_force_scalar, METH_VARARGS, "use the portable path (tests)"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'best'): the code path (tests)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -574,9 +547,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", "specmtp
 PyMODINIT_FUNC PyInit__qkernels(void) {
 #ifdef SPECMTP_X86
     __builtin_cpu_init();
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    use_avx2 = 0;
 #endif
+    isa = best_isa();
+    use_avx2 = isa >= ISA_AVX2;
     return PyModule_Create(&module);
 }
