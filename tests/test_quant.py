@@ -36,10 +36,11 @@ def path(request):
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-def test_quantize_round_trip(fmt):
-    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("blocks", [8, 7])  # q4 packs blocks in pairs; an odd last block on its own
+def test_quantize_round_trip(fmt, blocks):
+    w = torch.randn(48, 32 * blocks, generator=torch.Generator().manual_seed(0))
     back = dequantize(quantize(w, fmt))
-    blocks, err = w.reshape(48, 8, 32), (back - w).abs().reshape(48, 8, 32)
+    blocks, err = w.reshape(48, blocks, 32), (back - w).abs().reshape(48, blocks, 32)
     if fmt == "q8":
         bound = blocks.abs().amax(-1, keepdim=True) / 254 * 1.01 + 1e-6
     else:
@@ -48,10 +49,11 @@ def test_quantize_round_trip(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-@pytest.mark.parametrize("tokens", [1, 3, 16, 37])
-def test_kernel_matches_dequantized_reference(fmt, tokens, path):
+@pytest.mark.parametrize("tokens", [1, 3, 6, 16, 37])
+@pytest.mark.parametrize("k", [320, 352])  # 10 and 11 blocks: full groups of 8, a partial group, an odd last block
+def test_kernel_matches_dequantized_reference(fmt, tokens, k, path):
     g = torch.Generator().manual_seed(tokens)
-    w, x = torch.randn(200, 320, generator=g), torch.randn(tokens, 320, generator=g)
+    w, x = torch.randn(200, k, generator=g), torch.randn(tokens, k, generator=g)
     bias = torch.randn(200, generator=g)
     qw = quantize(w, fmt)
     ref = x @ dequantize(qw).T + bias
@@ -77,8 +79,8 @@ def test_vector_paths_agree_bit_for_bit(fmt):
     if not supported("vnni"):
         pytest.skip("this CPU has no AVX-512 VNNI")
     g = torch.Generator().manual_seed(2)
-    qw = quantize(torch.randn(136, 1024, generator=g), fmt)
-    x, bias = torch.randn(7, 1024, generator=g), torch.randn(136, generator=g)
+    qw = quantize(torch.randn(136, 1056, generator=g), fmt)  # 33 blocks: pairs, a partial group, an odd last one
+    x, bias = torch.randn(11, 1056, generator=g), torch.randn(136, generator=g)
     try:
         out = {isa: qlinear(x, qw, bias) for isa in ("avx2", "vnni") if _qkernels.set_isa(isa)}
     finally:

@@ -2,6 +2,7 @@
 
     q8: blocks of 32 weights per row, int8 values and an fp16 scale          w = d * q           1.06 bytes/weight
     q4: blocks of 32 weights per row, 4-bit values, fp16 scale and offset     w = d * q + m       0.63 bytes/weight
+        (nibbles of two neighbouring blocks share bytes: see _pack4)
 
 The loader quantizes each linear layer's weight as it reads it from the checkpoint (`quantize_tensor`), so the
 dense model never exists in memory; `quantize_model` then does the output head (and any model built dense) in
@@ -84,8 +85,31 @@ def _quantize_rows(w: torch.Tensor, bits: int) -> QuantWeight:
     d16 = ((hi - m16.float()) / 15.0).half()
     inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(lo))
     q = torch.round((blocks - m16.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
-    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)  # element j low nibble, j + 16 high nibble
-    return QuantWeight(4, (n, k), packed.reshape(n, k // 2).contiguous(), d16.contiguous(), m16.contiguous())
+    return QuantWeight(4, (n, k), _pack4(q), d16.contiguous(), m16.contiguous())
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:  # q: [N, B, 32] values 0..15 -> [N, B * 16] bytes
+    """Blocks in pairs: byte j of a pair holds element j of the even block in its low nibble and element j of the
+    odd block in its high one, so one 32-byte load and two masks unpack 64 weights. An odd last block keeps its
+    16 bytes to itself (element j low, element j + 16 high)."""
+    n, nb, _ = q.shape
+    even = nb // 2 * 2
+    pairs = q[:, :even].reshape(n, even // 2, 2, QK)
+    packed = [(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1)]
+    if nb % 2:
+        packed.append(q[:, -1, : QK // 2] | (q[:, -1, QK // 2 :] << 4))
+    return torch.cat(packed, dim=1).contiguous()
+
+
+def _unpack4(packed: torch.Tensor, nb: int) -> torch.Tensor:  # [N, B * 16] -> [N, B, 32] values 0..15
+    n = packed.shape[0]
+    even = nb // 2 * 2
+    pairs = packed[:, : even * QK // 2].reshape(n, even // 2, 1, QK)
+    blocks = [torch.cat([pairs & 0x0F, pairs >> 4], dim=2).reshape(n, even, QK)]
+    if nb % 2:
+        last = packed[:, even * QK // 2 :]
+        blocks.append(torch.cat([last & 0x0F, last >> 4], dim=1)[:, None])
+    return torch.cat(blocks, dim=1)
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
@@ -94,8 +118,7 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
     if qw.fmt == 8:
         q = qw.qs.reshape(n, k // QK, QK).float()
         return (q * qw.d.float()[..., None]).reshape(n, k)
-    packed = qw.qs.reshape(n, k // QK, QK // 2)
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    q = _unpack4(qw.qs, k // QK).float()
     return (q * qw.d.float()[..., None] + qw.m.float()[..., None]).reshape(n, k)
 
 

@@ -2,8 +2,9 @@
  * two block formats, x in fp32.
  *
  *   q8: per row, blocks of 32 weights: int8 q[32] and an fp16 scale d          w = d * q
- *   q4: per row, blocks of 32 weights: 16 bytes of nibbles (element j in the low nibble of byte j, element
- *       j + 16 in the high one), fp16 scale d and fp16 offset m                 w = d * q + m, q in 0..15
+ *   q4: per row, blocks of 32 weights: 4-bit q, fp16 scale d and fp16 offset m   w = d * q + m, q in 0..15;
+ *       blocks 2i and 2i + 1 share 32 bytes (byte j: element j of block 2i in the low nibble, of block 2i + 1
+ *       in the high one); an odd last block has 16 bytes (element j low, element j + 16 high)
  *
  * Activations are quantized per token to int8 in blocks of 32 (scale = max|x| / 127), and each block's
  * product is an integer dot (AVX2: maddubs + madd; AVX-512 VNNI: vpdpbusd) scaled in fp32. Batch invariance: every (token, row) result
@@ -111,6 +112,11 @@ static void rows_scalar(const gemm_args *a, int64_t n0, int64_t n1) {
                 if (a->fmt == 8) {
                     const int8_t *w = (const int8_t *)a->wq + n * a->k + b * QK;
                     for (int j = 0; j < QK; j++) s += (int32_t)w[j] * xq[b * QK + j];
+                } else if (b < nb / 2 * 2) {  /* one of a pair */
+                    const uint8_t *w = a->wq + n * (a->k / 2) + (b / 2) * QK;
+                    const int shift = (b % 2) * 4;
+                    for (int j = 0; j < QK; j++) s += (int32_t)((w[j] >> shift) & 0x0F) * xq[b * QK + j];
+                    off += half_to_float(a->wm[n * nb + b]) * xs[b];
                 } else {
                     const uint8_t *w = a->wq + n * (a->k / 2) + b * (QK / 2);
                     for (int j = 0; j < QK / 2; j++) {

@@ -7,19 +7,25 @@
  * Every instance computes the same integer block dots (no int16 saturation arises: |aw| <= 128, |x| <= 127)
  * and then the same float operations in the same order, so all instances give bit-identical results. */
 
-/* One block of 32 weights (row n, block b) against TN tokens: acc[i] += scale[i] * dot(w, x_i). */
+/* Weights of row n, block b, as 32 unsigned-operand bytes (q8: |w|, its sign moved onto x by the caller). */
+__attribute__((target(TILE_TARGET), always_inline)) static inline __m256i TILE_FN(load_block)(
+    const gemm_args *a, int64_t n, int64_t b, const int FMT) {
+    if (FMT == 8) return _mm256_loadu_si256((const __m256i *)((const int8_t *)a->wq + n * a->k + b * QK));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const uint8_t *base = a->wq + n * (a->k / 2) + b / 2 * QK;
+    if (b < a->k / QK / 2 * 2) {  /* one of a pair: low or high nibbles of 32 shared bytes */
+        const __m256i p = _mm256_loadu_si256((const __m256i *)base);
+        return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(p, 4) : p, _mm256_set1_epi8(0x0F));
+    }
+    const __m128i p = _mm_loadu_si128((const __m128i *)(a->wq + n * (a->k / 2) + b * (QK / 2)));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
+}
+
+/* One block of 32 weights w (row n, block b) against TN tokens: acc[i] += scale[i] * dot(w, x_i). */
 __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(block)(
-    const gemm_args *a, int64_t n, int64_t b, const int8_t *xq, const float *sc, __m256 *acc, const int TN,
+    const gemm_args *a, __m256i w, int64_t b, const int8_t *xq, const float *sc, __m256 *acc, const int TN,
     const int FMT) {
     BLOCK_DOT_SETUP
-    __m256i w;
-    if (FMT == 8) {
-        w = _mm256_loadu_si256((const __m256i *)((const int8_t *)a->wq + n * a->k + b * QK));
-    } else {
-        const __m128i low4 = _mm_set1_epi8(0x0F);
-        const __m128i p = _mm_loadu_si128((const __m128i *)(a->wq + n * (a->k / 2) + b * (QK / 2)));
-        w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
-    }
     const __m256i aw = FMT == 8 ? _mm256_sign_epi8(w, w) : w;  /* unsigned operand */
     for (int i = 0; i < TN; i++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * a->k + b * QK));
@@ -61,8 +67,18 @@ __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(r
                     offv[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->xs + (t0 + i) * nb + g), offv[i]);
             }
             for (int j = 0; j < 8; j += 2) {
-                TILE_FN(block)(a, n, g + j, xq, &sc[0][j], even, TN, FMT);
-                TILE_FN(block)(a, n, g + j + 1, xq, &sc[0][j + 1], odd, TN, FMT);
+                __m256i w0, w1;
+                if (FMT == 4) {  /* a pair of blocks: one load, two masks */
+                    const __m256i p = _mm256_loadu_si256((const __m256i *)(a->wq + n * (a->k / 2) + (g + j) / 2 * QK));
+                    const __m256i low4 = _mm256_set1_epi8(0x0F);
+                    w0 = _mm256_and_si256(p, low4);
+                    w1 = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+                } else {
+                    w0 = TILE_FN(load_block)(a, n, g + j, FMT);
+                    w1 = TILE_FN(load_block)(a, n, g + j + 1, FMT);
+                }
+                TILE_FN(block)(a, w0, g + j, xq, &sc[0][j], even, TN, FMT);
+                TILE_FN(block)(a, w1, g + j + 1, xq, &sc[0][j + 1], odd, TN, FMT);
             }
         } else {  /* the last, partial group: one accumulator */
             for (int i = 0; i < TN; i++) {
@@ -71,7 +87,8 @@ __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(r
                     if (FMT == 4) off_tail[i] += _cvtsh_ss(wm[g + j]) * a->xs[(t0 + i) * nb + g + j];
                 }
             }
-            for (int j = 0; j < cnt; j++) TILE_FN(block)(a, n, g + j, xq, &sc[0][j], even, TN, FMT);
+            for (int j = 0; j < cnt; j++)
+                TILE_FN(block)(a, TILE_FN(load_block)(a, n, g + j, FMT), g + j, xq, &sc[0][j], even, TN, FMT);
         }
     }
     for (int i = 0; i < TN; i++) {
