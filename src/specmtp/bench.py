@@ -75,9 +75,11 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
     forwards, accepted, draft_s, verify_s, lengths = 0, 0, 0.0, 0.0, []
     by_pos_a: list[int] = []
     by_pos_d: list[int] = []
+    per_prompt = []  # (new tokens, seconds, accepted drafts, verify passes) of each prompt
     for p in tqdm(ids, desc="specmtp", leave=False):
         out = engine.generate([p], max_new_tokens=max_new)[0]
         s = engine.stats
+        per_prompt.append((len(out.tokens), s.total_s, s.accepted, s.row_steps))
         tokens.append(out.tokens)
         seconds += s.total_s
         forwards += s.target_forwards
@@ -103,7 +105,23 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
         "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
         "draft_ms_per_token": 1000 * draft_s / sum(lengths) if sum(lengths) else 0.0,
         "verify_ms_per_pass": 1000 * verify_s / forwards if forwards else 0.0,
+        "per_prompt": per_prompt,
     }
+
+
+def by_kind(prompts: list[dict], base: dict, spec: dict) -> dict[str, dict]:
+    """tau, tok/s and speedup over target-only for each prompt kind (the 'kind' field), from per-prompt stats."""
+    out = {}
+    for kind in sorted({p.get("kind", "all") for p in prompts}):
+        idx = [i for i, p in enumerate(prompts) if p.get("kind", "all") == kind]
+        b = [base["per_prompt"][i] for i in idx]
+        s = [spec["per_prompt"][i] for i in idx]
+        steps = sum(r[3] for r in s)
+        tok_s = sum(r[0] for r in s) / sum(r[1] for r in s)
+        out[kind] = {"prompts": len(idx), "tau": round((sum(r[2] for r in s) + steps) / steps, 4) if steps else 1.0,
+                     "tok_s": round(tok_s, 3),
+                     "speedup_vs_target_only": round(tok_s / (sum(r[0] for r in b) / sum(r[1] for r in b)), 3)}
+    return out
 
 
 class _CallTimer:
@@ -291,6 +309,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "draft_step_vs_target_step": round(res["draft_ms_per_token"] / (1000 * base["seconds"]
                                                                             / base["new_tokens"]), 4),
             "schedules": per_schedule,
+            "by_kind": by_kind(prompts, base, res),
         })
     if args.compare_hf:
         eos = target.tokenizer.eos_token_ids

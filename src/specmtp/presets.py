@@ -24,7 +24,7 @@ class Preset:
     module: str  # its import name (chunked: the prefix, numbered from 1)
     file: str  # the file inside the package, or the joined file's name
     chunks: int = 0  # >0: the GGUF is split over `chunks` packages as data/partNN.bin
-    drafter: str | None = None  # the shipped MTP drafter `generate` uses by default (a name in SHIPPED_DIR)
+    drafter: str | None = None  # the drafter `generate` uses by default: a name in SHIPPED_DIR, maybe after "ngram+"
 
 
 PRESETS = {
@@ -57,7 +57,7 @@ def default_drafter(model: str) -> str | None:
     preset = PRESETS.get(model)
     if preset is None or preset.drafter is None:
         return None
-    return preset.drafter if preset.drafter in shipped_drafters() else None
+    return preset.drafter if preset.drafter.removeprefix("ngram+") in shipped_drafters() else None
 
 
 def _package_dir(module: str, preset: Preset) -> Path:

@@ -1,0 +1,24 @@
+"""`specmtp bench` end to end on a tiny model: the table, and a JSON last line with per-kind figures."""
+
+from __future__ import annotations
+
+import json
+
+from specmtp.bench import run_bench
+from specmtp.cli import build_parser
+
+
+def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    rows = [("code", "def f(x): return x + x + x + x"), ("code", "abcabcabcabc"), ("chat", "hello world, hello")]
+    prompts.write_text("".join(json.dumps({"kind": k, "prompt": p}) + "\n" for k, p in rows))
+    args = build_parser().parse_args(["bench", "--model", str(tiny_dir("llama")), "--drafter", "ngram+ngram",
+                                      "--prompts", str(prompts), "--max-new-tokens", "12"])
+    assert run_bench(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("run") and "specmtp spec (ngram+ngram" in out[2]
+    summary = json.loads(out[-1])
+    assert summary["greedy_identical"] and summary["prompts"] == 3
+    kinds = summary["by_kind"]
+    assert set(kinds) == {"code", "chat"} and kinds["code"]["prompts"] == 2 and kinds["chat"]["prompts"] == 1
+    assert all(k["tau"] >= 1.0 and k["tok_s"] > 0 for k in kinds.values())
