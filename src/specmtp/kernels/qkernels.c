@@ -14,10 +14,12 @@
  *
  * Threads: a small pool of our own (pthreads), spinning briefly then sleeping, so it does not fight another
  * runtime's OpenMP pool. The code path is chosen at run time: VNNI where the CPU has AVX-512 VNNI, else AVX2 + FMA,
- * else a portable scalar fallback.
+ * else a portable scalar fallback; NEON on aarch64.
  */
 #define PY_SSIZE_T_CLEAN
+#ifndef SPECMTP_NO_PYTHON  /* defined by the standalone kernel tests (cross-compiled for other CPUs) */
 #include <Python.h>
+#endif
 
 #include <math.h>
 #include <pthread.h>
@@ -27,6 +29,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define SPECMTP_NEON 1
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SPECMTP_X86 1
@@ -167,14 +173,82 @@ __attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
 #undef BLOCK_DOT
 #endif
 
+#ifdef SPECMTP_NEON
+/* NEON (every aarch64 CPU): per block, widening int8 multiplies summed to int32, then one scaled float add per
+ * token; the block's weights are unpacked once for a tile of up to 8 tokens. Each (token, row) result is the same
+ * sequence of operations whatever the tile, so this path is batch-invariant too. */
+static inline int32_t dot32_neon(int8x16_t w0, int8x16_t w1, const int8_t *x) {
+    const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16);
+    int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));  /* |w| <= 127 (q4: <= 15), |x| <= 127: two */
+    p0 = vmlal_high_s8(p0, w0, x0);                              /* products fit in int16 */
+    int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
+    p1 = vmlal_high_s8(p1, w1, x1);
+    return vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1));
+}
+
+static void rows_neon(const gemm_args *a, int64_t n0, int64_t n1) {
+    const int64_t nb = a->k / QK, paired = nb / 2 * 2;
+    const uint8x16_t low4 = vdupq_n_u8(0x0F);
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t t0 = 0; t0 < a->t; t0 += 8) {
+            const int tn = (int)(a->t - t0 < 8 ? a->t - t0 : 8);
+            float acc[8] = {0}, off[8] = {0};
+            for (int64_t b = 0; b < nb; b++) {
+                int8x16_t w0, w1;
+                if (a->fmt == 8) {
+                    const int8_t *w = (const int8_t *)a->wq + n * a->k + b * QK;
+                    w0 = vld1q_s8(w);
+                    w1 = vld1q_s8(w + 16);
+                } else if (b < paired) {  /* one of a pair: low or high nibbles of 32 shared bytes */
+                    const uint8_t *w = a->wq + n * (a->k / 2) + (b / 2) * QK;
+                    uint8x16_t p0 = vld1q_u8(w), p1 = vld1q_u8(w + 16);
+                    if (b % 2) {
+                        p0 = vshrq_n_u8(p0, 4);
+                        p1 = vshrq_n_u8(p1, 4);
+                    }
+                    w0 = vreinterpretq_s8_u8(vandq_u8(p0, low4));
+                    w1 = vreinterpretq_s8_u8(vandq_u8(p1, low4));
+                } else {  /* an odd last block: element j low, j + 16 high */
+                    const uint8x16_t p = vld1q_u8(a->wq + n * (a->k / 2) + b * (QK / 2));
+                    w0 = vreinterpretq_s8_u8(vandq_u8(p, low4));
+                    w1 = vreinterpretq_s8_u8(vshrq_n_u8(p, 4));
+                }
+                const float dw = half_to_float(a->wd[n * nb + b]);
+                const float mw = a->fmt == 4 ? half_to_float(a->wm[n * nb + b]) : 0.0f;
+                for (int i = 0; i < tn; i++) {
+                    const int64_t t = t0 + i;
+                    const int32_t s = dot32_neon(w0, w1, a->xq + t * a->k + b * QK);
+                    acc[i] += dw * a->xd[t * nb + b] * (float)s;
+                    off[i] += mw * a->xs[t * nb + b];
+                }
+            }
+            for (int i = 0; i < tn; i++) {
+                const int64_t t = t0 + i;
+                a->y[t * a->n + n] = acc[i] + off[i] + (a->bias ? a->bias[n] : 0.0f) +
+                                     (a->res ? a->res[t * a->n + n] : 0.0f);
+            }
+        }
+    }
+}
+#endif
+
 /* Instruction sets, best last; `isa` is the one in use (the best the CPU has, unless set_isa chose another). */
-enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI };
-static const char *isa_names[] = {"scalar", "avx2", "vnni"};
+enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI, ISA_NEON, ISA_COUNT };
+static const char *isa_names[] = {"scalar", "avx2", "vnni", "neon"};
 static int isa = ISA_SCALAR;
 static int use_avx2 = 0;  /* isa >= ISA_AVX2: the attention kernel's vector path */
 
+static int best_isa(void);
+
+static int isa_supported(int i) {  /* scalar everywhere; AVX2 also where VNNI is */
+    const int best = best_isa();
+    return i == ISA_SCALAR || i == best || (i == ISA_AVX2 && best == ISA_VNNI);
+}
+
 static int best_isa(void) {
-#ifdef SPECMTP_X86
+#if defined(SPECMTP_NEON)
+    return ISA_NEON;
+#elif defined(SPECMTP_X86)
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
         return ISA_SCALAR;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -194,6 +268,12 @@ static void run_rows(const gemm_args *a, int64_t n0, int64_t n1) {
     }
     if (isa == ISA_AVX2) {
         rows_avx2(a, n0, n1);
+        return;
+    }
+#endif
+#ifdef SPECMTP_NEON
+    if (isa == ISA_NEON) {
+        rows_neon(a, n0, n1);
         return;
     }
 #endif
@@ -411,6 +491,7 @@ static void prepare_row(int pre, const float *x, int64_t k, const float *norm, f
 static float *scratch_x = NULL;
 static int64_t scratch_x_cap = 0;
 
+#ifndef SPECMTP_NO_PYTHON
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
     int fmt, pre = PRE_NONE;
     unsigned long long x, wq, wd, wm, bias, y, res = 0, norm = 0;
@@ -514,8 +595,15 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_info(PyObject *self, PyObject *args) {
-    return Py_BuildValue("{s:s,s:s,s:i,s:i}", "isa", isa_names[isa], "best", isa_names[best_isa()], "threads",
-                         pool_size, "started", pool_started);
+    PyObject *avail = PyList_New(0);
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (isa_supported(i)) {
+            PyObject *name = PyUnicode_FromString(isa_names[i]);
+            PyList_Append(avail, name);
+            Py_DECREF(name);
+        }
+    return Py_BuildValue("{s:s,s:s,s:N,s:i,s:i}", "isa", isa_names[isa], "best", isa_names[best_isa()], "available",
+                         avail, "threads", pool_size, "started", pool_started);
 }
 
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
@@ -523,16 +611,16 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
     const int best = best_isa();
     int want = -1;
-    for (int i = 0; i <= ISA_VNNI; i++)
+    for (int i = 0; i < ISA_COUNT; i++)
         if (strcmp(name, isa_names[i]) == 0) want = i;
     if (strcmp(name, "best") == 0) want = best;
-    if (want < 0 || want > best) {
+    if (want < 0 || !isa_supported(want)) {
         PyErr_Format(PyExc_ValueError, "instruction set %s is not known or not supported here (best: %s)", name,
                      isa_names[best]);
         return NULL;
     }
     isa = want;
-    use_avx2 = isa >= ISA_AVX2;
+    use_avx2 = isa == ISA_AVX2 || isa == ISA_VNNI;
     return PyUnicode_FromString(isa_names[isa]);
 }
 
@@ -543,7 +631,7 @@ static PyMethodDef methods[] = {
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'best'): the code path (tests)"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -555,6 +643,7 @@ PyMODINIT_FUNC PyInit__qkernels(void) {
     __builtin_cpu_init();
 #endif
     isa = best_isa();
-    use_avx2 = isa >= ISA_AVX2;
+    use_avx2 = isa == ISA_AVX2 || isa == ISA_VNNI;
     return PyModule_Create(&module);
 }
+#endif  /* SPECMTP_NO_PYTHON */
