@@ -9,7 +9,17 @@ import torch
 from specmtp import Engine, load_model
 from specmtp.drafters import DraftModelDrafter, NgramDrafter
 from specmtp.errors import SpecMTPError
-from specmtp.quant import _qkernels, available, dequantize, qlinear, quantize, quantize_model
+from specmtp.quant import (
+    _qkernels,
+    available,
+    dequantize,
+    pack,
+    qlinear,
+    quantize,
+    quantize_model,
+    select_rows,
+    unpack,
+)
 
 pytestmark = pytest.mark.skipif(not available(), reason="quantized kernels not built")
 
@@ -36,11 +46,12 @@ def path(request):
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-@pytest.mark.parametrize("blocks", [8, 7])  # q4 packs blocks in pairs; an odd last block on its own
-def test_quantize_round_trip(fmt, blocks):
-    w = torch.randn(48, 32 * blocks, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("rows", [48, 45])  # rows are stored in groups of 8; a partial last group is padded
+def test_quantize_round_trip(fmt, rows):
+    w = torch.randn(rows, 32 * 7, generator=torch.Generator().manual_seed(0))
     back = dequantize(quantize(w, fmt))
-    blocks, err = w.reshape(48, blocks, 32), (back - w).abs().reshape(48, blocks, 32)
+    assert back.shape == w.shape
+    blocks, err = w.reshape(rows, 7, 32), (back - w).abs().reshape(rows, 7, 32)
     if fmt == "q8":
         bound = blocks.abs().amax(-1, keepdim=True) / 254 * 1.01 + 1e-6
     else:
@@ -50,15 +61,15 @@ def test_quantize_round_trip(fmt, blocks):
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("tokens", [1, 3, 6, 16, 37])
-@pytest.mark.parametrize("k", [320, 352])  # 10 and 11 blocks: full groups of 8, a partial group, an odd last block
-def test_kernel_matches_dequantized_reference(fmt, tokens, k, path):
+@pytest.mark.parametrize("n", [200, 203])  # whole row groups of 8; a partial last group
+def test_kernel_matches_dequantized_reference(fmt, tokens, n, path):
     g = torch.Generator().manual_seed(tokens)
-    w, x = torch.randn(200, k, generator=g), torch.randn(tokens, k, generator=g)
-    bias = torch.randn(200, generator=g)
+    w, x = torch.randn(n, 352, generator=g), torch.randn(tokens, 352, generator=g)
+    bias = torch.randn(n, generator=g)
     qw = quantize(w, fmt)
     ref = x @ dequantize(qw).T + bias
     y = qlinear(x, qw, bias)
-    assert y.shape == (tokens, 200)
+    assert y.shape == (tokens, n)
     assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
 
 
@@ -73,19 +84,27 @@ def test_batch_invariance_is_exact(fmt, path):
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-def test_vector_paths_agree_bit_for_bit(fmt):
-    """AVX2 and VNNI compute the same integer block dots and the same float operations: identical results, so a
-    model's output does not depend on which of them the CPU has (the scalar path rounds its sums differently)."""
-    if not supported("vnni"):
-        pytest.skip("this CPU has no AVX-512 VNNI")
+def test_code_paths_agree_bit_for_bit(fmt, path):
+    """Every path computes the same exact integer block dots and then the same float operations in the same order:
+    identical results, so a model's output does not depend on which path the CPU has."""
     g = torch.Generator().manual_seed(2)
-    qw = quantize(torch.randn(136, 1056, generator=g), fmt)  # 33 blocks: pairs, a partial group, an odd last one
-    x, bias = torch.randn(11, 1056, generator=g), torch.randn(136, generator=g)
-    try:
-        out = {isa: qlinear(x, qw, bias) for isa in ("avx2", "vnni") if _qkernels.set_isa(isa)}
-    finally:
-        _qkernels.set_isa("best")
-    assert torch.equal(out["avx2"], out["vnni"])
+    qw = quantize(torch.randn(133, 1056, generator=g), fmt)  # 33 blocks, 17 row groups (the last one partial)
+    x, bias = torch.randn(11, 1056, generator=g), torch.randn(133, generator=g)
+    y = qlinear(x, qw, bias)
+    _qkernels.set_isa("scalar")
+    assert torch.equal(y, qlinear(x, qw, bias))
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_interleaved_layout_round_trips_and_selects_rows(fmt):
+    g = torch.Generator().manual_seed(3)
+    qw = quantize(torch.randn(21, 96, generator=g), fmt)
+    q, d, m = unpack(qw)
+    assert q.shape == (21, 3, 32) and d.shape == (21, 3)
+    again = pack(qw.fmt, q, d, m)
+    assert torch.equal(again.qs, qw.qs) and torch.equal(again.d, qw.d)
+    rows = torch.tensor([20, 3, 7, 8])
+    assert torch.equal(dequantize(select_rows(qw, rows)), dequantize(qw)[rows])
 
 
 def test_unsupported_code_path_is_refused():

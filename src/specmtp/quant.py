@@ -2,7 +2,11 @@
 
     q8: blocks of 32 weights per row, int8 values and an fp16 scale          w = d * q           1.06 bytes/weight
     q4: blocks of 32 weights per row, 4-bit values, fp16 scale and offset     w = d * q + m       0.63 bytes/weight
-        (nibbles of two neighbouring blocks share bytes: see _pack4)
+
+Rows are stored interleaved in groups of 8 (see _interleave), so that one 32-byte vector holds 4 consecutive
+weights of each of 8 rows and one integer dot-product instruction advances 8 rows at once: a token's activations
+are read as broadcast 4-byte words, and no horizontal sums are needed. A weight whose row count is not a multiple
+of 8 is padded with zero rows that the kernels never write out.
 
 The loader quantizes each linear layer's weight as it reads it from the checkpoint (`quantize_tensor`), so the
 dense model never exists in memory; `quantize_model` then does the output head (and any model built dense) in
@@ -35,9 +39,9 @@ FORMATS = {"q8": 8, "q4": 4}
 class QuantWeight:
     fmt: int  # 8 or 4
     shape: tuple[int, int]  # (N out, K in)
-    qs: torch.Tensor  # q8: int8 [N, K]; q4: uint8 [N, K/2]
-    d: torch.Tensor  # fp16 [N, K/32]
-    m: torch.Tensor | None  # fp16 [N, K/32] (q4 only)
+    qs: torch.Tensor  # q8: int8 [N8, K/32, 8, 32]; q4: uint8 [N8, K/32, 4, 32] (N8 = ceil(N / 8) row groups)
+    d: torch.Tensor  # fp16 [N8, K/32, 8]: the scale of row 8 g + r, block b at [g, b, r]
+    m: torch.Tensor | None  # fp16 [N8, K/32, 8] (q4 only)
 
     @property
     def nbytes(self) -> int:
@@ -65,61 +69,90 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     if k % QK:
         raise SpecMTPError(f"cannot quantize a weight with {k} inputs: not a multiple of {QK}")
     parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], FORMATS[fmt]) for i in range(0, n, ROWS_PER_CHUNK)]
-    if len(parts) == 1:
-        return parts[0]
-    m = torch.cat([q.m for q in parts]) if parts[0].m is not None else None
-    return QuantWeight(parts[0].fmt, (n, k), torch.cat([q.qs for q in parts]), torch.cat([q.d for q in parts]), m)
+    q = torch.cat([p[0] for p in parts])
+    d = torch.cat([p[1] for p in parts])
+    m = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+    return pack(FORMATS[fmt], q, d, m)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int) -> QuantWeight:
+def _quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w: [n, K] -> values [n, K/32, 32], fp16 scales [n, K/32] (and q4's fp16 offsets)"""
     n, k = w.shape
     blocks = w.detach().float().reshape(n, k // QK, QK)
     if bits == 8:
         d = blocks.abs().amax(-1) / 127.0  # [N, B]
         d16 = d.half()
         inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(d))
-        q = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8)
-        return QuantWeight(8, (n, k), q.reshape(n, k).contiguous(), d16.contiguous(), None)
+        return torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8), d16, None
     lo, hi = blocks.amin(-1), blocks.amax(-1)
     m16 = lo.half()
     d16 = ((hi - m16.float()) / 15.0).half()
     inv = torch.where(d16.float() > 0, 1.0 / d16.float(), torch.zeros_like(lo))
     q = torch.round((blocks - m16.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
-    return QuantWeight(4, (n, k), _pack4(q), d16.contiguous(), m16.contiguous())
+    return q, d16, m16
 
 
-def _pack4(q: torch.Tensor) -> torch.Tensor:  # q: [N, B, 32] values 0..15 -> [N, B * 16] bytes
-    """Blocks in pairs: byte j of a pair holds element j of the even block in its low nibble and element j of the
-    odd block in its high one, so one 32-byte load and two masks unpack 64 weights. An odd last block keeps its
-    16 bytes to itself (element j low, element j + 16 high)."""
+def pack(fmt: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantWeight:
+    """Row-major values q [N, B, 32] (int8, or uint8 0..15 for q4), scales d [N, B] and offsets m [N, B] (fp16)
+    -> the kernels' interleaved QuantWeight."""
     n, nb, _ = q.shape
-    even = nb // 2 * 2
-    pairs = q[:, :even].reshape(n, even // 2, 2, QK)
-    packed = [(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1)]
-    if nb % 2:
-        packed.append(q[:, -1, : QK // 2] | (q[:, -1, QK // 2 :] << 4))
-    return torch.cat(packed, dim=1).contiguous()
+    return QuantWeight(fmt, (n, nb * QK), _interleave(q, fmt), _group(d), _group(m) if m is not None else None)
 
 
-def _unpack4(packed: torch.Tensor, nb: int) -> torch.Tensor:  # [N, B * 16] -> [N, B, 32] values 0..15
-    n = packed.shape[0]
-    even = nb // 2 * 2
-    pairs = packed[:, : even * QK // 2].reshape(n, even // 2, 1, QK)
-    blocks = [torch.cat([pairs & 0x0F, pairs >> 4], dim=2).reshape(n, even, QK)]
-    if nb % 2:
-        last = packed[:, even * QK // 2 :]
-        blocks.append(torch.cat([last & 0x0F, last >> 4], dim=1)[:, None])
-    return torch.cat(blocks, dim=1)
+def unpack(qw: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of pack: (q [N, B, 32], d [N, B], m [N, B] or None)."""
+    n, k = qw.shape
+    m = _ungroup(qw.m, n) if qw.m is not None else None
+    return _deinterleave(qw.qs, n, k // QK, qw.fmt), _ungroup(qw.d, n), m
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    n = t.shape[0]
+    if n % 8 == 0:
+        return t
+    return torch.cat([t, t.new_zeros((8 - n % 8, *t.shape[1:]))])
+
+
+def _group(d: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N8, B, 8]
+    d = _pad_rows(d)
+    return d.reshape(-1, 8, d.shape[1]).transpose(1, 2).contiguous()
+
+
+def _ungroup(g: torch.Tensor, n: int) -> torch.Tensor:  # [N8, B, 8] -> [N, B]
+    return g.transpose(1, 2).reshape(-1, g.shape[1])[:n].contiguous()
+
+
+def _interleave(q: torch.Tensor, fmt: int) -> torch.Tensor:
+    """q [N, B, 32] -> [N8, B, C, 32] with C = 8 (q8) or 4 (q4) chunks of 32 bytes per group of 8 rows and block.
+    q8: byte 4 r + p of chunk c is element 4 c + p of row r. q4: byte 4 r + p of chunk c holds element 8 c + p of
+    row r in its low nibble and element 8 c + 4 + p in its high one."""
+    q = _pad_rows(q)
+    n8, nb = q.shape[0] // 8, q.shape[1]
+    words = q.reshape(n8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [N8, B, 8 words, 8 rows, 4 bytes]
+    if fmt == 8:
+        return words.reshape(n8, nb, 8, QK).contiguous()
+    pairs = words.reshape(n8, nb, 4, 2, 8, 4)  # word 2c (low nibbles) and 2c + 1 (high) of chunk c
+    return (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).reshape(n8, nb, 4, QK).contiguous()
+
+
+def _deinterleave(qs: torch.Tensor, n: int, nb: int, fmt: int) -> torch.Tensor:  # -> [N, B, 32]
+    n8 = qs.shape[0]
+    if fmt == 8:
+        words = qs.reshape(n8, nb, 8, 8, 4)
+    else:
+        c = qs.reshape(n8, nb, 4, 1, 8, 4)
+        words = torch.cat([c & 0x0F, c >> 4], dim=3).reshape(n8, nb, 8, 8, 4)
+    return words.permute(0, 3, 1, 2, 4).reshape(n8 * 8, nb, QK)[:n].contiguous()
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """The fp32 weight a QuantWeight stands for (the reference the kernels are tested against)."""
     n, k = qw.shape
-    if qw.fmt == 8:
-        q = qw.qs.reshape(n, k // QK, QK).float()
-        return (q * qw.d.float()[..., None]).reshape(n, k)
-    q = _unpack4(qw.qs, k // QK).float()
-    return (q * qw.d.float()[..., None] + qw.m.float()[..., None]).reshape(n, k)
+    q, d, m = unpack(qw)
+    w = q.float() * d.float()[..., None]
+    if m is not None:
+        w = w + m.float()[..., None]
+    return w.reshape(n, k)
 
 
 PRE = {None: 0, "rms_norm": 1, "swiglu": 2}
@@ -225,5 +258,5 @@ def select_rows(w, rows: torch.Tensor):
     """Rows of a dense or quantized weight (an MTP drafter's reduced head)."""
     if isinstance(w, torch.Tensor):
         return w[rows].contiguous()
-    return QuantWeight(w.fmt, (len(rows), w.shape[1]), w.qs[rows].contiguous(), w.d[rows].contiguous(),
-                       w.m[rows].contiguous() if w.m is not None else None)
+    q, d, m = unpack(w)
+    return pack(w.fmt, q[rows], d[rows], m[rows] if m is not None else None)

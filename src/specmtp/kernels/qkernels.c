@@ -2,15 +2,21 @@
  * two block formats, x in fp32.
  *
  *   q8: per row, blocks of 32 weights: int8 q[32] and an fp16 scale d          w = d * q
- *   q4: per row, blocks of 32 weights: 4-bit q, fp16 scale d and fp16 offset m   w = d * q + m, q in 0..15;
- *       blocks 2i and 2i + 1 share 32 bytes (byte j: element j of block 2i in the low nibble, of block 2i + 1
- *       in the high one); an odd last block has 16 bytes (element j low, element j + 16 high)
+ *   q4: per row, blocks of 32 weights: 4-bit q, fp16 scale d and fp16 offset m   w = d * q + m, q in 0..15
  *
- * Activations are quantized per token to int8 in blocks of 32 (scale = max|x| / 127), and each block's
- * product is an integer dot (AVX2: maddubs + madd; AVX-512 VNNI: vpdpbusd) scaled in fp32. Batch invariance: every (token, row) result
- * is computed by the same instruction sequence whatever the number of tokens in the call (tokens are processed
- * in tiles that share only the weight unpacking, never an accumulator), and threads split rows, not the sum.
- * So a token's logits do not depend on how many tokens are verified with it.
+ * Rows are stored in groups of 8, interleaved (quant.py, _interleave): for group g and block b, "word" c
+ * (c = 0..7) is 32 bytes holding elements 4c .. 4c + 3 of each of the 8 rows (bytes 4r .. 4r + 3: row r).
+ * q8 stores the 8 words; q4 stores 4 chunks of 32 bytes, chunk c holding word 2c in its low nibbles and word
+ * 2c + 1 in its high ones. Scales and offsets are [groups, blocks, 8]. So one integer dot-product instruction
+ * (AVX-512 VNNI vpdpbusd, AVX2 maddubs, NEON widening multiplies) multiplies a word by the token's 4 activations
+ * of that word broadcast to every lane, lane r accumulating row r: 8 rows advance at once, with no horizontal
+ * sums, and the 8 rows' block results convert and scale as one vector.
+ *
+ * Activations are quantized per token to int8 in blocks of 32 (scale = max|x| / 127). Batch invariance: every
+ * (token, row) result is computed by the same operations whatever the number of tokens in the call (tokens are
+ * processed in tiles that share only the weight unpacking, never an accumulator), and threads split row groups,
+ * not the sum. So a token's logits do not depend on how many tokens are verified with it. The integer dots are
+ * exact and every path then does the same float operations in the same order: all paths agree bit for bit.
  *
  * Threads: a small pool of our own (pthreads), spinning briefly then sleeping, so it does not fight another
  * runtime's OpenMP pool. The code path is chosen at run time: VNNI where the CPU has AVX-512 VNNI, else AVX2 + FMA,
@@ -98,42 +104,55 @@ typedef struct {
     int fmt;               /* 8 or 4 */
     const int8_t *xq;      /* [T, K] */
     const float *xd, *xs;  /* [T, K/32] */
-    const uint8_t *wq;     /* q8: [N, K] int8; q4: [N, K/2] nibbles */
-    const uint16_t *wd, *wm;  /* [N, K/32] fp16 bits */
+    const uint8_t *wq;     /* [ceil(N/8), K/32, 256] (q8) or [.., 128] (q4) bytes: the interleaved row groups */
+    const uint16_t *wd, *wm;  /* [ceil(N/8), K/32, 8] fp16 bits */
     const float *bias;     /* [N] or NULL */
     const float *res;      /* [T, N] or NULL: added to the result (a residual connection) */
     float *y;              /* [T, N] */
     int64_t t, n, k;
 } gemm_args;
 
-static void rows_scalar(const gemm_args *a, int64_t n0, int64_t n1) {
-    const int64_t nb = a->k / QK;
-    for (int64_t n = n0; n < n1; n++) {
-        for (int64_t t = 0; t < a->t; t++) {
-            const int8_t *xq = a->xq + t * a->k;
-            const float *xd = a->xd + t * nb, *xs = a->xs + t * nb;
-            float acc = 0.0f, off = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                int32_t s = 0;
-                if (a->fmt == 8) {
-                    const int8_t *w = (const int8_t *)a->wq + n * a->k + b * QK;
-                    for (int j = 0; j < QK; j++) s += (int32_t)w[j] * xq[b * QK + j];
-                } else if (b < nb / 2 * 2) {  /* one of a pair */
-                    const uint8_t *w = a->wq + n * (a->k / 2) + (b / 2) * QK;
-                    const int shift = (b % 2) * 4;
-                    for (int j = 0; j < QK; j++) s += (int32_t)((w[j] >> shift) & 0x0F) * xq[b * QK + j];
-                    off += half_to_float(a->wm[n * nb + b]) * xs[b];
-                } else {
-                    const uint8_t *w = a->wq + n * (a->k / 2) + b * (QK / 2);
-                    for (int j = 0; j < QK / 2; j++) {
-                        s += (int32_t)(w[j] & 0x0F) * xq[b * QK + j];
-                        s += (int32_t)(w[j] >> 4) * xq[b * QK + j + QK / 2];
-                    }
-                    off += half_to_float(a->wm[n * nb + b]) * xs[b];
-                }
-                acc += half_to_float(a->wd[n * nb + b]) * xd[b] * (float)s;
+static inline int32_t load_word(const int8_t *x) {  /* 4 activation bytes, to be broadcast to every lane */
+    int32_t v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* Byte offset of group g, block b in wq, and the integer dot of row r of that block with a token's 32 int8 x. */
+static int64_t block_offset(int fmt, int64_t g, int64_t nb, int64_t b) { return (g * nb + b) * (fmt == 4 ? 128 : 256); }
+
+static int32_t dot_scalar_block(int fmt, const uint8_t *blk, int r, const int8_t *x) {
+    int32_t s = 0;
+    for (int c = 0; c < 8; c++)
+        for (int p = 0; p < 4; p++) {
+            int32_t w;
+            if (fmt == 8) {
+                w = ((const int8_t *)blk)[c * 32 + 4 * r + p];
+            } else {
+                const uint8_t byte = blk[(c / 2) * 32 + 4 * r + p];
+                w = c % 2 ? byte >> 4 : byte & 0x0F;
             }
-            a->y[t * a->n + n] = acc + off + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
+            s += w * x[4 * c + p];
+        }
+    return s;
+}
+
+static void rows_scalar(const gemm_args *a, int64_t g0, int64_t g1) {
+    const int64_t nb = a->k / QK;
+    for (int64_t n = g0 * 8; n < g1 * 8 && n < a->n; n++) {
+        const int64_t g = n / 8;
+        const int r = (int)(n % 8);
+        for (int64_t t = 0; t < a->t; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int32_t s = dot_scalar_block(a->fmt, a->wq + block_offset(a->fmt, g, nb, b), r,
+                                                   a->xq + t * a->k + b * QK);
+                const int64_t j = (g * nb + b) * 8 + r;
+                const float scale = half_to_float(a->wd[j]) * a->xd[t * nb + b];
+                const float off = a->fmt == 4 ? half_to_float(a->wm[j]) * a->xs[t * nb + b] : 0.0f;
+                acc += fmaf((float)s, scale, off);
+            }
+            a->y[t * a->n + n] = acc + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
         }
     }
 }
@@ -146,86 +165,122 @@ __attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* AVX2: maddubs multiplies unsigned by signed bytes into int16 pairs. q4's weights are 0..15: the 8 words' pairs
+ * (each <= 2 * 15 * 127) sum in int16 without overflow, then one madd widens; q8 puts w's sign on x and widens
+ * every word. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256i dot8_avx2(
+    const __m256i *w, const __m256i *aw, const int8_t *x, const int FMT) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (FMT == 4) {
+        __m256i s16 = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++)
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(load_word(x + 4 * c))));
+        return _mm256_madd_epi16(s16, ones);
+    }
+    __m256i s = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_word(x + 4 * c)), w[c]);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[c], xs), ones));
+    }
+    return s;
+}
+
 #define TILE_TARGET "avx2,fma,f16c"
 #define TILE_FN(name) name##_avx2
 #define TILE_MAX 4
-#define BLOCK_DOT_SETUP const __m256i ones = _mm256_set1_epi16(1);
-#define BLOCK_DOT(aw, x) _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones)
 #include "qtile.h"
 #undef TILE_TARGET
 #undef TILE_FN
 #undef TILE_MAX
-#undef BLOCK_DOT_SETUP
-#undef BLOCK_DOT
 
-/* AVX-512 VNNI on 256-bit vectors: one vpdpbusd replaces maddubs + madd, and twice the tokens share one unpacking
- * of the weights (a verify pass of several tokens is bound by these vector operations, not by memory). */
+/* AVX-512 VNNI on 256-bit vectors: vpdpbusd does maddubs + madd + add in one instruction (no saturation), in four
+ * independent chains so consecutive words do not wait on each other's latency; twice the tokens share one
+ * unpacking of the weights (AVX-512 has 32 vector registers). */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline __m256i dot8_vnni(
+    const __m256i *w, const __m256i *aw, const int8_t *x, const int FMT) {
+    __m256i s[4];
+    for (int c = 0; c < 4; c++) s[c] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i xb = _mm256_set1_epi32(load_word(x + 4 * c));
+        s[c % 4] = FMT == 4 ? _mm256_dpbusd_epi32(s[c % 4], w[c], xb)
+                            : _mm256_dpbusd_epi32(s[c % 4], aw[c], _mm256_sign_epi8(xb, w[c]));
+    }
+    return _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+}
+
 #define TILE_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512vnni"
 #define TILE_FN(name) name##_vnni
-#define TILE_MAX 8  /* AVX-512 has 32 vector registers */
-#define BLOCK_DOT_SETUP const __m256i zero = _mm256_setzero_si256();
-#define BLOCK_DOT(aw, x) _mm256_dpbusd_epi32(zero, aw, x)
+#define TILE_MAX 8
 #include "qtile.h"
 #undef TILE_TARGET
 #undef TILE_FN
 #undef TILE_MAX
-#undef BLOCK_DOT_SETUP
-#undef BLOCK_DOT
 #endif
 
 #ifdef SPECMTP_NEON
-/* NEON (every aarch64 CPU): per block, widening int8 multiplies summed to int32, then one scaled float add per
- * token; the block's weights are unpacked once for a tile of up to 8 tokens. Each (token, row) result is the same
- * sequence of operations whatever the tile, so this path is batch-invariant too. */
-static inline int32_t dot32_neon(int8x16_t w0, int8x16_t w1, const int8_t *x) {
-    const int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16);
-    int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));  /* |w| <= 127 (q4: <= 15), |x| <= 127: two */
-    p0 = vmlal_high_s8(p0, w0, x0);                              /* products fit in int16 */
-    int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
-    p1 = vmlal_high_s8(p1, w1, x1);
-    return vaddvq_s32(vpadalq_s16(vpaddlq_s16(p0), p1));
+/* NEON (every aarch64 CPU): a 16-byte half-word holds 4 rows x 4 weights; widening multiplies by the broadcast
+ * activations and two pairwise adds give the 4 rows' int32 sums. Up to 8 tokens share one unpacking of a block's
+ * weights; each (token, row) result is the same sequence of operations whatever the tile (batch-invariant), and
+ * the float operations are the scalar path's. */
+static inline int32x4_t dot4_neon(int8x16_t w, int8x16_t xb) {
+    const int16x8_t lo = vmull_s8(vget_low_s8(w), vget_low_s8(xb));  /* rows 0, 1: |w x| <= 127 * 127 */
+    const int16x8_t hi = vmull_high_s8(w, xb);                       /* rows 2, 3 */
+    return vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi));
 }
 
-static void rows_neon(const gemm_args *a, int64_t n0, int64_t n1) {
-    const int64_t nb = a->k / QK, paired = nb / 2 * 2;
+static void rows_neon(const gemm_args *a, int64_t g0, int64_t g1) {
+    const int64_t nb = a->k / QK;
     const uint8x16_t low4 = vdupq_n_u8(0x0F);
-    for (int64_t n = n0; n < n1; n++) {
+    for (int64_t g = g0; g < g1; g++) {
         for (int64_t t0 = 0; t0 < a->t; t0 += 8) {
             const int tn = (int)(a->t - t0 < 8 ? a->t - t0 : 8);
-            float acc[8] = {0}, off[8] = {0};
+            float32x4_t acc[8][2];
+            for (int i = 0; i < tn; i++) acc[i][0] = acc[i][1] = vdupq_n_f32(0.0f);
             for (int64_t b = 0; b < nb; b++) {
-                int8x16_t w0, w1;
-                if (a->fmt == 8) {
-                    const int8_t *w = (const int8_t *)a->wq + n * a->k + b * QK;
-                    w0 = vld1q_s8(w);
-                    w1 = vld1q_s8(w + 16);
-                } else if (b < paired) {  /* one of a pair: low or high nibbles of 32 shared bytes */
-                    const uint8_t *w = a->wq + n * (a->k / 2) + (b / 2) * QK;
-                    uint8x16_t p0 = vld1q_u8(w), p1 = vld1q_u8(w + 16);
-                    if (b % 2) {
-                        p0 = vshrq_n_u8(p0, 4);
-                        p1 = vshrq_n_u8(p1, 4);
+                const uint8_t *blk = a->wq + block_offset(a->fmt, g, nb, b);
+                int8x16_t w[8][2];  /* word c, rows 0-3 / 4-7 */
+                for (int c = 0; c < 8; c++)
+                    for (int h = 0; h < 2; h++) {
+                        if (a->fmt == 8) {
+                            w[c][h] = vld1q_s8((const int8_t *)blk + c * 32 + h * 16);
+                        } else {
+                            const uint8x16_t p = vld1q_u8(blk + (c / 2) * 32 + h * 16);
+                            w[c][h] = vreinterpretq_s8_u8(c % 2 ? vshrq_n_u8(p, 4) : vandq_u8(p, low4));
+                        }
                     }
-                    w0 = vreinterpretq_s8_u8(vandq_u8(p0, low4));
-                    w1 = vreinterpretq_s8_u8(vandq_u8(p1, low4));
-                } else {  /* an odd last block: element j low, j + 16 high */
-                    const uint8x16_t p = vld1q_u8(a->wq + n * (a->k / 2) + b * (QK / 2));
-                    w0 = vreinterpretq_s8_u8(vandq_u8(p, low4));
-                    w1 = vreinterpretq_s8_u8(vshrq_n_u8(p, 4));
+                float dw[8], mw[8];
+                for (int r = 0; r < 8; r++) {
+                    dw[r] = half_to_float(a->wd[(g * nb + b) * 8 + r]);
+                    mw[r] = a->fmt == 4 ? half_to_float(a->wm[(g * nb + b) * 8 + r]) : 0.0f;
                 }
-                const float dw = half_to_float(a->wd[n * nb + b]);
-                const float mw = a->fmt == 4 ? half_to_float(a->wm[n * nb + b]) : 0.0f;
                 for (int i = 0; i < tn; i++) {
                     const int64_t t = t0 + i;
-                    const int32_t s = dot32_neon(w0, w1, a->xq + t * a->k + b * QK);
-                    acc[i] += dw * a->xd[t * nb + b] * (float)s;
-                    off[i] += mw * a->xs[t * nb + b];
+                    const int8_t *x = a->xq + t * a->k + b * QK;
+                    int32x4_t s[2] = {vdupq_n_s32(0), vdupq_n_s32(0)};
+                    for (int c = 0; c < 8; c++) {
+                        const int8x16_t xb = vreinterpretq_s8_s32(vdupq_n_s32(load_word(x + 4 * c)));
+                        s[0] = vaddq_s32(s[0], dot4_neon(w[c][0], xb));
+                        s[1] = vaddq_s32(s[1], dot4_neon(w[c][1], xb));
+                    }
+                    const float xd = a->xd[t * nb + b], xs = a->fmt == 4 ? a->xs[t * nb + b] : 0.0f;
+                    for (int h = 0; h < 2; h++) {
+                        const float32x4_t scale = vmulq_f32(vld1q_f32(dw + 4 * h), vdupq_n_f32(xd));
+                        const float32x4_t off = vmulq_f32(vld1q_f32(mw + 4 * h), vdupq_n_f32(xs));
+                        acc[i][h] = vaddq_f32(acc[i][h], vfmaq_f32(off, vcvtq_f32_s32(s[h]), scale));
+                    }
                 }
             }
+            const int rows = a->n - g * 8 < 8 ? (int)(a->n - g * 8) : 8;
             for (int i = 0; i < tn; i++) {
                 const int64_t t = t0 + i;
-                a->y[t * a->n + n] = acc[i] + off[i] + (a->bias ? a->bias[n] : 0.0f) +
-                                     (a->res ? a->res[t * a->n + n] : 0.0f);
+                float out[8];
+                vst1q_f32(out, acc[i][0]);
+                vst1q_f32(out + 4, acc[i][1]);
+                for (int r = 0; r < rows; r++) {
+                    const int64_t n = g * 8 + r;
+                    a->y[t * a->n + n] = out[r] + (a->bias ? a->bias[n] : 0.0f) +
+                                         (a->res ? a->res[t * a->n + n] : 0.0f);
+                }
             }
         }
     }
@@ -260,24 +315,25 @@ static int best_isa(void) {
 #endif
 }
 
-static void run_rows(const gemm_args *a, int64_t n0, int64_t n1) {
+/* Row groups [g0, g1) of the output (group g: rows 8 g .. 8 g + 7, the last one possibly partial). */
+static void run_rows(const gemm_args *a, int64_t g0, int64_t g1) {
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI) {
-        rows_vnni(a, n0, n1);
+        groups_vnni(a, g0, g1);
         return;
     }
     if (isa == ISA_AVX2) {
-        rows_avx2(a, n0, n1);
+        groups_avx2(a, g0, g1);
         return;
     }
 #endif
 #ifdef SPECMTP_NEON
     if (isa == ISA_NEON) {
-        rows_neon(a, n0, n1);
+        rows_neon(a, g0, g1);
         return;
     }
 #endif
-    rows_scalar(a, n0, n1);
+    rows_scalar(a, g0, g1);
 }
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -296,18 +352,12 @@ static const void *pool_arg = NULL;
 static int pool_started = 0;
 static long spin_limit = 20000;  /* pause instructions before a worker sleeps (SPECMTP_SPIN overrides) */
 
-static void job_range(const gemm_args *a, int part, int parts, int64_t *n0, int64_t *n1) {
-    int64_t per = (a->n + parts - 1) / parts;
-    per = (per + 7) / 8 * 8;
-    *n0 = per * part < a->n ? per * part : a->n;
-    *n1 = per * (part + 1) < a->n ? per * (part + 1) : a->n;
-}
-
-static void gemm_part(const void *arg, int part, int parts) {
+static void gemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row groups */
     const gemm_args *a = (const gemm_args *)arg;
-    int64_t n0, n1;
-    job_range(a, part, parts, &n0, &n1);
-    if (n0 < n1) run_rows(a, n0, n1);
+    const int64_t groups = (a->n + 7) / 8, per = (groups + parts - 1) / parts;
+    const int64_t g0 = per * part < groups ? per * part : groups;
+    const int64_t g1 = per * (part + 1) < groups ? per * (part + 1) : groups;
+    if (g0 < g1) run_rows(a, g0, g1);
 }
 
 static void *worker_main(void *arg) {
