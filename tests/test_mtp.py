@@ -119,6 +119,15 @@ def test_resume_continues_and_refuses_other_options(target, tmp_path):
         train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
 
 
+
+def test_data_read_through_quantized_weights_is_not_resumed_with_dense_ones(tiny_dir, tmp_path):
+    path = tiny_dir("llama", num_hidden_layers=2)
+    train_drafter(load_model(str(path), weights="q8"), tmp_path, tiny_opts(2), progress=False, prompts=CORPUS[:4],
+                  target_name="tiny")
+    with pytest.raises(SpecMTPError, match="other settings"):
+        train_drafter(load_model(str(path)), tmp_path, tiny_opts(2), progress=False, prompts=CORPUS[:4],
+                      target_name="tiny", resume=True)
+
 def test_recorded_answers_are_the_targets_own(target):
     """distill() records, while decoding, what a fresh forward over the answered sequence gives; rows that stop
     early (here: at max_len, so each prompt length stops at its own step) leave the batch on the way."""
@@ -213,3 +222,18 @@ def test_continuous_batching_refills_rows_and_keeps_answers(target):
     for a, b in zip(two[1][1], four[1][1], strict=True):  # sampled: the same draws whatever the batch
         assert torch.equal(a.tokens, b.tokens) and not a.greedy
         assert torch.allclose(a.hidden.float(), b.hidden.float(), atol=3e-2)
+
+
+def test_prompt_set_is_varied_deterministic_and_excludes_the_benchmark(tmp_path):
+    from specmtp.training.prompts import build_prompts
+
+    prompts = build_prompts(400, seed=3)
+    assert prompts == build_prompts(400, seed=3) and len(set(prompts)) == len(prompts)
+    tasks = [p for p in prompts if " function that " in p and p.startswith("Write a ")]
+    assert len({p.split()[2] for p in tasks}) >= 3  # small programming tasks in several languages
+    assert any(p.startswith("Translate to ") for p in build_prompts(1600))
+    assert any("```python" in p for p in prompts)  # standard-library code
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:5]))
+    kept = build_prompts(400, seed=3, exclude=bench)
+    assert not set(prompts[:5]) & set(kept) and len(kept) == len(prompts) - 5

@@ -1,16 +1,19 @@
 """An offline prompt set for self-distillation, built from what every Python installation has.
 
 Code prompts come from the standard library's own functions ("explain this function", "continue this code",
-"write a function that <its docstring>", "add type hints"); chat prompts from instruction templates over a
-list of everyday and technical topics. Deterministic for a seed. The benchmark prompts are never produced:
-`build_prompts` drops any prompt that appears in the file passed as `exclude`.
+"write a function that <its docstring>", "add type hints") and from small programming tasks in several
+languages; chat prompts from instruction templates over a list of everyday and technical topics, and from
+everyday writing tasks (emails, stories, how-tos, translations). Deterministic for a seed. The benchmark prompts
+are never produced: `build_prompts` drops any prompt that appears in the file passed as `exclude`.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -41,6 +44,38 @@ TEMPLATES = (
     "Write a short blog introduction about {t}.",
 )
 
+TASKS = (  # everyday writing for or about a person
+    "Write a short email to {who} asking to move a meeting to next week.",
+    "Write a thank-you note to {who} for their help with a project.",
+    "Write a short story about {who} who discovers something unexpected.",
+    "Give {who} step-by-step instructions for planting a tree.",
+    "Write a short speech that {who} could give at a farewell party.",
+    "Suggest a weekly exercise plan for {who}.",
+    "Give {who} five ideas for a rainy weekend.",
+    "Write a short product review of a pair of running shoes, as {who} would.",
+    "Describe a typical morning routine of {who}.",
+    "Write a limerick about {who}.",
+)
+WHO = ("a teacher", "a busy parent", "a software engineer", "a student", "a retired sailor", "a new neighbour",
+       "a small-business owner", "a nurse", "a librarian", "a gardener", "a team manager", "a young musician")
+LANGS = ("French", "Spanish", "German", "Italian")
+SENTENCES = ("The train leaves at eight and arrives before noon.", "Please close the window when you leave.",
+             "My sister is learning to play the violin.", "We are going to the market on Saturday.",
+             "The museum is free on the first Sunday of every month.",
+             "It rained all night, but the morning was sunny.")
+CODE_TASKS = (
+    "reverses the words in a sentence", "checks whether a string is a palindrome", "counts the vowels in a string",
+    "returns the largest element of a list", "removes duplicates from a list while keeping the order",
+    "computes the factorial of a number recursively", "flattens a nested list", "converts Celsius to Fahrenheit",
+    "checks whether a year is a leap year", "returns the greatest common divisor of two numbers",
+    "splits a list into chunks of a given size", "counts word frequencies in a text",
+    "validates an email address with a regular expression", "rotates a matrix by 90 degrees",
+    "finds the second smallest number in a list", "converts a Roman numeral to an integer",
+    "computes the moving average of a list", "groups a list of words by their first letter",
+    "returns the intersection of two lists", "capitalizes the first letter of every word",
+)
+CODE_LANGS = ("Python", "JavaScript", "TypeScript", "Go", "Rust", "Java", "C")
+
 CODE_TEMPLATES = (
     "Explain what this Python function does:\n```python\n{src}\n```",
     "Continue this Python code:\n```python\n{head}\n```",
@@ -51,7 +86,27 @@ CODE_TEMPLATES = (
 )
 
 
-def _stdlib_functions(limit_files: int = 400) -> list[tuple[str, str, str]]:
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
+
+
+def _source_lines(text: str) -> list[str]:
+    """Lines with their endings, split where `ast` splits them (\r\n, \r, \n)."""
+    lines = _LINE.findall(text)
+    rest = text[sum(map(len, lines)) :]
+    return lines + [rest] if rest else lines
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """ast.get_source_segment(text, node) from lines split once per file (it re-splits the file on every call)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset : node.end_col_offset].decode()
+    return "".join([lines[first].encode()[node.col_offset :].decode(), *lines[first + 1 : last],
+                    lines[last].encode()[: node.end_col_offset].decode()])
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_functions(limit_files: int = 400) -> tuple[tuple[str, str, str], ...]:
     """(name, source, first docstring line) of small documented stdlib functions, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
@@ -62,17 +117,18 @@ def _stdlib_functions(limit_files: int = 400) -> list[tuple[str, str, str]]:
             tree = ast.parse(text)
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
+        lines = _source_lines(text)
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            src = ast.get_source_segment(text, node)
+            src = _segment(lines, node)
             if not doc or not src or not 150 <= len(src) <= 1200:
                 continue
             line = doc.strip().splitlines()[0].strip()
             if len(line) > 20:
                 out.append((node.name, src, line))
-    return out
+    return tuple(out)
 
 
 def raw_windows(target, tokens: int, max_len: int, seed: int = 0) -> list[list[int]]:
@@ -103,12 +159,17 @@ def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str |
     banned = set()
     if exclude is not None and Path(exclude).is_file():
         banned = {json.loads(line)["prompt"] for line in Path(exclude).read_text().splitlines() if line.strip()}
-    funcs = _stdlib_functions()
+    funcs = list(_stdlib_functions())
     rng.shuffle(funcs)
     chat = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
+    chat += [t.format(who=who) for who in WHO for t in TASKS]
+    chat += [f"Translate to {lang}: {text}" for lang in LANGS for text in SENTENCES]
     rng.shuffle(chat)
-    prompts: list[str] = []
-    n_code = min(int(n * code_share), len(funcs)) if funcs else 0
+    tasks = [f"Write a {lang} function that {task}." for lang in CODE_LANGS for task in CODE_TASKS]
+    rng.shuffle(tasks)
+    n_tasks = min(int(n * code_share) // 4, len(tasks))  # a quarter of the code prompts: small programming tasks
+    prompts: list[str] = tasks[:n_tasks]
+    n_code = min(int(n * code_share) - n_tasks, len(funcs)) if funcs else 0
     for i in range(n_code):
         name, src, doc = funcs[i]
         lines = src.splitlines()

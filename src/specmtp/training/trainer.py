@@ -299,6 +299,9 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
            "max_len": opts.max_len, "topk": opts.topk, "seed": opts.seed, "sources": sources,
            "raw_tokens": opts.raw_tokens, "gen_batch": opts.gen_batch,
            "target": target_name or str(target.path), "custom_prompts": prompts}
+    head_q = getattr(target.model, "head_q", None)
+    if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
+        key["weights"] = f"q{head_q.fmt}"
     key_path = shards / "key.json"
     if shards.is_dir() and any(shards.iterdir()):
         if not resume:
