@@ -171,7 +171,10 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
                 w = _unpermute(w, heads if kind == "attn_q" else kv_heads)
             if arch == "gemma3" and t.name.endswith("norm.weight"):
                 w = w - 1.0  # llama.cpp stores Gemma's (1 + w) scale; the HF layout stores w
-            tensors[_hf_name(arch, t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+            w = np.ascontiguousarray(w)
+            if not w.flags.writeable:  # f32 tensors come back as read-only views of the file
+                w = w.copy()
+            tensors[_hf_name(arch, t.name)] = torch.from_numpy(w)
     except (ValueError, IndexError, TypeError) as e:
         raise SpecMTPError(f"corrupt or truncated GGUF file {gguf_path}: {e}") from None
     vocab = tensors["model.embed_tokens.weight"].shape[0]
