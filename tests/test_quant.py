@@ -239,3 +239,15 @@ def test_kernel_pre_ops_and_residual(fmt, path):
     assert torch.equal(qlinear(x, qw, residual=res), qlinear(x, qw) + res)
     assert torch.equal(qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)[2:3],
                        qlinear(x[2:3], qw, pre="rms_norm", norm=norm, eps=1e-6))  # per token: batch-invariant
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantizing_in_slices_equals_quantizing_at_once(fmt, monkeypatch):
+    import specmtp.quant as quant
+
+    w = torch.randn(45, 96, generator=torch.Generator().manual_seed(4))
+    whole = quantize(w, fmt)
+    monkeypatch.setattr(quant, "ROWS_PER_CHUNK", 16)  # three slices of whole row groups, the last one partial
+    sliced = quantize(w, fmt)
+    assert sliced.shape == whole.shape and torch.equal(sliced.qs, whole.qs) and torch.equal(sliced.d, whole.d)
+    assert torch.equal(dequantize(sliced), dequantize(whole))

@@ -58,7 +58,8 @@ def require() -> None:
                            "compiler available (make clean && make test), or use --weights fp32")
 
 
-ROWS_PER_CHUNK = 4096  # quantize() works through large matrices in slices, so its temporaries stay small
+ROWS_PER_CHUNK = 4096  # quantize() works through large matrices in slices (of whole row groups of 8), so its
+# temporaries stay small
 
 
 def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
@@ -68,11 +69,12 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     n, k = w.shape
     if k % QK:
         raise SpecMTPError(f"cannot quantize a weight with {k} inputs: not a multiple of {QK}")
-    parts = [_quantize_rows(w[i : i + ROWS_PER_CHUNK], FORMATS[fmt]) for i in range(0, n, ROWS_PER_CHUNK)]
-    q = torch.cat([p[0] for p in parts])
-    d = torch.cat([p[1] for p in parts])
-    m = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
-    return pack(FORMATS[fmt], q, d, m)
+    bits = FORMATS[fmt]
+    parts = [pack(bits, *_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits)) for i in range(0, n, ROWS_PER_CHUNK)]
+    if len(parts) == 1:
+        return parts[0]
+    m = torch.cat([q.m for q in parts]) if parts[0].m is not None else None  # chunks are whole row groups
+    return QuantWeight(bits, (n, k), torch.cat([q.qs for q in parts]), torch.cat([q.d for q in parts]), m)
 
 
 def _quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
