@@ -22,6 +22,15 @@ __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(g
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         __m256i w[8], aw[8];
+        /* the block 4 ahead (a hint: it never faults, even past the end); alternating builds on this machine gave
+         * 2-7 % faster q4 steps with it in 7 of 7 paired comparisons (1- and 2-token steps, a streaming test) */
+        const char *ahead = (const char *)(wq + (b + 4) * 8 * (FMT == 4 ? 16 : 32));
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        if (FMT == 8) {
+            _mm_prefetch(ahead + 128, _MM_HINT_T0);
+            _mm_prefetch(ahead + 192, _MM_HINT_T0);
+        }
         if (FMT == 4) {  /* 4 chunks: low nibbles hold word 2c, high nibbles word 2c + 1 */
             for (int c = 0; c < 4; c++) {
                 const __m256i p = _mm256_loadu_si256((const __m256i *)(wq + b * 128 + c * 32));
