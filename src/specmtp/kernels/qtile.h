@@ -24,7 +24,7 @@ __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(g
         __m256i w[8], aw[8];
         /* the block 4 ahead (a hint: it never faults, even past the end); alternating builds on this machine gave
          * 2-7 % faster q4 steps with it in 7 of 7 paired comparisons (1- and 2-token steps, a streaming test) */
-        const char *ahead = (const char *)(wq + (b + 4) * 8 * (FMT == 4 ? 16 : 32));
+        const char *ahead = (const char *)((uintptr_t)wq + (uintptr_t)(b + 4) * 8 * (FMT == 4 ? 16 : 32));
         _mm_prefetch(ahead, _MM_HINT_T0);
         _mm_prefetch(ahead + 64, _MM_HINT_T0);
         if (FMT == 8) {
