@@ -260,5 +260,9 @@ def select_rows(w, rows: torch.Tensor):
     """Rows of a dense or quantized weight (an MTP drafter's reduced head)."""
     if isinstance(w, torch.Tensor):
         return w[rows].contiguous()
-    q, d, m = unpack(w)
-    return pack(w.fmt, q[rows], d[rows], m[rows] if m is not None else None)
+    groups, where = torch.unique(rows // 8, return_inverse=True)  # unpack only the row groups that are asked for
+    sub = QuantWeight(w.fmt, (8 * len(groups), w.shape[1]), w.qs[groups], w.d[groups],
+                      w.m[groups] if w.m is not None else None)
+    q, d, m = unpack(sub)
+    local = where * 8 + rows % 8  # each row's index within `sub`
+    return pack(w.fmt, q[local], d[local], m[local] if m is not None else None)

@@ -118,6 +118,15 @@ static inline int32_t load_word(const int8_t *x) {  /* 4 activation bytes, to be
     return v;
 }
 
+/* The 8 (or, in a partial last group, fewer) results of row group g for token t, plus bias and residual. */
+static void store_group(const gemm_args *a, int64_t g, int64_t t, const float *out) {
+    const int rows = a->n - g * 8 < 8 ? (int)(a->n - g * 8) : 8;
+    for (int r = 0; r < rows; r++) {
+        const int64_t n = g * 8 + r;
+        a->y[t * a->n + n] = out[r] + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
+    }
+}
+
 /* Byte offset of group g, block b in wq, and the integer dot of row r of that block with a token's 32 int8 x. */
 static int64_t block_offset(int fmt, int64_t g, int64_t nb, int64_t b) { return (g * nb + b) * (fmt == 4 ? 128 : 256); }
 
@@ -149,8 +158,8 @@ static void rows_scalar(const gemm_args *a, int64_t g0, int64_t g1) {
                                                    a->xq + t * a->k + b * QK);
                 const int64_t j = (g * nb + b) * 8 + r;
                 const float scale = half_to_float(a->wd[j]) * a->xd[t * nb + b];
-                const float off = a->fmt == 4 ? half_to_float(a->wm[j]) * a->xs[t * nb + b] : 0.0f;
-                acc += fmaf((float)s, scale, off);
+                acc += a->fmt == 4 ? fmaf((float)s, scale, half_to_float(a->wm[j]) * a->xs[t * nb + b])
+                                   : (float)s * scale;
             }
             a->y[t * a->n + n] = acc + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
         }
@@ -262,25 +271,20 @@ static void rows_neon(const gemm_args *a, int64_t g0, int64_t g1) {
                         s[0] = vaddq_s32(s[0], dot4_neon(w[c][0], xb));
                         s[1] = vaddq_s32(s[1], dot4_neon(w[c][1], xb));
                     }
-                    const float xd = a->xd[t * nb + b], xs = a->fmt == 4 ? a->xs[t * nb + b] : 0.0f;
                     for (int h = 0; h < 2; h++) {
-                        const float32x4_t scale = vmulq_f32(vld1q_f32(dw + 4 * h), vdupq_n_f32(xd));
-                        const float32x4_t off = vmulq_f32(vld1q_f32(mw + 4 * h), vdupq_n_f32(xs));
-                        acc[i][h] = vaddq_f32(acc[i][h], vfmaq_f32(off, vcvtq_f32_s32(s[h]), scale));
+                        const float32x4_t scale = vmulq_f32(vld1q_f32(dw + 4 * h), vdupq_n_f32(a->xd[t * nb + b]));
+                        const float32x4_t dot = vcvtq_f32_s32(s[h]);
+                        acc[i][h] = vaddq_f32(acc[i][h], a->fmt == 4 ? vfmaq_f32(vmulq_f32(vld1q_f32(mw + 4 * h),
+                                                                     vdupq_n_f32(a->xs[t * nb + b])), dot, scale)
+                                                                     : vmulq_f32(dot, scale));
                     }
                 }
             }
-            const int rows = a->n - g * 8 < 8 ? (int)(a->n - g * 8) : 8;
             for (int i = 0; i < tn; i++) {
-                const int64_t t = t0 + i;
                 float out[8];
                 vst1q_f32(out, acc[i][0]);
                 vst1q_f32(out + 4, acc[i][1]);
-                for (int r = 0; r < rows; r++) {
-                    const int64_t n = g * 8 + r;
-                    a->y[t * a->n + n] = out[r] + (a->bias ? a->bias[n] : 0.0f) +
-                                         (a->res ? a->res[t * a->n + n] : 0.0f);
-                }
+                store_group(a, g, t0 + i, out);
             }
         }
     }
@@ -291,7 +295,12 @@ static void rows_neon(const gemm_args *a, int64_t g0, int64_t g1) {
 enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI, ISA_NEON, ISA_COUNT };
 static const char *isa_names[] = {"scalar", "avx2", "vnni", "neon"};
 static int isa = ISA_SCALAR;
-static int use_avx2 = 0;  /* isa >= ISA_AVX2: the attention kernel's vector path */
+static int use_avx2 = 0;  /* isa is AVX2 or VNNI: the attention kernel's vector path */
+
+static void choose_isa(int i) {
+    isa = i;
+    use_avx2 = isa == ISA_AVX2 || isa == ISA_VNNI;
+}
 
 static int best_isa(void);
 
@@ -669,8 +678,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
                      isa_names[best]);
         return NULL;
     }
-    isa = want;
-    use_avx2 = isa == ISA_AVX2 || isa == ISA_VNNI;
+    choose_isa(want);
     return PyUnicode_FromString(isa_names[isa]);
 }
 
@@ -692,8 +700,7 @@ PyMODINIT_FUNC PyInit__qkernels(void) {
 #ifdef SPECMTP_X86
     __builtin_cpu_init();
 #endif
-    isa = best_isa();
-    use_avx2 = isa == ISA_AVX2 || isa == ISA_VNNI;
+    choose_isa(best_isa());
     return PyModule_Create(&module);
 }
 #endif  /* SPECMTP_NO_PYTHON */

@@ -9,8 +9,9 @@
 
 /* One group of 8 rows (g) against TN <= TILE_MAX tokens from t0, format FMT (both compile-time constants after
  * inlining, so the accumulators stay in registers). Lane r of every vector is row 8 g + r. Per block b, token t:
- *     acc[t] += float(dot) * (d_w * d_x)  +  m_w * s_x          (one fma into a fresh sum, then one add)
- * where s_x is the sum of the token's dequantized block (the q4 offset's term; q8 has none). */
+ *     acc[t] += float(dot) * (d_w * d_x)  +  m_w * s_x          (q4: one fma into a fresh sum, then one add)
+ *     acc[t] += float(dot) * (d_w * d_x)                        (q8: one multiply, then one add)
+ * where s_x is the sum of the token's dequantized block (the q4 offset's term). */
 __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(group_tile)(
     const gemm_args *a, int64_t g, int64_t t0, const int TN, const int FMT) {
     const int64_t nb = a->k / QK;
@@ -45,24 +46,21 @@ __attribute__((target(TILE_TARGET), always_inline)) static inline void TILE_FN(g
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
         const __m256 mw = FMT == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)))
-                                   : _mm256_setzero_ps();
+                                   : _mm256_setzero_ps();  /* q8: unused */
         for (int i = 0; i < TN; i++) {
             const int64_t t = t0 + i;
             const __m256i s = TILE_FN(dot8)(w, aw, a->xq + t * a->k + b * QK, FMT);
             const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->xd[t * nb + b]));
-            const __m256 off = _mm256_mul_ps(mw, _mm256_set1_ps(FMT == 4 ? a->xs[t * nb + b] : 0.0f));
-            acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, off));
+            const __m256 dot = _mm256_cvtepi32_ps(s);
+            acc[i] = _mm256_add_ps(acc[i], FMT == 4 ? _mm256_fmadd_ps(dot, scale, _mm256_mul_ps(mw, _mm256_set1_ps(
+                                                          a->xs[t * nb + b])))
+                                                    : _mm256_mul_ps(dot, scale));
         }
     }
-    const int rows = a->n - g * 8 < 8 ? (int)(a->n - g * 8) : 8;
     for (int i = 0; i < TN; i++) {
-        const int64_t t = t0 + i;
         float out[8];
         _mm256_storeu_ps(out, acc[i]);
-        for (int r = 0; r < rows; r++) {
-            const int64_t n = g * 8 + r;
-            a->y[t * a->n + n] = out[r] + (a->bias ? a->bias[n] : 0.0f) + (a->res ? a->res[t * a->n + n] : 0.0f);
-        }
+        store_group(a, g, t0 + i, out);
     }
 }
 
