@@ -212,15 +212,42 @@ def test_fused_layers_match_unfused(tiny_dir, family):
     assert all(layer.fused_attention and layer.fused for layer in model.layers)
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     outs = []
+    stack = model.stack
     for fused in (True, False):
         for layer in model.layers:
             layer.fused_attention = layer.fused = fused
+        model.stack = stack if fused else None
         cache = model.new_cache(1, 40)
         prefix = model(tokens[:, :24], torch.arange(24)[None], cache)
         step = model(tokens[:, 24:], torch.arange(24, 30)[None], cache)  # a verify-sized pass
         outs.append(torch.cat([prefix, step], 1))
     # equal to rounding; a rounding difference can move an activation across an int8 step, hence the norm bound
     assert (outs[0] - outs[1]).norm() / outs[1].norm() < PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layer_stack_in_one_call_is_bit_identical_to_layer_by_layer(tiny_dir, family):
+    """Plain quantized layers run as one kernel call per forward (quant.run_stack) with the very results of one
+    Python call per layer: prefill, a step and a verify-sized pass, hidden states and cache alike."""
+    model = load_model(str(tiny_dir(family)), weights="q4").model
+    assert model.stack is not None and model.stack.shape[0] == len(model.layers)
+    tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for stack in (model.stack, None):
+        model.stack = stack
+        cache = model.new_cache(1, 40)
+        out = [model(tokens[:, :20], torch.arange(20)[None], cache),
+               model(tokens[:, 20:21], torch.tensor([[20]]), cache),
+               model(tokens[:, 21:26], torch.arange(21, 26)[None], cache)]
+        runs.append((out, cache))
+    (a, ca), (b, cb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x[:, :, :26], y[:, :, :26]) for x, y in zip(ca.k + ca.v, cb.k + cb.v, strict=True))
+
+
+def test_layer_stack_only_for_plain_layers(tiny_dir):
+    assert load_model(str(tiny_dir("gemma3")), weights="q4").model.stack is None  # sandwich norms, q/k norms
+    assert load_model(str(tiny_dir("llama"))).model.stack is None  # dense weights
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])

@@ -37,10 +37,17 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
         self.capacity = capacity
         self.batch_index = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
+        self._pointers: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
+
+    def pointers(self) -> torch.Tensor:
+        """[L, 2] int64: where each layer's K and V of row 0 live (the quantized kernels' layer stack reads them)."""
+        if self._pointers is None:
+            self._pointers = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in zip(self.k, self.v, strict=True)])
+        return self._pointers
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values of new tokens at their positions.
@@ -73,4 +80,5 @@ class KVCache:
         out.lengths = self.lengths[b : b + 1].clone()
         out.capacity = self.capacity
         out.batch_index = torch.zeros(1, 1, dtype=torch.long, device=self.lengths.device)
+        out._pointers = None
         return out

@@ -324,6 +324,7 @@ class Transformer(nn.Module):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(rope, cfg.kind_head_dim(kind)), persistent=False)
 
     head_q = None  # a quant.QuantWeight output head, when the model was quantized
+    stack = None  # quant.stack_descriptor of the layers, when all are plain quantized ones: one kernel call for all
 
     @property
     def head_weight(self):  # [V, H] dense tensor, or QuantWeight
@@ -376,6 +377,13 @@ class Transformer(nn.Module):
             mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window)
             views[kind] = (rope, mask, start)
         x = self.embed_tokens(tokens)
+        if self.stack is not None and tokens.shape[0] == 1 and tokens.shape[1] <= INVARIANT_MAX_T and (
+                cache.batch_size == 1 and cache.k[0].device.type == "cpu"):
+            # quantized plain layers, one row: the whole stack in one kernel call, the same computation as below
+            x = x[0].contiguous()  # [T, H]
+            quant.run_stack(self.stack, x, lo, {kind: view[0] for kind, view in views.items()}, cache.pointers(),
+                            cache.capacity, cfg.rms_norm_eps, cfg.attn_scale)
+            return rms_norm(x[None], self.norm, cfg.rms_norm_eps)
         ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         for i, layer in enumerate(self.layers):
             rope, mask, start = views[layer.kind]

@@ -209,6 +209,55 @@ def attend(
     return out
 
 
+LAYER_FIELDS = 32  # int64 fields per layer in a stack descriptor (kernels/qkernels.c, LF_*)
+ROPE_INDEX = {"full_attention": 0, "sliding_attention": 1}
+
+
+def stack_descriptor(layers) -> torch.Tensor | None:
+    """The kernels' description of a stack of plain quantized layers (model.Layer with `fused` set, fp32 norms), as
+    int64 [L, LAYER_FIELDS]: per matrix (qkv, o, gate_up, down) format, weight/scale/offset pointers and rows, then
+    biases, norms, heads, head dim, window and RoPE kind. None where a layer does not qualify. The pointers are into
+    the layers' own tensors, which are never replaced after quantization."""
+    rows = []
+    for layer in layers:
+        mats = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        norms = (layer.attn_norm, layer.mlp_norm)
+        biases = [m.bias for m in mats[:2]]
+        if not layer.fused or any(t.dtype != torch.float32 or not t.is_contiguous()
+                                  for t in [*norms, *(b for b in biases if b is not None)]):
+            return None
+        f = [0] * LAYER_FIELDS
+        for i, m in enumerate(mats):
+            qw = m.qweight
+            f[5 * i : 5 * i + 5] = [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
+        f[20:29] = [_ptr(biases[0]), _ptr(biases[1]), norms[0].data_ptr(), norms[1].data_ptr(), layer.cfg.num_heads,
+                    layer.kv_heads, layer.head_dim, layer.window or 0, ROPE_INDEX[layer.kind]]
+        rows.append(f)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def run_stack(
+    desc: torch.Tensor,  # [L, LAYER_FIELDS] from stack_descriptor
+    x: torch.Tensor,  # [T, H] fp32 contiguous: one row's new tokens, updated in place through every layer
+    pos0: int,  # position of the first token (they are contiguous)
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> cos, sin [.., T, .., D] fp32 contiguous
+    kv: torch.Tensor,  # [L, 2] int64: each layer's K and V cache pointers, [Hkv, S, D] fp32 (KVCache.pointers)
+    slots: int,  # S
+    eps: float,
+    scale: float,
+) -> None:
+    """All layers of the stack in one kernel call: the same kernel calls the per-layer path makes, in C."""
+    full = rope.get("full_attention") or rope["sliding_attention"]
+    sliding = rope.get("sliding_attention") or full
+    t, h = x.shape
+    _qkernels.layers(desc.data_ptr(), desc.shape[0], x.data_ptr(), t, h, pos0, full[0].data_ptr(), full[1].data_ptr(),
+                     sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale)
+
+
 def set_threads(n: int) -> None:
     if _qkernels is not None:
         _qkernels.set_threads(n)
@@ -253,6 +302,8 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
         layer.fused_attention = layer.plain_attention()
         linears = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
         layer.fused = layer.plain_layer() and all(m.qweight is not None for m in linears)
+    if hasattr(model, "stack"):
+        model.stack = stack_descriptor(model.layers)
     return total
 
 

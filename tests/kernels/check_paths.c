@@ -25,7 +25,7 @@ static void run(int path, int fmt, int64_t t, int64_t n, int64_t k, const uint8_
     const int64_t nb = k / QK;
     int8_t *xq = malloc(t * k);
     float *xd = malloc(t * nb * sizeof(float)), *xs = malloc(t * nb * sizeof(float));
-    for (int64_t i = 0; i < t; i++) quantize_row(x + i * k, k, xq + i * k, xd + i * nb, xs + i * nb);
+    for (int64_t j = 0; j < t * nb; j++) quantize_block(x + j * QK, xq + j * QK, xd + j, xs + j);
     gemm_args a = {fmt, xq, xd, xs, wq, wd, fmt == 4 ? wm : NULL, NULL, NULL, y, t, n, k};
     isa = path;
     run_rows(&a, 0, (n + 7) / 8);

@@ -50,27 +50,24 @@
 /* ---------------------------------------------------------------------------------------------------------- */
 /* activation quantization                                                                                    */
 
-/* x [K] -> xq [K] int8, xd [K/32] scale, xs [K/32] sum of the dequantized block (for q4's offset term) */
-static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xd, float *xs) {
-    for (int64_t b = 0; b < k / QK; b++) {
-        const float *v = x + b * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) {
-            float a = fabsf(v[j]);
-            amax = a > amax ? a : amax;
-        }
-        float d = amax / 127.0f;
-        float id = d > 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            int q = (int)lrintf(v[j] * id);
-            q = q > 127 ? 127 : (q < -127 ? -127 : q);
-            xq[b * QK + j] = (int8_t)q;
-            sum += q;
-        }
-        xd[b] = d;
-        xs[b] = d * (float)sum;
+/* One block of 32 activations -> int8 q[32], scale *xd, sum of the dequantized block *xs (q4's offset term) */
+static void quantize_block(const float *v, int8_t *xq, float *xd, float *xs) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) {
+        float a = fabsf(v[j]);
+        amax = a > amax ? a : amax;
     }
+    float d = amax / 127.0f;
+    float id = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        int q = (int)lrintf(v[j] * id);
+        q = q > 127 ? 127 : (q < -127 ? -127 : q);
+        xq[j] = (int8_t)q;
+        sum += q;
+    }
+    *xd = d;
+    *xs = d * (float)sum;
 }
 
 static float half_to_float(uint16_t h) {
@@ -528,27 +525,162 @@ static void attend_part(const void *arg, int part, int parts) {
 
 static int8_t *scratch_q = NULL;
 static float *scratch_f = NULL;
-static int64_t scratch_cap = 0;
+static int64_t scratch_cap = 0;  /* T K of the activations they hold */
 
 /* What the kernel does to each token's activations before quantizing them (per token, so batch-invariant) */
 enum { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
 
-static void prepare_row(int pre, const float *x, int64_t k, const float *norm, float eps, float *out) {
-    if (pre == PRE_RMSNORM) {  /* out = norm * x / sqrt(mean(x^2) + eps) */
-        float ss = 0.0f;
-        for (int64_t j = 0; j < k; j++) ss += x[j] * x[j];
-        const float r = 1.0f / sqrtf(ss / (float)k + eps);
-        for (int64_t j = 0; j < k; j++) out[j] = norm[j] * (x[j] * r);
-    } else {  /* PRE_SWIGLU: x = [gate (k), up (k)], out = silu(gate) * up */
-        for (int64_t j = 0; j < k; j++) {
-            const float g = x[j];
-            out[j] = g / (1.0f + expf(-g)) * x[k + j];
+typedef struct {
+    int pre;
+    const float *x;        /* [T, K] ([T, 2K] with swiglu: gate then up) */
+    const float *norm;     /* [K] rms norm weight */
+    const float *rscale;   /* [T] rms norm: 1 / sqrt(mean(x^2) + eps) of each token */
+    int64_t t, k;
+    int8_t *xq;            /* [T, K] */
+    float *xd, *xs;        /* [T, K/32] */
+} prep_args;
+
+/* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
+ * result does not depend on the split. */
+static void prep_part(const void *arg, int part, int parts) {
+    const prep_args *a = (const prep_args *)arg;
+    const int64_t nb = a->k / QK, total = a->t * nb, per = (total + parts - 1) / parts;
+    const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
+    const int64_t width = a->pre == PRE_SWIGLU ? 2 * a->k : a->k;
+    float v[QK];
+    for (int64_t idx = i0; idx < i1; idx++) {
+        const int64_t i = idx / nb, b = idx % nb;
+        const float *row = a->x + i * width + b * QK, *src = row;
+        if (a->pre == PRE_RMSNORM) {  /* norm * x / sqrt(mean(x^2) + eps) */
+            for (int j = 0; j < QK; j++) v[j] = a->norm[b * QK + j] * (row[j] * a->rscale[i]);
+            src = v;
+        } else if (a->pre == PRE_SWIGLU) {  /* silu(gate) * up */
+            for (int j = 0; j < QK; j++) v[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
+            src = v;
         }
+        quantize_block(src, a->xq + i * a->k + b * QK, a->xd + i * nb + b, a->xs + i * nb + b);
     }
 }
 
-static float *scratch_x = NULL;
-static int64_t scratch_x_cap = 0;
+/* y[T, N] = pre(x)[T, K] @ W[N, K]^T + bias + res (res may be y itself: each element is read, then written, by
+ * one thread). Returns 0, or -1 when the scratch memory cannot be had. */
+static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
+                    const uint16_t *wm, const float *bias, float *y, int64_t n, int pre, const float *norm, float eps,
+                    const float *res) {
+    const int64_t nb = k / QK;
+    if (t * k > scratch_cap) {
+        free(scratch_q);
+        free(scratch_f);
+        scratch_cap = t * k;
+        scratch_q = (int8_t *)malloc((size_t)scratch_cap);
+        scratch_f = (float *)malloc(sizeof(float) * (size_t)(2 * scratch_cap / QK + scratch_cap + 2));
+        if (!scratch_q || !scratch_f) {
+            scratch_cap = 0;
+            return -1;
+        }
+    }
+    float *xd = scratch_f, *xs = scratch_f + t * nb, *rscale = scratch_f + 2 * t * nb;
+    if (pre == PRE_RMSNORM)
+        for (int64_t i = 0; i < t; i++) {
+            const float *row = x + i * k;
+            float ss = 0.0f;
+            for (int64_t j = 0; j < k; j++) ss += row[j] * row[j];
+            rscale[i] = 1.0f / sqrtf(ss / (float)k + eps);
+        }
+    prep_args p = {pre, x, norm, rscale, t, k, scratch_q, xd, xs};
+    run_parts(prep_part, &p, pre == PRE_SWIGLU ? 16 * t * k : t * k);  /* SwiGLU's expf: worth two threads */
+    gemm_args a = {fmt, scratch_q, xd, xs, wq, wd, wm, bias, res, y, t, n, k};
+    run_parallel(&a);
+    return 0;
+}
+
+static float *attn_scratch = NULL;
+static int64_t attn_cap = 0;
+
+/* One row's T new tokens at positions pos0 .. pos0 + T - 1: rotate q and k in qkv, write k and v into the layer's
+ * cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
+static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos, const float *sin,
+                      float *kc, float *vc, int64_t s, int64_t pos0, int64_t window, float scale, float *out) {
+    if (!pool_started) pool_start(pool_size);
+    if ((int64_t)pool_size * s > attn_cap) {
+        free(attn_scratch);
+        attn_cap = (int64_t)pool_size * s;
+        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
+        if (!attn_scratch) {
+            attn_cap = 0;
+            return -1;
+        }
+    }
+    attn_args a = {qkv, cos, sin, kc, vc, out, attn_scratch, t, hq, hkv, d, s, pos0, window, scale};
+    const int64_t stride = (hq + 2 * hkv) * d;
+    for (int64_t i = 0; i < t; i++) {  /* rotate q and k, write k and v at the token's slot */
+        float *row = qkv + i * stride;
+        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, cos + i * d, sin + i * d, d);
+        for (int64_t g = 0; g < hkv; g++) {
+            memcpy(kc + (g * s + pos0 + i) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
+            memcpy(vc + (g * s + pos0 + i) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
+        }
+    }
+    run_parts(attend_part, &a, t * hq * (pos0 + t) * d);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* a stack of plain (Llama / Qwen2) layers for one row's new tokens: per layer                                 */
+/*     x += o(attend(rope(qkv(rms_norm(x)))));   x += down(swiglu(gate_up(rms_norm(x))))                         */
+/* with exactly the calls the per-layer path makes (same results, bit for bit), minus the interpreter between.  */
+
+/* A layer's fields in the descriptor (int64 each; pointers as integers): 4 matrices (qkv, o, gate_up, down) of
+ * 5 fields (format, weights, scales, offsets, rows), then the rest. quant.py's `stack_descriptor` writes it. */
+enum { LF_QKV_BIAS = 20, LF_O_BIAS, LF_ATTN_NORM, LF_MLP_NORM, LF_HQ, LF_HKV, LF_D, LF_WINDOW, LF_ROPE, LF_FIELDS = 32 };
+
+static int mat_gemm(const int64_t *f, int m, const float *x, int64_t t, int64_t k, const float *bias, float *y, int pre,
+                    const float *norm, float eps, const float *res) {
+    const int64_t *w = f + 5 * m;
+    return gemm_run((int)w[0], x, t, k, (const uint8_t *)w[1], (const uint16_t *)w[2], (const uint16_t *)w[3], bias, y,
+                    w[4], pre, norm, eps, res);
+}
+
+static float *stack_buf = NULL;
+static int64_t stack_cap = 0;
+
+static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, int64_t h, int64_t pos0,
+                     const float *const rope[2][2], const int64_t *kv, int64_t s, float eps, float scale) {
+    int64_t w_qkv = 0, w_att = 0, w_gu = 0;
+    for (int64_t l = 0; l < layers; l++) {
+        const int64_t *f = desc + l * LF_FIELDS;
+        w_qkv = f[4] > w_qkv ? f[4] : w_qkv;
+        w_att = f[LF_HQ] * f[LF_D] > w_att ? f[LF_HQ] * f[LF_D] : w_att;
+        w_gu = f[14] > w_gu ? f[14] : w_gu;
+    }
+    if (t * (w_qkv + w_att + w_gu) > stack_cap) {
+        free(stack_buf);
+        stack_cap = t * (w_qkv + w_att + w_gu);
+        stack_buf = (float *)malloc(sizeof(float) * (size_t)stack_cap);
+        if (!stack_buf) {
+            stack_cap = 0;
+            return -1;
+        }
+    }
+    float *qkv = stack_buf, *att = qkv + t * w_qkv, *gu = att + t * w_att;
+    for (int64_t l = 0; l < layers; l++) {
+        const int64_t *f = desc + l * LF_FIELDS;
+        const int64_t hq = f[LF_HQ], d = f[LF_D], inter = f[14] / 2;
+        const float *const *cs = rope[f[LF_ROPE]];
+        if (mat_gemm(f, 0, x, t, h, (const float *)f[LF_QKV_BIAS], qkv, PRE_RMSNORM, (const float *)f[LF_ATTN_NORM],
+                     eps, NULL) ||
+            attend_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (float *)kv[2 * l], (float *)kv[2 * l + 1], s, pos0,
+                       f[LF_WINDOW], scale, att) ||
+            mat_gemm(f, 1, att, t, hq * d, (const float *)f[LF_O_BIAS], x, PRE_NONE, NULL, 0.0f, x) ||
+            mat_gemm(f, 2, x, t, h, NULL, gu, PRE_RMSNORM, (const float *)f[LF_MLP_NORM], eps, NULL) ||
+            mat_gemm(f, 3, gu, t, inter, NULL, x, PRE_SWIGLU, NULL, 0.0f, x))
+            return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Python entry points: raw pointers from torch tensors (contiguous, checked by the caller)                    */
 
 #ifndef SPECMTP_NO_PYTHON
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
@@ -571,44 +703,13 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "pre must be 0 (none), 1 (rms norm, with its weight) or 2 (swiglu)");
         return NULL;
     }
-    if (t * k > scratch_cap) {
-        free(scratch_q);
-        free(scratch_f);
-        scratch_cap = t * k;
-        scratch_q = (int8_t *)malloc((size_t)scratch_cap);
-        scratch_f = (float *)malloc(sizeof(float) * (size_t)(2 * scratch_cap / QK + 2));
-        if (!scratch_q || !scratch_f) {
-            scratch_cap = 0;
-            return PyErr_NoMemory();
-        }
-    }
-    if (pre != PRE_NONE && k > scratch_x_cap) {
-        free(scratch_x);
-        scratch_x_cap = k;
-        scratch_x = (float *)malloc(sizeof(float) * (size_t)k);
-        if (!scratch_x) {
-            scratch_x_cap = 0;
-            return PyErr_NoMemory();
-        }
-    }
-    const int64_t nb = k / QK, width = pre == PRE_SWIGLU ? 2 * k : k;
-    for (int64_t i = 0; i < t; i++) {
-        const float *row = (const float *)x + i * width;
-        if (pre != PRE_NONE) {
-            prepare_row(pre, row, k, (const float *)norm, eps, scratch_x);
-            row = scratch_x;
-        }
-        quantize_row(row, k, scratch_q + i * k, scratch_f + i * nb, scratch_f + t * nb + i * nb);
-    }
-    gemm_args a = {fmt, scratch_q, scratch_f, scratch_f + t * nb, (const uint8_t *)wq, (const uint16_t *)wd,
-                   (const uint16_t *)wm, bias ? (const float *)bias : NULL, res ? (const float *)res : NULL,
-                   (float *)y, t, n, k};
-    run_parallel(&a);  /* the GIL stays held: the scratch buffers and the pool serve one call at a time */
+    /* the GIL stays held: the scratch buffers and the pool serve one call at a time */
+    if (gemm_run(fmt, (const float *)x, t, k, (const uint8_t *)wq, (const uint16_t *)wd, (const uint16_t *)wm,
+                 bias ? (const float *)bias : NULL, (float *)y, n, pre, (const float *)norm, eps,
+                 res ? (const float *)res : NULL))
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
-
-static float *attn_scratch = NULL;
-static int64_t attn_cap = 0;
 
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, kc, vc, out;
@@ -621,28 +722,26 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attend: bad shapes (heads, head dim or positions past the cache)");
         return NULL;
     }
-    if (!pool_started) pool_start(pool_size);
-    if ((int64_t)pool_size * s > attn_cap) {
-        free(attn_scratch);
-        attn_cap = (int64_t)pool_size * s;
-        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
-        if (!attn_scratch) {
-            attn_cap = 0;
-            return PyErr_NoMemory();
-        }
+    if (attend_run((float *)qkv, t, hq, hkv, d, (const float *)cos, (const float *)sin, (float *)kc, (float *)vc, s,
+                   pos0, window, scale, (float *)out))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_layers(PyObject *self, PyObject *args) {
+    unsigned long long desc, x, cos0, sin0, cos1, sin1, kv;
+    long long layers, t, h, pos0, s;
+    float eps, scale;
+    if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
+                          &s, &eps, &scale))
+        return NULL;
+    if (pos0 < 0 || pos0 + t > s || h % QK) {
+        PyErr_SetString(PyExc_ValueError, "layers: positions past the cache, or a width not a multiple of 32");
+        return NULL;
     }
-    attn_args a = {(float *)qkv, (const float *)cos, (const float *)sin, (float *)kc, (float *)vc, (float *)out,
-                   attn_scratch, t, hq, hkv, d, s, pos0, window, scale};
-    const int64_t stride = (hq + 2 * hkv) * d;
-    for (int64_t i = 0; i < t; i++) {  /* rotate q and k, write k and v at the token's slot */
-        float *row = a.qkv + i * stride;
-        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, a.cos + i * d, a.sin + i * d, d);
-        for (int64_t g = 0; g < hkv; g++) {
-            memcpy(a.kc + (g * s + pos0 + i) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
-            memcpy(a.vc + (g * s + pos0 + i) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
-        }
-    }
-    run_parts(attend_part, &a, t * hq * (pos0 + t) * d);
+    const float *const rope[2][2] = {{(const float *)cos0, (const float *)sin0}, {(const float *)cos1, (const float *)sin1}};
+    if (stack_run((const int64_t *)desc, layers, (float *)x, t, h, pos0, rope, (const int64_t *)kv, s, eps, scale))
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -687,6 +786,8 @@ static PyMethodDef methods[] = {
      "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N[, pre, norm, eps, res]): y[T,N] = pre(x)[T,K] @ W[N,K]^T + res"},
     {"attend", py_attend, METH_VARARGS,
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
+    {"layers", py_layers, METH_VARARGS,
+     "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale): L plain layers over x [T, H] in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
