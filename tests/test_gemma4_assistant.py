@@ -13,6 +13,8 @@ from conftest import VOCAB
 from specmtp import Engine, SamplingParams, load_drafter, load_model
 from specmtp.drafters.base import DraftContext
 from specmtp.errors import SpecMTPError
+from specmtp.training import TrainOptions, train_drafter
+from specmtp.training.trainer import _batch, acceptance, new_assistant, stored_samples, unrolled
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,9 +54,38 @@ def target_dir(tiny_dir):
     return tiny_dir("gemma4")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["tied-head", "ordered-embeddings"])
+CORPUS = [f"{w} {w} {w} and {w} again" for w in ("abc", "xyz", "hello", "cat", "dog", "sun", "tea", "map")] + [
+    "the quick brown fox", "one two three four", "red green blue", "a b c d e f g"]
+
+
+def train_opts(steps: int) -> TrainOptions:
+    return TrainOptions(layers=2, hidden=32, intermediate=64, heads=4, steps=steps, batch=4, anchors=24, unroll=3,
+                        lr=1e-2, prompts=len(CORPUS), answer_tokens=24, max_len=96, topk=8, gen_batch=6,
+                        heldout=0.25, eval_every=20, centroids=8, centroid_top_k=2)
+
+
+def peaked(path):
+    """The tiny target with peaked next-token distributions, as a trained model's are (see test_mtp)."""
+    model = load_model(str(path))
+    with torch.no_grad():
+        model.model.norm.mul_(12.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(target_dir, tmp_path_factory):
+    """A Gemma 4 assistant trained by `specmtp train-drafter`'s code for the tiny Gemma 4 target."""
+    out = tmp_path_factory.mktemp("trained")
+    target = peaked(target_dir)
+    meta = train_drafter(target, out, train_opts(120), progress=False, prompts=CORPUS)
+    return out, meta, target
+
+
+@pytest.fixture(scope="module", params=["tied-head", "ordered-embeddings", "trained"])
 def assistant_dir(request, tmp_path_factory):
-    return make_assistant(tmp_path_factory.mktemp("assistant"), ordered=request.param)
+    if request.param == "trained":  # every test below also checks the assistant specmtp trains and saves
+        return request.getfixturevalue("trained")[0]
+    return make_assistant(tmp_path_factory.mktemp("assistant"), ordered=request.param == "ordered-embeddings")
 
 
 def test_step_matches_transformers(target_dir, assistant_dir):
@@ -126,7 +157,8 @@ def test_greedy_speculative_equals_target_only_and_transformers(models, assistan
 def test_batch_and_sampling_run(target_dir, assistant_dir):
     target = load_model(str(target_dir))
     spec = Engine(target, load_drafter(str(assistant_dir)))
-    assert spec.num_draft_tokens == 3 and spec.schedule_name == "constant"  # from generation_config.json
+    gen = json.loads((assistant_dir / "generation_config.json").read_text())
+    assert spec.num_draft_tokens == gen["num_assistant_tokens"] and spec.schedule_name == "constant"
     plain = Engine(target)
     got = spec.generate(PROMPTS, max_new_tokens=12)
     assert [c.tokens for c in got] == [c.tokens for c in plain.generate(PROMPTS, max_new_tokens=12)]
@@ -143,3 +175,31 @@ def test_assistant_that_does_not_fit_is_refused(target_dir, tmp_path):
         Engine(target, load_drafter(str(wrong)))
     cfg = json.loads((wrong / "config.json").read_text())
     assert cfg["model_type"] == "gemma4_assistant"
+
+
+def test_training_a_gemma4_target_makes_an_assistant_that_learns(trained):
+    """For a Gemma 4 target, train-drafter trains a Gemma4Assistant (centroid-masked head) and saves it in the
+    released format (the tests above load it in transformers and match it); it learns the target's answers."""
+    out, meta, target = trained
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "gemma4_assistant" and cfg["use_ordered_embeddings"] and cfg["num_centroids"] == 8
+    assert cfg["text_config"]["layer_types"] == ["sliding_attention", "full_attention"]
+    assert "Gemma 4 assistant" in (out / "README.md").read_text()
+    samples = stored_samples(out)
+    vocab = torch.arange(target.config.vocab_size)
+
+    def corpus_acceptance(module):
+        batch = _batch(samples, 0, 3, None)
+        with torch.no_grad():
+            _, match = unrolled(module.float(), target, None, vocab, batch, 3)
+        return acceptance(match, batch[-1])
+
+    drafter = load_drafter(str(out))
+    drafter.check_compatible(target)
+    learnt = corpus_acceptance(drafter.module)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        fresh = corpus_acceptance(new_assistant(target, train_opts(0))[0])
+        assert learnt[0] > fresh[0] + 0.25 and learnt[2] > 2 * fresh[2], (learnt, fresh)
+    order = drafter.module.masked_head.token_ordering
+    assert sorted(order.tolist()) == list(range(target.config.vocab_size))  # a permutation: every token drafted

@@ -112,3 +112,18 @@ def test_gemma4_multimodal_checkpoint_loads_text_weights_only(tmp_path):
     with torch.inference_mode():
         ours = m.logits(m(ids, torch.arange(14)[None], m.new_cache(1, 32)))[0]
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_native_layout_maps_back_to_the_checkpoint_names(tiny_dir, family):
+    """checkpoint.native_to_hf (how trained assistants are saved) inverts the loader's mapping: every tensor of the
+    original checkpoint comes back under its own name with its own values."""
+    from specmtp.checkpoint import native_to_hf, read_tensors, safetensors_files
+
+    path = tiny_dir(family)
+    loaded = load_model(str(path))
+    original = {k.removeprefix("model."): v for k, v in read_tensors(safetensors_files(path)).items()}
+    back = native_to_hf(loaded.config, loaded.model.state_dict())
+    assert set(back) == set(original) - ({"lm_head.weight"} if loaded.config.tie_word_embeddings else set())
+    for name, t in back.items():
+        torch.testing.assert_close(t.float(), original[name].float(), rtol=0, atol=1e-6, msg=name)

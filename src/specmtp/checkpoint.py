@@ -190,6 +190,52 @@ def hf_to_native(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], dtype: torch.
     return out
 
 
+def native_to_hf(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_to_native` for dense layers (no MoE blocks, no per-layer inputs): our fused layout back to
+    Hugging Face tensor names (without the "model." prefix), for saving checkpoints transformers reads."""
+    if cfg.num_experts or cfg.ple_dim:
+        raise SpecMTPError("saving MoE blocks or per-layer inputs in Hugging Face layout is not supported")
+    out: dict[str, torch.Tensor] = {}
+
+    def norm(w: torch.Tensor) -> torch.Tensor:
+        return w.float() - 1.0 if cfg.norm_unit_offset else w.float()
+
+    out["embed_tokens.weight"] = state["embed.weight"]
+    out["norm.weight"] = norm(state["norm"])
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        a = p + "self_attn."
+        own_kv = cfg.owns_kv(i)
+        values_are_keys = cfg.k_eq_v and cfg.layer_types[i] == "full_attention"
+        q, kv = cfg.num_heads * cfg.head_dim_of(i), cfg.kv_heads_of(i) * cfg.head_dim_of(i)
+        sizes = {"q": q} | ({"k": kv} if own_kv else {}) | ({"v": kv} if own_kv and not values_are_keys else {})
+        for name, t in zip(sizes, state[p + "wqkv.weight"].split(list(sizes.values())), strict=True):
+            out[a + f"{name}_proj.weight"] = t
+        if cfg.attn_bias:
+            for name, t in zip(sizes, state[p + "wqkv.bias"].split(list(sizes.values())), strict=True):
+                out[a + f"{name}_proj.bias"] = t
+        out[a + "o_proj.weight"] = state[p + "wo.weight"]
+        gate, up = state[p + "w_gate_up.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = state[p + "w_down.weight"]
+        out[p + "input_layernorm.weight"] = norm(state[p + "attn_norm"])
+        if cfg.sandwich_norm:
+            out[p + "post_attention_layernorm.weight"] = norm(state[p + "attn_post_norm"])
+            out[p + "pre_feedforward_layernorm.weight"] = norm(state[p + "mlp_norm"])
+            out[p + "post_feedforward_layernorm.weight"] = norm(state[p + "mlp_post_norm"])
+        else:
+            out[p + "post_attention_layernorm.weight"] = norm(state[p + "mlp_norm"])
+        if cfg.qk_norm:
+            out[a + "q_norm.weight"] = norm(state[p + "q_norm"])
+            if own_kv:
+                out[a + "k_norm.weight"] = norm(state[p + "k_norm"])
+        if cfg.layer_scalar:
+            out[p + "layer_scalar"] = state[p + "scalar"]
+    return out
+
+
 def build_model(cfg: ModelConfig, state: dict[str, Any]) -> Transformer:
     """Instantiate without allocating, then adopt the loaded tensors (no second copy of the weights).
     Entries that are quant.QuantWeight become their Linear layer's `qweight`."""

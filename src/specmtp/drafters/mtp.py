@@ -135,6 +135,15 @@ class MTPModule(nn.Module):
         x = run_layers(self.layers, self.cfg, self.inv_freq, x, positions, kv, end)
         return self.post_projection(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
 
+    # training's view of a draft step (shared with the Gemma 4 assistant's module): (next hidden, logits, aux)
+    def draft(self, embeds, hidden, positions, kv, end, head):
+        """head: [K, Ht] the target's rows of the draft vocabulary -> (next hidden, logits [.., K], None)"""
+        h = self(embeds, hidden, positions, kv, end)
+        return h, h @ head.T, None
+
+    def pick(self, logits: torch.Tensor, aux: None) -> torch.Tensor:
+        return logits.argmax(-1)
+
 
 def save_drafter(module: MTPModule, out: Path, target: LoadedModel, meta: dict[str, Any],
                  num_draft_tokens: int, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -27,6 +27,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from specmtp.checkpoint import read_config
+from specmtp.drafters.gemma4_assistant import (
+    AssistantModule,
+    assistant_config,
+    assistant_text_config,
+    balanced_clusters,
+    save_assistant,
+)
 from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
@@ -52,6 +60,8 @@ class TrainOptions:
     answer_tokens: int = 128
     max_len: int = 448
     topk: int = 16
+    centroids: int | None = None  # Gemma 4 assistants: token clusters of the masked head (None: V/128 where V allows)
+    centroid_top_k: int = 32  # clusters scored per draft
     raw_tokens: int = 20000  # plus this many tokens of standard-library source read by the target (teacher-forced)
     feature_weight: float = 1.0  # weight of the hidden-state regression beside the distribution loss
     gen_batch: int = 32
@@ -99,6 +109,41 @@ def new_module(target: LoadedModel, opts: TrainOptions, draft_vocab: torch.Tenso
                 for layer in module.layers:
                     _copy_layer(layer, target.model.layers[layer.source])
     return module
+
+
+def new_assistant(target: LoadedModel, opts: TrainOptions) -> tuple[AssistantModule, dict[str, Any]]:
+    """A fresh Gemma 4 assistant for a Gemma 4 target and its config.json. Its tied head starts as the target's
+    embedding table projected onto the `hidden` directions of largest variance (the target's own rows when the
+    widths match), the projections map between the two spaces along the same directions, and each layer's output
+    projections start at zero, so the untrained assistant passes the target's hidden state through."""
+    tc = target.config
+    raw = read_config(Path(target.path))
+    raw = dict(raw.get("text_config") or raw)
+    hidden, inter, heads = _default_shape(target, opts)
+    vocab = tc.vocab_size
+    centroids = opts.centroids if opts.centroids is not None else (vocab // 128 if vocab % 128 == 0 and
+                                                                   vocab >= 8192 else 0)
+    top_k = min(opts.centroid_top_k, centroids) if centroids else 0
+    config = assistant_config(raw, tc, opts.layers, hidden, inter, heads, centroids, top_k)
+    module = AssistantModule(assistant_text_config(config), tc.hidden_size, centroids, top_k)
+    module.bind(tc)
+    table = dense_rows(target.model.head_weight, torch.arange(vocab))  # [V, Ht]
+    with torch.no_grad():
+        basis = torch.eye(tc.hidden_size) if hidden == tc.hidden_size else torch.pca_lowrank(
+            table, q=hidden, center=False, niter=4)[2]  # [Ht, Ha]
+        module.embed.weight.copy_(table @ basis)
+        module.pre_projection.weight.normal_(0.0, 0.02)
+        module.pre_projection.weight[:, tc.hidden_size :] += basis.T
+        module.post_projection.weight.copy_(basis)
+        for layer in module.layers:
+            layer.wo.weight.zero_()
+            layer.w_down.weight.zero_()
+        if centroids:
+            order = balanced_clusters(module.embed.weight, centroids)
+            module.masked_head.token_ordering.copy_(order)
+            means = module.embed.weight[order].view(centroids, -1, hidden).mean(1)
+            module.masked_head.centroids.copy_(means)
+    return module, config
 
 
 def _copy_layer(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -264,15 +309,17 @@ def unrolled(module: MTPModule, target: LoadedModel, head: torch.Tensor, to_draf
         pos = pos.clamp(max=tokens.shape[1] - 1)
         with torch.no_grad():
             embeds = target.model.embed_tokens(tokens[bidx, pos]).float()  # [B, A, Ht]
-        state = module(embeds, state, anchor, kv, end)  # [B, A, Ht]
-        logq = (state @ head.T).log_softmax(-1)  # [B, A, K]
+        state, logits, aux = module.draft(embeds, state, anchor, kv, end, head)  # [B, A, Ht], [B, A, K]
+        logq = logits.log_softmax(-1)  # [B, A, K]
         ids, p = top_ids[bidx, pos], top_p[bidx, pos]  # [B, A, k]
         col = to_draft[ids]  # [B, A, k] draft-vocabulary column, -1 when not draftable
         ce = -(p * logq.gather(-1, col.clamp(min=0)) * (col >= 0)).sum(-1)  # [B, A]
+        if aux is not None:  # the assistant's centroid scores learn the target's mass per token cluster
+            ce = ce + module.aux_loss(aux, ids, p)
         # the target's own hidden state at that position produced its distribution over the whole vocabulary
         feat = torch.nn.functional.smooth_l1_loss(state, hidden[bidx, pos], reduction="none").mean(-1)  # [B, A]
         losses.append(((ce + feature_weight * feat) * ok).sum() / ok.sum().clamp(min=1))
-        matches.append(ok & (logq.argmax(-1) == col[..., 0]))
+        matches.append(ok & (module.pick(logq, aux) == col[..., 0]))
     return torch.stack(losses).mean(), torch.stack(matches, -1)
 
 
@@ -291,8 +338,13 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     torch.manual_seed(opts.seed)
     tc = target.config
     hidden, inter, heads = _default_shape(target, opts)
-    cfg = drafter_config(tc, opts.layers, hidden, inter, heads)  # validates before any expensive work
-    sources = sorted(set(cfg.kv_source))
+    assistant = tc.family == "gemma4"  # a Gemma 4 target gets a Gemma4Assistant, in the released format
+    if assistant:
+        module, assistant_raw = new_assistant(target, opts)  # validates before any expensive work
+        sources = sorted({layer.source for layer in module.layers})
+    else:
+        cfg = drafter_config(tc, opts.layers, hidden, inter, heads)
+        sources = sorted(set(cfg.kv_source))
 
     shards, ckpt_path = out / "shards", out / "checkpoint.pt"
     key = {"version": DATA_VERSION, "prompts": opts.prompts, "answer_tokens": opts.answer_tokens,
@@ -333,11 +385,15 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     held = [s for i, s in enumerate(samples) if i in held_idx]
     train_set = [s for i, s in enumerate(samples) if i not in held_idx] + raw
 
-    vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
+    if assistant:  # its own head over the whole vocabulary (reduced at drafting time by the centroid mask)
+        vocab = torch.arange(tc.vocab_size)
+        head = None
+    else:
+        vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
+        head = dense_rows(target.model.head_weight, vocab)  # [K, Ht] frozen: the target's own rows
+        module = new_module(target, opts, vocab)
     to_draft = torch.full((tc.vocab_size,), -1, dtype=torch.long)
     to_draft[vocab] = torch.arange(len(vocab))
-    head = dense_rows(target.model.head_weight, vocab)  # [K, Ht] frozen: the target's own rows
-    module = new_module(target, opts, vocab)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -390,9 +446,9 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     bar.close()
 
     acc = _evaluate(module, target, head, to_draft, held_batch, eval_steps)
-    full = _evaluate(module, target, dense_rows(target.model.head_weight, torch.arange(tc.vocab_size)),
-                     torch.arange(tc.vocab_size),
-                     _batch(held[:4], 0, opts.unroll, None), eval_steps)
+    full = acc if assistant else _evaluate(
+        module, target, dense_rows(target.model.head_weight, torch.arange(tc.vocab_size)),
+        torch.arange(tc.vocab_size), _batch(held[:4], 0, opts.unroll, None), eval_steps)
     covered = torch.cat([s.top_ids[s.prompt_len :, 0] for s in held])
     coverage = float((to_draft[covered] >= 0).float().mean())
     expected = [1.0] + acc
@@ -408,7 +464,10 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         "history": history,
     }
     module.eval()
-    save_drafter(module, out, target, meta, num_draft)
+    if assistant:
+        save_assistant(module, assistant_raw, out, num_draft)
+    else:
+        save_drafter(module, out, target, meta, num_draft)
     (out / "README.md").write_text(_card(meta, module))
     return meta
 
@@ -432,19 +491,29 @@ def _load(path: Path, what: str) -> Any:
         raise SpecMTPError(f"corrupt or truncated {what} {path}: {e}; delete it to start over") from None
 
 
-def _card(meta: dict[str, Any], module: MTPModule) -> str:
+def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
     cfg, opts = module.cfg, meta["options"]
     params = sum(p.numel() for p in module.parameters())
     acc = ", ".join(f"{a:.2f}" for a in meta["heldout_accept"])
-    return f"""# specmtp MTP drafter for `{meta['target_name']}`
+    sources = [layer.source for layer in module.layers]
+    if isinstance(module, AssistantModule):
+        kind, head = "Gemma 4 assistant", module.masked_head
+        what = (f"its own tied head, masked to the {head.top_k} best of {head.num_centroids} token clusters a "
+                "draft" if head is not None else "its own tied head over the whole vocabulary")
+        head_line = (f"- Head: {what}\n- Format: transformers' Gemma4AssistantForCausalLM (config.json, "
+                     "model.safetensors)")
+    else:
+        kind = "MTP drafter"
+        head_line = (f"- Head: the target's own output rows for a draft vocabulary of {module.draft_vocab.numel()} "
+                     f"tokens\n  (covers {meta['draft_vocab_coverage']:.1%} of the target's held-out argmax tokens)")
+    return f"""# specmtp {kind} for `{meta['target_name']}`
 
 Trained with `specmtp train-drafter` (self-distillation on the CPU).
 
 - Target: `{meta['target_name']}`
 - Drafter: {cfg.num_layers} layer(s) of the target's family, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size},
-  {cfg.num_heads} query heads reading the target's layers {list(cfg.kv_source)}; {params / 1e6:.1f} M parameters (bf16)
-- Head: the target's own output rows for a draft vocabulary of {module.draft_vocab.numel()} tokens
-  (covers {meta['draft_vocab_coverage']:.1%} of the target's held-out argmax tokens)
+  {cfg.num_heads} query heads reading the target's layers {sources}; {params / 1e6:.1f} M parameters (bf16)
+{head_line}
 - Data: {meta['train_sequences']} self-distilled sequences ({meta['train_tokens']} tokens) from
   {opts['prompts']} offline prompts (Python standard library code + instruction templates), answers of up to
   {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts
