@@ -71,3 +71,40 @@ def test_adaptive_ignores_one_off_slow_samples():
             a += 1
         s.update(n, torch.tensor([a]), n * 0.05 + (100.0 if step == 0 else 0.0), cost(n + 1))
     assert s.best() >= 2
+
+
+def measured(draft: float, verify: dict[int, float]) -> Adaptive:
+    s = Adaptive(2, max_n=4)
+    for t, cost in verify.items():
+        s.update(t - 1, torch.zeros(1, dtype=torch.long), draft * (t - 1), cost)
+    one = torch.ones(1, dtype=torch.long)
+    s.update(1, one - 1, draft, verify[2], torch.tensor([[float("nan")]]), one)
+    assert s.confident  # the drafter reports confidences (NaN ones teach the calibration nothing)
+    return s
+
+
+def test_adaptive_gates_drafts_by_confidence():
+    """A draft is verified only when its chance of being accepted pays for the verify time it adds: with a 2-token
+    pass costing 1.15 steps, a 5 % draft is not worth it, a 55 % one is; later drafts need the whole chain."""
+    s = measured(0.05, {1: 1.0, 2: 1.1, 3: 1.2})
+    s.steps = 1  # not an exploring step
+    worth = s.gate()
+    assert worth is not None
+    assert worth(torch.tensor([[0.05], [0.55]])).tolist() == [False, True]
+    assert worth(torch.tensor([[0.95, 0.95], [0.35, 0.35]])).tolist() == [True, False]
+    assert worth(torch.tensor([[float("nan")]])).tolist() == [True]  # no confidence given (a copied draft): kept
+    s.steps = s.explore_every  # exploring steps draft without the gate, so calibration keeps learning
+    assert s.gate() is None
+
+
+def test_adaptive_calibrates_confidence_from_outcomes():
+    """A drafter that is overconfident (92 % sure, right 10 % of the time) stops being believed."""
+    s = measured(0.05, {1: 1.0, 2: 1.1})
+    s.steps = 1
+    assert s.gate()(torch.tensor([[0.92]])).item()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        accepted = int(torch.rand((), generator=g).item() < 0.1)
+        s.update(1, torch.tensor([accepted]), 0.05, 1.1, torch.tensor([[0.92]]), torch.tensor([1]))
+    assert abs(s.calibrated(torch.tensor(0.92)).item() - 0.1) < 0.1
+    assert not s.gate()(torch.tensor([[0.92]])).item()
