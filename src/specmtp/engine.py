@@ -274,15 +274,11 @@ class Engine:
             remaining = max(b - len(r.tokens) for r, b in zip(rows, budgets, strict=True) if not r.done)
             n = min(schedule.next(), max_n, remaining - 1) if self.drafter is not None else 0
             t0 = time.perf_counter()
-            conf, steps = None, None
             if n > 0:
-                ctx.worth = schedule.gate()
                 proposal = self.drafter.propose(ctx, n)
                 n_eff = int(proposal.num.max())  # drop trailing positions that no row filled
                 drafts, num_drafts = proposal.tokens[:, :n_eff], proposal.num
                 q = proposal.probs[:, :n_eff] if proposal.probs is not None else None
-                conf = proposal.confidence[:, :n_eff] if proposal.confidence is not None else None
-                steps = proposal.steps
             else:
                 n_eff, q = 0, None
                 drafts, num_drafts = torch.zeros(bsz, 0, dtype=torch.long), torch.zeros(bsz, dtype=torch.long)
@@ -313,8 +309,7 @@ class Engine:
             stats.verify_s += t2 - t1
             stats.draft_lengths.append(n_eff)
             stats.record(n_eff, num_drafts, num_accepted, active)
-            schedule.update(n_eff, num_accepted[live], t1 - t0, t2 - t1,
-                            conf[live] if conf is not None else None, num_drafts[live], steps)
+            schedule.update(n_eff, num_accepted[live], t1 - t0, t2 - t1)
             deltas = []
             for b, r in enumerate(rows):
                 if active[b]:

@@ -12,27 +12,16 @@
   a neighbouring, less measured N is tried so that the estimates stay current. Costs are low medians of
   recent samples (robust to one-off kernel setup and to noise), and an engine keeps its adaptive schedule
   across requests, so what it has measured about the hardware is not relearnt for every prompt.
-  With a drafter that reports its confidence in each draft, adaptive also gates drafts one by one (as
-  EAGLE-2 grows its tree by confidence): it calibrates the confidence against outcomes (acceptance by
-  confidence bucket) and keeps a draft only while its chance of being reached and accepted, per second of
-  verify time it adds, beats the round's tokens per second without it; the round's length is then the
-  gate's (up to GATED_MAX), and exploring steps draft ungated so the calibration keeps learning.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
 from specmtp.errors import SpecMTPError
-
-CONFIDENCE_BUCKETS = 10
-CALIBRATION_PRIOR = 3.0  # weight of the prior "accepted as often as the drafter is confident", per bucket
-CALIBRATION_DECAY = 0.995  # per step: a memory of a few hundred steps
-GATED_MAX = 8  # most drafts a gated round may make (the gate usually stops it long before)
 
 
 class Schedule(ABC):
@@ -42,16 +31,8 @@ class Schedule(ABC):
     def next(self) -> int:
         """Number of tokens to draft this step."""
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,  # noqa: B027
-               confidence: torch.Tensor | None = None, num_drafts: torch.Tensor | None = None,
-               draft_steps: int | None = None) -> None:
-        """Report a finished step: drafts per row, accepted per row [B], its measured times, the drafter's
-        confidence in each draft [B, n] with the valid drafts per row [B] where the drafter gives one, and the
-        draft forward passes it took (default n)."""
-
-    def gate(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """For this step, a judge of which drafts are worth verifying (see DraftContext.worth); None: all are."""
-        return None
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:  # noqa: B027
+        """Report a finished step: drafts per row, accepted per row [B], and its measured times."""
 
 
 class Constant(Schedule):
@@ -73,9 +54,7 @@ class Heuristic(Schedule):
     def next(self) -> int:
         return self.n
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,
-               confidence: torch.Tensor | None = None, num_drafts: torch.Tensor | None = None,
-               draft_steps: int | None = None) -> None:
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
         if n == 0:
             return
         self.n = self.n + 2 if bool((num_accepted >= n).all()) else max(1, self.n - 1)
@@ -95,12 +74,6 @@ class Adaptive(Schedule):
         self.verify_samples: dict[int, deque[float]] = {}  # tokens verified -> seconds
         self.window = window
         self.steps = 0
-        # Calibration of the drafter's confidence: slowly decayed counts of drafts reached / accepted by confidence
-        # bucket (a property of the drafter more than of the text), on top of a fixed prior of taking the confidence
-        # at its word. Gating needs a drafter that reports confidences (`confident`).
-        self.cal_reached = [0.0] * CONFIDENCE_BUCKETS
-        self.cal_accepted = [0.0] * CONFIDENCE_BUCKETS
-        self.confident = False
 
     @staticmethod
     def _low_median(samples: deque[float]) -> float:
@@ -139,30 +112,6 @@ class Adaptive(Schedule):
         verify = self.verify_cost
         return max(range(self.max_n + 1), key=lambda n: self.expected_rate(n, verify))
 
-    def calibrated(self, confidence: torch.Tensor) -> torch.Tensor:
-        """P(a draft is accepted | it is reached, the drafter's confidence in it), elementwise."""
-        prior = (torch.arange(CONFIDENCE_BUCKETS) + 0.5) / CONFIDENCE_BUCKETS
-        table = (torch.tensor(self.cal_accepted) + CALIBRATION_PRIOR * prior) / (
-            torch.tensor(self.cal_reached) + CALIBRATION_PRIOR)
-        return table[(confidence * CONFIDENCE_BUCKETS).long().clamp(0, CONFIDENCE_BUCKETS - 1)]
-
-    def gate(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if not self.confident or self.draft_cost is None or self.steps % self.explore_every == 0:
-            return None  # no confidences, nothing measured yet, or an exploring step: draft what next() said
-        return self.worth
-
-    def worth(self, confidence: torch.Tensor) -> torch.Tensor:
-        """confidence [B, k] -> [B]: whether verifying the k-th draft raises the row's expected tokens per second,
-        i.e. its chance of being reached and accepted per second it adds beats the tokens per second of the round
-        without it (drafts the drafter gives no confidence for, NaN, are kept)."""
-        k = confidence.shape[1]
-        chain = self.calibrated(confidence.nan_to_num(1.0)).cumprod(-1)  # [B, k]
-        verify, draft = self.verify_cost, self.draft_cost or 0.0
-        before_t = (k - 1) * draft + self._interpolate(verify, k)
-        added_t = draft + self._interpolate(verify, k + 1) - self._interpolate(verify, k)
-        before_tokens = 1 + chain[:, :-1].sum(-1)
-        return (chain[:, -1] * before_t >= added_t * before_tokens) | confidence[:, -1].isnan()
-
     def next(self) -> int:
         if self.draft_cost is None or not self.verify_samples:
             return self.n
@@ -171,23 +120,14 @@ class Adaptive(Schedule):
         if self.steps % self.explore_every == 0:  # probe the less-measured neighbour
             nbrs = [m for m in (best - 1, best + 1) if 0 <= m <= self.max_n]
             best = min(nbrs, key=lambda m: len(self.verify_samples.get(m + 1, ())))
-        elif self.confident and best > 0:  # drafting pays: the gate decides, draft by draft, how far to go
-            best = min(self.max_n, GATED_MAX)
         self.n = best
         return best
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,
-               confidence: torch.Tensor | None = None, num_drafts: torch.Tensor | None = None,
-               draft_steps: int | None = None) -> None:
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
         self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
-        if draft_steps:
-            self.draft_samples.append(draft_s / draft_steps)
         if n == 0:
             return
-        if confidence is not None and num_drafts is not None:
-            self._calibrate(num_accepted, confidence, num_drafts)
-        if not draft_steps:
-            self.draft_samples.append(draft_s / n)
+        self.draft_samples.append(draft_s / n)
         for i in range(1, self.max_n + 1):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay
@@ -195,19 +135,6 @@ class Adaptive(Schedule):
             for i in range(1, min(n, a + 1) + 1):  # positions 1..a accepted, a+1 reached and rejected
                 self.reached[i] += 1
                 self.accepted[i] += i <= a
-
-
-    def _calibrate(self, num_accepted: torch.Tensor, confidence: torch.Tensor, num_drafts: torch.Tensor) -> None:
-        self.confident = True
-        for i in range(CONFIDENCE_BUCKETS):
-            self.cal_reached[i] *= CALIBRATION_DECAY
-            self.cal_accepted[i] *= CALIBRATION_DECAY
-        for a, nd, conf in zip(num_accepted.tolist(), num_drafts.tolist(), confidence.tolist(), strict=True):
-            for i in range(min(nd, a + 1)):  # drafts 1..a accepted, a+1 reached and rejected
-                if conf[i] == conf[i]:  # not NaN
-                    bucket = min(int(conf[i] * CONFIDENCE_BUCKETS), CONFIDENCE_BUCKETS - 1)
-                    self.cal_reached[bucket] += 1
-                    self.cal_accepted[bucket] += i < a
 
 
 SCHEDULES = ("constant", "heuristic", "adaptive")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from specmtp.cache import KVCache
-from specmtp.drafters.base import DraftContext, Drafter, DraftRound, Proposal, pick_draft
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
@@ -55,18 +55,22 @@ class DraftModelDrafter(Drafter):
         # Always feed at least the row's last token (a finished row's sequence no longer grows).
         self.seen = [min(seen, length - 1) for seen, length in zip(self.seen, self.ctx_len, strict=True)]
         hidden = self._feed([s[self.seen[b] :] for b, s in enumerate(seqs)], self.seen)
-        drafts, fed = DraftRound(ctx), 0
-        vocab_size = ctx.target.cfg.vocab_size
+        drafts, probs = [], []
         for i in range(n):
             logits = self.model.logits(hidden)  # [B, V]
-            token, q, conf = pick_draft(logits, ctx)
-            if not drafts.add(token, conf, q[..., :vocab_size] if q is not None else None) or i + 1 == n:
-                break
-            positions = torch.tensor(self.ctx_len)[:, None] + i  # [B, 1]
-            hidden = self.model(token[:, None], positions, self.cache)[:, 0]
-            fed += 1
-        self.seen = [length + fed for length in self.ctx_len]  # the drafts it has fed itself are in its cache
-        return drafts.proposal()
+            token, q = pick_draft(logits, ctx)
+            if q is not None:
+                probs.append(q)
+            drafts.append(token)
+            if i + 1 < n:
+                positions = torch.tensor(self.ctx_len)[:, None] + i  # [B, 1]
+                hidden = self.model(token[:, None], positions, self.cache)[:, 0]
+        self.seen = [length + n - 1 for length in self.ctx_len]
+        tokens = torch.stack(drafts, dim=1)  # [B, N]
+        q_all = torch.stack(probs, dim=1) if probs else None  # [B, N, V]
+        if q_all is not None and q_all.shape[-1] > ctx.target.cfg.vocab_size:
+            q_all = q_all[..., : ctx.target.cfg.vocab_size]
+        return Proposal(tokens, torch.full((len(seqs),), n, dtype=torch.long), q_all)
 
     def accept(self, num_accepted: torch.Tensor) -> None:
         # Valid drafter KV: the context plus the accepted drafts it has itself consumed (at most n - 1).

@@ -28,7 +28,7 @@ from torch import nn
 
 from specmtp.checkpoint import hf_to_native, native_to_hf, read_config, read_tensors, safetensors_files
 from specmtp.config import FULL, SLIDING, ModelConfig, from_hf_config
-from specmtp.drafters.base import DraftContext, Drafter, DraftRound, Proposal, pick_draft
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
 from specmtp.drafters.mtp import run_layers
 from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
@@ -320,10 +320,12 @@ class Gemma4AssistantDrafter(Drafter):
         token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
         hidden = ctx.hidden
-        drafts = DraftRound(ctx)
+        drafts, probs = [], []
         for _ in range(n):
             logits, hidden = self.step(token, hidden, positions, ctx)
-            token, q, conf = pick_draft(logits, ctx)
-            if not drafts.add(token, conf, q):
-                break
-        return drafts.proposal()
+            token, q = pick_draft(logits, ctx)
+            if q is not None:
+                probs.append(q)
+            drafts.append(token)
+        return Proposal(torch.stack(drafts, 1), torch.full((len(ctx.sequences),), n, dtype=torch.long),
+                        torch.stack(probs, 1) if probs else None)

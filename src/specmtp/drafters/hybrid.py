@@ -39,30 +39,23 @@ class LookupFirst(Drafter):
         self.copied = [len(c) > 0 for c in copies]
         bsz = len(copies)
         self.inner_ran = not all(self.copied)
-        width = max([len(c) for c in copies] + [0])
         if self.inner_ran:
             proposal = self.inner.propose(ctx, n)
-            width = max(width, proposal.tokens.shape[1])
-            grow = width - proposal.tokens.shape[1]  # the inner drafter may have stopped short of the copies
-            tokens = torch.nn.functional.pad(proposal.tokens, (0, grow))
-            num = proposal.num.clone()
-            probs = None if proposal.probs is None else torch.nn.functional.pad(proposal.probs, (0, 0, 0, grow))
-            conf = torch.full((bsz, width), float("nan")) if proposal.confidence is None else \
-                torch.nn.functional.pad(proposal.confidence, (0, grow), value=float("nan"))
+            tokens, num, probs = proposal.tokens.clone(), proposal.num.clone(), proposal.probs
         else:
-            tokens, num, probs = torch.zeros(bsz, width, dtype=torch.long), torch.zeros(bsz, dtype=torch.long), None
-            conf = torch.full((bsz, width), float("nan"))
+            tokens, num, probs = torch.zeros(bsz, n, dtype=torch.long), torch.zeros(bsz, dtype=torch.long), None
+        if probs is not None:
+            probs = probs.clone()  # [B, N, V]
         for b, c in enumerate(copies):
             if not c:
                 continue
             tokens[b, : len(c)] = torch.tensor(c)
             tokens[b, len(c) :] = 0
             num[b] = len(c)
-            conf[b] = float("nan")  # a copy has no confidence of its own (schedules do not gate it)
             if probs is not None:  # a copied draft is certain: one-hot q
                 probs[b] = 0.0
                 probs[b, torch.arange(len(c)), tokens[b, : len(c)]] = 1.0
-        return Proposal(tokens, num, probs, conf)
+        return Proposal(tokens, num, probs)
 
     def accept(self, num_accepted: torch.Tensor) -> None:
         if self.inner_ran:  # rows that copied accepted none of the inner drafter's own tokens

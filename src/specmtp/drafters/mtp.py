@@ -33,12 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
-from specmtp.drafters.base import DraftContext, Drafter, DraftRound, Proposal, pick_draft
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
 from specmtp.loader import LoadedModel
 from specmtp.model import Layer, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
 from specmtp.quant import select_rows
+from specmtp.sampling import probabilities, sample
 
 MODEL_TYPE = "specmtp_mtp"
 TRAINABLE_FAMILIES = ("llama", "qwen2", "gemma3")
@@ -263,14 +264,19 @@ class MTPDrafter(Drafter):
         token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
         hidden = ctx.hidden
-        drafts = DraftRound(ctx)
+        drafts, probs = [], []
         vocab_size = ctx.target.cfg.vocab_size
         for _ in range(n):
             logits, hidden = self.step(token, hidden, positions, ctx)  # [B, K]
-            pick, q, conf = pick_draft(logits, ctx)  # q: the distribution actually sampled from
-            if q is not None and self.vocab is not None:
-                q = torch.zeros(bsz, vocab_size, dtype=q.dtype).index_copy_(1, self.vocab, q)
+            if ctx.sampling.greedy:
+                pick = logits.argmax(-1)
+            else:
+                q = probabilities(logits, ctx.sampling)  # [B, K]: the distribution actually sampled from
+                pick = sample(q, ctx.generator)
+                if self.vocab is not None:
+                    q = torch.zeros(bsz, vocab_size, dtype=q.dtype).index_copy_(1, self.vocab, q)
+                probs.append(q[:, :vocab_size])
             token = pick if self.vocab is None else self.vocab[pick]
-            if not drafts.add(token, conf, q[:, :vocab_size] if q is not None else None):
-                break
-        return drafts.proposal()
+            drafts.append(token)
+        return Proposal(torch.stack(drafts, 1), torch.full((bsz,), n, dtype=torch.long),
+                        torch.stack(probs, 1) if probs else None)
