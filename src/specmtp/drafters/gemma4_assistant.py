@@ -29,11 +29,10 @@ from torch import nn
 from specmtp.checkpoint import hf_to_native, native_to_hf, read_config, read_tensors, safetensors_files
 from specmtp.config import FULL, SLIDING, ModelConfig, from_hf_config
 from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
-from specmtp.drafters.mtp import run_layers
+from specmtp.drafters.mtp import ProjectedTrunk
 from specmtp.errors import SpecMTPError
-from specmtp.linear import Linear, linear
+from specmtp.linear import linear
 from specmtp.loader import LoadedModel
-from specmtp.model import Layer, rms_norm, rope_inv_freq
 
 _SCHEDULES = {"constant": "constant", "heuristic": "heuristic", "heuristic_transient": "heuristic"}
 
@@ -64,7 +63,7 @@ class MaskedHead(nn.Module):
         return cluster
 
 
-class AssistantModule(nn.Module):
+class AssistantModule(ProjectedTrunk):
     """transformers' Gemma4AssistantForCausalLM as one function, for drafting and for training alike:
 
         x      = layers(pre_projection(concat(embeds, hidden))) at the anchor positions, then the final norm
@@ -75,17 +74,12 @@ class AssistantModule(nn.Module):
     `native_to_hf` map the trunk to and from the released format."""
 
     def __init__(self, cfg: ModelConfig, backbone_hidden: int, num_centroids: int = 0, top_k: int = 0) -> None:
-        super().__init__()
         if cfg.num_experts or cfg.ple_dim:
             raise SpecMTPError("an assistant cannot have MoE blocks or per-layer inputs")
-        self.cfg, self.backbone_hidden = cfg, backbone_hidden
-        self.pre_projection = Linear(2 * backbone_hidden, cfg.hidden_size, bias=False)
-        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        super().__init__(cfg, backbone_hidden)
+        self.backbone_hidden = backbone_hidden
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # the tied head
-        self.post_projection = Linear(cfg.hidden_size, backbone_hidden, bias=False)
         self.masked_head = MaskedHead(cfg.hidden_size, cfg.vocab_size, num_centroids, top_k) if num_centroids else None
-        self.inv_freq = {kind: rope_inv_freq(rope, cfg.kind_head_dim(kind)) for kind, rope in cfg.rope.items()}
 
     def bind(self, tc: ModelConfig) -> None:
         """Point each layer's queries at the target's last layer of its attention type; refuse what does not fit."""
@@ -110,18 +104,9 @@ class AssistantModule(nn.Module):
                                    f"{tc.sliding_window}")
             layer.source = src  # queries read the target's cache of this layer, no copy
 
-    def forward(
-        self,
-        embeds: torch.Tensor,  # [B, T, Ht] target embedding of each anchor's last token
-        hidden: torch.Tensor,  # [B, T, Ht] target (or previous step's) hidden state
-        positions: torch.Tensor,  # [B, T] anchor positions
-        kv: Any,  # target KV (cache, or a training batch's stored K/V)
-        end: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # next hidden [B, T, Ht], normed trunk output x [B, T, Ha]
-        x = self.pre_projection(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1))
-        x = run_layers(self.layers, self.cfg, self.inv_freq, x, positions, kv, end)
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return self.post_projection(x), x
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: Any,
+                end: int) -> tuple[torch.Tensor, torch.Tensor]:  # next hidden [B, T, Ht], normed x [B, T, Ha]
+        return self.trunk(embeds, hidden, positions, kv, end)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, Ha] -> [B, V] as drafting scores them (no soft-capping: transformers' assistant has none)."""

@@ -112,28 +112,42 @@ def same_weights(a: list[float], b: list[float]) -> bool:
     return x.shape == y.shape and float(torch.nn.functional.cosine_similarity(x, y, dim=0)) > 0.99
 
 
-class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, target_hidden: int, draft_vocab: torch.Tensor) -> None:
+class ProjectedTrunk(nn.Module):
+    """What specmtp's MTP drafters and the Gemma 4 assistant share: [target embedding ++ hidden state] ->
+    pre_projection -> query-only layers over the target's KV -> final norm -> post_projection (the next hidden
+    state, in the target's space)."""
+
+    def __init__(self, cfg: ModelConfig, target_hidden: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.pre_projection = Linear(2 * target_hidden, cfg.hidden_size, bias=False)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.post_projection = Linear(cfg.hidden_size, target_hidden, bias=False)
-        self.register_buffer("draft_vocab", draft_vocab.long().clone())  # [K] target token ids
         self.inv_freq = {kind: rope_inv_freq(rope, cfg.kind_head_dim(kind)) for kind, rope in cfg.rope.items()}
 
-    def forward(
+    def trunk(
         self,
         embeds: torch.Tensor,  # [B, T, Ht] target embedding of each anchor's last token
         hidden: torch.Tensor,  # [B, T, Ht] target (or previous step's) hidden state
         positions: torch.Tensor,  # [B, T] anchor positions
         kv: Any,  # target KV (cache, or a training batch's stored K/V)
         end: int,
-    ) -> torch.Tensor:  # [B, T, Ht] next hidden state, in the target's space
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # next hidden [B, T, Ht], normed trunk output x [B, T, Ha]
         x = self.pre_projection(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1))
         x = run_layers(self.layers, self.cfg, self.inv_freq, x, positions, kv, end)
-        return self.post_projection(rms_norm(x, self.norm, self.cfg.rms_norm_eps))
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self.post_projection(x), x
+
+
+class MTPModule(ProjectedTrunk):
+    def __init__(self, cfg: ModelConfig, target_hidden: int, draft_vocab: torch.Tensor) -> None:
+        super().__init__(cfg, target_hidden)
+        self.register_buffer("draft_vocab", draft_vocab.long().clone())  # [K] target token ids
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: Any,
+                end: int) -> torch.Tensor:  # [B, T, Ht] next hidden state (its head is the target's, outside)
+        return self.trunk(embeds, hidden, positions, kv, end)[0]
 
     # training's view of a draft step (shared with the Gemma 4 assistant's module): (next hidden, logits, aux)
     def draft(self, embeds, hidden, positions, kv, end, head):
