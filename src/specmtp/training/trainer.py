@@ -117,6 +117,9 @@ def new_assistant(target: LoadedModel, opts: TrainOptions) -> tuple[AssistantMod
     widths match), the projections map between the two spaces along the same directions, and each layer's output
     projections start at zero, so the untrained assistant passes the target's hidden state through."""
     tc = target.config
+    if not (Path(target.path) / "config.json").is_file():
+        raise SpecMTPError(f"training a Gemma 4 assistant needs the target as a Hugging Face directory (its "
+                           f"config.json), not {target.path}")
     raw = read_config(Path(target.path))
     raw = dict(raw.get("text_config") or raw)
     hidden, inter, heads = _default_shape(target, opts)
@@ -294,8 +297,9 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
     return tokens, hidden, StoredKV(k, v), top_ids, top_p, lengths, anchor, valid
 
 
-def unrolled(module: MTPModule, target: LoadedModel, head: torch.Tensor, to_draft: torch.Tensor, batch,
-             steps: int, feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: torch.Tensor | None,
+             to_draft: torch.Tensor, batch, steps: int,
+             feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `steps` draft steps from every anchor exactly as drafting does.
     Returns (loss, match [B, A, steps]: drafter argmax == target argmax, False where no label)."""
     tokens, hidden, kv, top_ids, top_p, lengths, anchor, valid = batch
