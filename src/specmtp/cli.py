@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=None,
                    help="'ngram', 'none', an MTP drafter (shipped name or path) or a draft model (preset, path or HF "
                         "id), or 'ngram+' before either (copy from the context where it repeats itself); generate's "
-                        "default: the preset's shipped MTP drafter")
+                        "default: the preset's shipped MTP drafter behind n-gram lookup (ngram+)")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="target weights")
