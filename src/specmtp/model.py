@@ -368,22 +368,22 @@ class Transformer(nn.Module):
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi > cache.capacity:
             raise ValueError(f"position {hi - 1} is past the KV cache capacity {cache.capacity}")
-        views = {}
-        for kind in set(cfg.layer_types):
-            window = cfg.sliding_window if kind == SLIDING else None
-            start = max(0, lo - window + 1) if window is not None else 0
-            rope = rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions)
-            # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path)
-            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window)
-            views[kind] = (rope, mask, start)
+        ropes = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions) for kind in set(cfg.layer_types)}
         x = self.embed_tokens(tokens)
         if self.stack is not None and tokens.shape[0] == 1 and tokens.shape[1] <= INVARIANT_MAX_T and (
                 cache.batch_size == 1 and cache.k[0].device.type == "cpu"):
             # quantized plain layers, one row: the whole stack in one kernel call, the same computation as below
             x = x[0].contiguous()  # [T, H]
-            quant.run_stack(self.stack, x, lo, {kind: view[0] for kind, view in views.items()}, cache.pointers(),
-                            cache.capacity, cfg.rms_norm_eps, cfg.attn_scale)
+            quant.run_stack(self.stack, x, lo, ropes, cache.pointers(), cache.capacity, cfg.rms_norm_eps,
+                            cfg.attn_scale)
             return rms_norm(x[None], self.norm, cfg.rms_norm_eps)
+        views = {}
+        for kind, rope in ropes.items():
+            window = cfg.sliding_window if kind == SLIDING else None
+            start = max(0, lo - window + 1) if window is not None else 0
+            # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path)
+            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window)
+            views[kind] = (rope, mask, start)
         ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         for i, layer in enumerate(self.layers):
             rope, mask, start = views[layer.kind]
