@@ -53,7 +53,7 @@ class MaskedHead(nn.Module):
         top = torch.topk(linear(x, self.centroids), self.top_k, dim=-1).indices  # [B, k]
         ids = self.token_ordering.view(self.num_centroids, self.per_centroid)[top].flatten(1)  # [B, k*K]
         scores = torch.einsum("bh,bnh->bn", x, head[ids])  # [B, k*K]
-        out = torch.full((x.shape[0], head.shape[0]), float(scores.min()) - 1.0, dtype=x.dtype)
+        out = torch.full((x.shape[0], head.shape[0]), float(scores.min()) - 1.0, dtype=scores.dtype)
         return out.scatter_(-1, ids, scores)
 
     def cluster_of(self) -> torch.Tensor:
