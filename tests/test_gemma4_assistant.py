@@ -61,7 +61,7 @@ CORPUS = [f"{w} {w} {w} and {w} again" for w in ("abc", "xyz", "hello", "cat", "
 def train_opts(steps: int) -> TrainOptions:
     return TrainOptions(layers=2, hidden=32, intermediate=64, heads=4, steps=steps, batch=4, anchors=24, unroll=3,
                         lr=1e-2, prompts=len(CORPUS), answer_tokens=24, max_len=96, topk=8, gen_batch=6,
-                        heldout=0.25, eval_every=20, centroids=8, centroid_top_k=2)
+                        heldout=0.25, eval_every=20, centroids=8, centroid_top_k=2, precision="fp32")
 
 
 def peaked(path):

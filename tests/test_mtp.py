@@ -40,7 +40,9 @@ def target(tiny_dir):
 @pytest.fixture(scope="module")
 def trained(target, tmp_path_factory):
     out = tmp_path_factory.mktemp("mtp")
-    meta = train_drafter(target, out, tiny_opts(80), progress=False, prompts=CORPUS)
+    opts = tiny_opts(80)
+    opts.precision = "bf16"  # learning is checked in bf16 here and in fp32 by the Gemma 4 assistant's tests
+    meta = train_drafter(target, out, opts, progress=False, prompts=CORPUS)
     return out, meta
 
 
@@ -61,6 +63,7 @@ def test_training_learns(target, trained):
     assert [h["step"] for h in meta["history"]] == [10, 20, 30, 40, 50, 60, 70, 80]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "specmtp_mtp" and cfg["draft_vocab_size"] == 128
+    assert meta["options"]["precision"] == "bf16"
     assert "Held-out tau estimate" in (out / "README.md").read_text()
     learnt = corpus_acceptance(load_drafter(str(out)).module, target, out)
     fresh = corpus_acceptance(new_module(target, tiny_opts(0), load_drafter(str(out)).module.draft_vocab), target, out)
@@ -118,6 +121,26 @@ def test_resume_continues_and_refuses_other_options(target, tmp_path):
         opts.lr = 5e-3
         train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
 
+
+
+def test_precision_is_resolved_recorded_and_held_on_resume(target, tmp_path):
+    with pytest.raises(SpecMTPError, match="unknown precision 'fp8'"):
+        train_drafter(target, tmp_path / "bad", TrainOptions(precision="fp8"), progress=False, prompts=CORPUS)
+    opts = tiny_opts(4)
+    opts.precision = "fp32"
+    meta = train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS)
+    assert meta["options"]["precision"] == "fp32"
+    assert "fp32 matmuls" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SpecMTPError, match="other options.*precision"):
+        opts = tiny_opts(8)
+        opts.precision = "bf16"
+        train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ckpt["options"]["precision"]  # a checkpoint from before the option: it trained in fp32
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    opts = tiny_opts(8)
+    opts.precision = "fp32"
+    assert train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)["steps"] == 8
 
 
 def test_data_read_through_quantized_weights_is_not_resumed_with_dense_ones(tiny_dir, tmp_path):
