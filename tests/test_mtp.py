@@ -122,7 +122,6 @@ def test_resume_continues_and_refuses_other_options(target, tmp_path):
         train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
 
 
-
 def test_precision_is_resolved_recorded_and_held_on_resume(target, tmp_path):
     with pytest.raises(SpecMTPError, match="unknown precision 'fp8'"):
         train_drafter(target, tmp_path / "bad", TrainOptions(precision="fp8"), progress=False, prompts=CORPUS)

@@ -551,7 +551,7 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
   {opts['prompts']} offline prompts (Python standard library code + instruction templates), answers of up to
   {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
-  draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts.get('precision', 'fp32')} matmuls
+  draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls
 - Wall time on this 2-core CPU: data {meta['data_seconds']:.0f} s + training {meta['train_seconds']:.0f} s
   = {meta['wall_seconds'] / 60:.1f} min
 - Held-out greedy acceptance (P(first k drafts accepted), k = 1..): {acc}
