@@ -15,6 +15,8 @@ from tqdm import tqdm
 from specmtp.loader import LoadedModel
 from specmtp.sampling import SamplingParams, probabilities, sample
 
+SAMPLE_FROM = 64  # sampled answers draw from the target's 64 most likely next tokens (then top-p)
+
 
 @dataclass
 class Sample:
@@ -84,7 +86,7 @@ def distill_stream(
     its hidden state, K/V and next-token distribution (the target's top-k, prompt positions included). Sampled
     chunks draw from a generator per prompt, so the answers do not depend on which prompts share a step."""
     model, eos = target.model, set(target.tokenizer.eos_token_ids)
-    sampling = SamplingParams(temperature=0.8, top_p=0.95)
+    sampling = SamplingParams(temperature=0.8, top_p=0.95)  # nucleus over the SAMPLE_FROM most likely tokens
     cap = max_len + 1
     cache = model.new_cache(batch, cap)
     tokens = torch.zeros(batch, cap, dtype=torch.long)
@@ -129,6 +131,7 @@ def distill_stream(
         logits = model.logits(last[idx]).float()  # [L, V]
         top = torch.topk(logits.log_softmax(-1), topk, dim=-1)
         top_ids[idx, pos[idx] - 1], top_p[idx, pos[idx] - 1] = top.indices, top.values.exp()
+        likely = torch.topk(logits, min(SAMPLE_FROM, logits.shape[-1]), dim=-1)  # [L, 64]: sampling sorts only these
         for k, b in enumerate(live):
             r = rows[b]
             if r["end"]:  # its last token was forwarded and labelled: complete
@@ -143,7 +146,8 @@ def distill_stream(
             if r["greedy"]:
                 t_next = int(logits[k].argmax())
             else:
-                t_next = int(sample(probabilities(logits[k : k + 1], sampling), r["gen"])[0])
+                pick = sample(probabilities(likely.values[k : k + 1], sampling), r["gen"])[0]
+                t_next = int(likely.indices[k, pick])
             tokens[b, pos[b]] = t_next
             if t_next in eos or int(pos[b]) + 1 - r["plen"] >= r["budget"]:
                 r["end"] = int(pos[b]) + 1

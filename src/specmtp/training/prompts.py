@@ -29,6 +29,9 @@ TOPICS = (
     "the periodic table", "remote teamwork", "compilers", "climate change", "the Olympic Games", "meditation",
     "linked lists", "the Renaissance", "solar panels", "credit scores", "DNA", "web browsers", "bicycles",
     "the Great Wall of China", "regular expressions", "bird migration", "supply and demand", "neural networks",
+    "the water cycle", "interest rates", "the solar system", "hash tables", "first aid", "the Industrial Revolution",
+    "composting", "HTTP", "nutrition labels", "ocean tides", "the Silk Road", "recycling", "binary numbers",
+    "job interviews", "friction", "the Cold War", "camping safety", "APIs", "inflation", "the violin",
 )
 
 TEMPLATES = (
@@ -42,6 +45,8 @@ TEMPLATES = (
     "What are common misconceptions about {t}?",
     "Describe the history of {t} in a few sentences.",
     "Write a short blog introduction about {t}.",
+    "Answer in one paragraph: why does {t} matter?",
+    "Write a quiz with three questions about {t}, with answers.",
 )
 
 TASKS = (  # everyday writing for or about a person
@@ -131,25 +136,89 @@ def _stdlib_functions(limit_files: int = 400) -> tuple[tuple[str, str, str], ...
     return tuple(out)
 
 
-def raw_windows(target, tokens: int, max_len: int, seed: int = 0) -> list[list[int]]:
-    """About `tokens` tokens of standard-library source, as windows of at most max_len tokens (shuffled files)."""
+RAW_WINDOWS_PER_TEXT = 3
+RAW_CODE_ASKS = (
+    "Show me the source code of the Python standard library module `{name}`.",
+    "Continue writing the Python module `{name}`.",
+    "Write part of a Python module like `{name}` from the standard library.",
+)
+RAW_PROSE_ASKS = (
+    "Explain {name} in Python.",
+    "What does the Python documentation say about {name}?",
+    "Describe {name} in detail.",
+)
+
+
+def _prose() -> list[tuple[str, str]]:
+    """(title, text): the language reference topics shipped with pydoc, and the long docstrings of stdlib modules,
+    classes and functions (English prose about code)."""
+    out: list[tuple[str, str]] = []
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    out += [(f"`{name}`", text) for name, text in sorted(topics.items()) if len(text) > 400]
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
-    random.Random(seed + 1).shuffle(files)
-    bos = target.config.bos_token_id
-    out, total = [], 0
-    for path in files:
+    for path in sorted(root.glob("*.py")):
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        ids = target.tokenizer.encode(text, add_special_tokens=False)
-        for i in range(0, len(ids) - 32, max_len - 1):
-            window = ([bos] if bos is not None else []) + ids[i : i + max_len - 1]
-            out.append(window)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 400:
+                    name = path.stem if isinstance(node, ast.Module) else f"{path.stem}.{node.name}"
+                    out.append((f"`{name}`", doc))
+    return out
+
+
+def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """About `tokens` tokens of text the target reads rather than writes (teacher-forced, at prefill speed): windows
+    of standard-library source and of its documentation prose, each as the answer to a request for it in the
+    target's chat format (or after BOS where it has none). Returns (token ids, prompt length) per window, at most
+    max_len tokens each; code and prose alternate."""
+    rng = random.Random(seed + 1)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    rng.shuffle(files)
+    prose = _prose()
+    rng.shuffle(prose)
+    code = ((f"{path.stem}", path) for path in files)
+    docs = iter(prose)
+    tok = target.tokenizer
+    bos = [target.config.bos_token_id] if target.config.bos_token_id is not None else []
+    out: list[tuple[list[int], int]] = []
+    total, turn = 0, 0
+    while total < tokens:
+        if turn % 2 == 0:
+            item = next(code, None)
+            if item is None:
+                break
+            name, path = item
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            ask = RAW_CODE_ASKS[turn // 2 % len(RAW_CODE_ASKS)].format(name=name)
+            text = f"```python\n{text}"
+        else:
+            item = next(docs, None)
+            if item is None:
+                turn += 1
+                continue
+            name, text = item
+            ask = RAW_PROSE_ASKS[turn // 2 % len(RAW_PROSE_ASKS)].format(name=name)
+        turn += 1
+        head = tok.encode_chat(ask) if tok.has_chat_template else bos
+        body = tok.encode(text, add_special_tokens=False)
+        room = max_len - len(head)
+        starts = range(0, max(1, len(body) - 32), room)
+        for i in starts[:RAW_WINDOWS_PER_TEXT]:  # a long text gives a few windows, each after the request
+            window = head + body[i : i + room]
+            out.append((window, len(head)))
             total += len(window)
-            if total >= tokens:
-                return out
+            if total >= tokens or room < 64:
+                break
     return out
 
 
