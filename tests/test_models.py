@@ -83,6 +83,39 @@ def test_ragged_batch_rows_equal_single_rows(tiny_dir, family):
             torch.testing.assert_close(batch[b, : len(r)], single, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma4"])
+def test_batched_decode_step_equals_single_rows(tiny_dir, family):
+    """A one-token step over rows at different positions (the masked one-query attention) equals each row's own
+    step (unmasked SDPA), on full and sliding layers."""
+    m = load_model(str(tiny_dir(family))).model
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 256, (n,), generator=g) for n in (21, 6, 14)]
+    with torch.inference_mode():
+        cache = m.new_cache(3, 32)
+        singles = []
+        for b, r in enumerate(rows):
+            own = m.new_cache(1, 32)
+            m(r[None, :-1], torch.arange(len(r) - 1)[None], own)
+            m(r[None, :-1], torch.arange(len(r) - 1)[None], cache.row(b))
+            singles.append(m.logits(m(r[None, -1:], torch.tensor([[len(r) - 1]]), own))[0, 0])
+        last = torch.stack([r[-1:] for r in rows])  # [3, 1]
+        at = torch.tensor([[len(r) - 1] for r in rows])
+        batch = m.logits(m(last, at, cache))[:, 0]
+    torch.testing.assert_close(batch, torch.stack(singles), atol=1e-4, rtol=1e-4)
+
+
+def test_one_query_attention_matches_sdpa():
+    import torch.nn.functional as F
+
+    from specmtp.model import one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((3, 6, 1, 8), (3, 2, 10, 8), (3, 2, 10, 8)))
+    mask = torch.arange(10) < torch.tensor([10, 4, 7])[:, None, None, None]  # [3, 1, 1, 10]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask, 0.3), want, atol=1e-5, rtol=1e-5)
+
+
 def test_gemma4_multimodal_checkpoint_loads_text_weights_only(tmp_path):
     """A Gemma4ForConditionalGeneration checkpoint (vision tower and projector included) loads as its text model:
     the towers are skipped, never materialized, and the logits match transformers' full model on text."""

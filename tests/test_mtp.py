@@ -259,3 +259,29 @@ def test_prompt_set_is_varied_deterministic_and_excludes_the_benchmark(tmp_path)
     bench.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:5]))
     kept = build_prompts(400, seed=3, exclude=bench)
     assert not set(prompts[:5]) & set(kept) and len(kept) == len(prompts) - 5
+
+
+def test_teacher_forced_text_is_code_and_prose_after_a_request(target):
+    from specmtp.training.prompts import raw_answers
+
+    windows = raw_answers(target, 4000, 96, seed=0)
+    assert windows == raw_answers(target, 4000, 96, seed=0)
+    assert sum(len(ids) for ids, _ in windows) >= 4000
+    texts = []
+    for ids, plen in windows:
+        assert len(ids) <= 96 and 1 <= plen < len(ids)
+        head = target.tokenizer.encode_chat("x")[:2] if target.tokenizer.has_chat_template else ids[:1]
+        assert ids[: len(head)] == head  # every window starts as a request would
+        texts.append(target.tokenizer.decode(ids[plen:]))
+    assert any(t.startswith("```python") for t in texts) and any(not t.startswith("```") for t in texts)
+
+
+def test_bf16_training_makes_its_data_with_a_bf16_copy_of_a_dense_target(target):
+    from specmtp.training.trainer import _data_target
+
+    assert _data_target(target, "fp32") is target
+    copy = _data_target(target, "bf16")
+    assert copy.model is not target.model and copy.tokenizer is target.tokenizer
+    assert all(p.dtype == torch.bfloat16 for p in copy.model.parameters())
+    assert all(p.dtype == torch.float32 for p in target.model.parameters())  # the target itself is untouched
+    assert all(b.dtype == torch.float32 for b in copy.model.buffers())  # RoPE frequencies stay fp32

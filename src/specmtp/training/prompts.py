@@ -29,9 +29,9 @@ TOPICS = (
     "the periodic table", "remote teamwork", "compilers", "climate change", "the Olympic Games", "meditation",
     "linked lists", "the Renaissance", "solar panels", "credit scores", "DNA", "web browsers", "bicycles",
     "the Great Wall of China", "regular expressions", "bird migration", "supply and demand", "neural networks",
-    "the water cycle", "interest rates", "the solar system", "hash tables", "first aid", "the Industrial Revolution",
+    "origami", "interest rates", "submarines", "spreadsheets", "first aid", "the Industrial Revolution",
     "composting", "HTTP", "nutrition labels", "ocean tides", "the Silk Road", "recycling", "binary numbers",
-    "job interviews", "friction", "the Cold War", "camping safety", "APIs", "inflation", "the violin",
+    "job interviews", "friction", "the Cold War", "camping safety", "APIs", "the Amazon river", "the violin",
 )
 
 TEMPLATES = (
@@ -149,7 +149,8 @@ RAW_PROSE_ASKS = (
 )
 
 
-def _prose() -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=1)
+def _prose() -> tuple[tuple[str, str], ...]:
     """(title, text): the language reference topics shipped with pydoc, and the long docstrings of stdlib modules,
     classes and functions (English prose about code)."""
     out: list[tuple[str, str]] = []
@@ -170,7 +171,7 @@ def _prose() -> list[tuple[str, str]]:
                 if doc and len(doc) > 400:
                     name = path.stem if isinstance(node, ast.Module) else f"{path.stem}.{node.name}"
                     out.append((f"`{name}`", doc))
-    return out
+    return tuple(out)
 
 
 def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -181,9 +182,9 @@ def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[
     rng = random.Random(seed + 1)
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     rng.shuffle(files)
-    prose = _prose()
+    prose = list(_prose())
     rng.shuffle(prose)
-    code = ((f"{path.stem}", path) for path in files)
+    code = ((path.stem, path) for path in files)
     docs = iter(prose)
     tok = target.tokenizer
     bos = [target.config.bos_token_id] if target.config.bos_token_id is not None else []
