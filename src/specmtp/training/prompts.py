@@ -29,9 +29,6 @@ TOPICS = (
     "the periodic table", "remote teamwork", "compilers", "climate change", "the Olympic Games", "meditation",
     "linked lists", "the Renaissance", "solar panels", "credit scores", "DNA", "web browsers", "bicycles",
     "the Great Wall of China", "regular expressions", "bird migration", "supply and demand", "neural networks",
-    "origami", "interest rates", "submarines", "spreadsheets", "first aid", "the Industrial Revolution",
-    "composting", "HTTP", "nutrition labels", "ocean tides", "the Silk Road", "recycling", "binary numbers",
-    "job interviews", "friction", "the Cold War", "camping safety", "APIs", "the Amazon river", "the violin",
 )
 
 TEMPLATES = (
@@ -45,8 +42,6 @@ TEMPLATES = (
     "What are common misconceptions about {t}?",
     "Describe the history of {t} in a few sentences.",
     "Write a short blog introduction about {t}.",
-    "Answer in one paragraph: why does {t} matter?",
-    "Write a quiz with three questions about {t}, with answers.",
 )
 
 TASKS = (  # everyday writing for or about a person

@@ -16,7 +16,6 @@ over draft positions), which gives the expected tokens per verify pass (tau) wit
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -103,19 +102,6 @@ def _compute(precision: str) -> contextlib.AbstractContextManager:
     stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
     stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
     return stack
-
-
-def _data_target(target: LoadedModel, precision: str) -> LoadedModel:
-    """The target that answers the prompts. With bf16 training, a dense fp32 target answers in bf16 too (a copy of
-    its weights cast once; norms, softmax and RoPE angles computed in fp32): about 2x the tokens per second here. The
-    stored hidden states and K/V are bf16 either way; the labels are the bf16 target's distributions."""
-    model = target.model
-    if precision != "bf16" or getattr(model, "head_q", None) is not None or model.norm.dtype != torch.float32:
-        return target
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return dataclasses.replace(target, model=model)
 
 
 MLP_BUDGET = 12_000_000  # default cap on a drafter layer's MLP parameters (keeps a shipped drafter under 50 MB)
@@ -398,9 +384,6 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     head_q = getattr(target.model, "head_q", None)
     if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
         key["weights"] = f"q{head_q.fmt}"
-    data_target = _data_target(target, opts.precision)
-    if data_target is not target:  # answers computed in bf16 are not the fp32 target's (fp32 keys predate this)
-        key["target_dtype"] = "bf16"
     key_path = shards / "key.json"
     if shards.is_dir() and any(shards.iterdir()):
         if not resume:
@@ -414,16 +397,15 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
                                "the same options")
     shards.mkdir(parents=True, exist_ok=True)
     key_path.write_text(json.dumps(key))
-    samples = build_data(data_target, opts, sources, progress, shards, prompts)
+    samples = build_data(target, opts, sources, progress, shards, prompts)
     raw_path = shards / "raw.pt"
     if raw_path.is_file():
         raw = _load(raw_path, "training data shard")
     else:
         t0 = time.perf_counter()
-        raw = build_raw(data_target, opts, sources, progress) if prompts is None else []
+        raw = build_raw(target, opts, sources, progress) if prompts is None else []
         _save(raw, raw_path)
         _add_seconds(shards, time.perf_counter() - t0)
-    del data_target
     data_s = _add_seconds(shards, 0.0)
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
