@@ -132,7 +132,8 @@ def one_query_attention(
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, 1, D]
     """One query per row over masked slots, as two batched matmuls: the query heads that share a KV head form
-    the rows of one GEMM. CPU SDPA handles this case (a batch of rows at different lengths) 5-10x slower."""
+    the rows of one GEMM. CPU SDPA with a mask is slower at this (measured at 32-64 rows: about 1.5x in fp32, 6x in
+    bf16); a batched decode step of SmolLM2-135M at 32 rows took 129 instead of 155 ms."""
     b, hq, _, d = q.shape
     hkv = keys.shape[1]
     scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), keys.transpose(-1, -2)) * scale  # [B, Hkv, g, S]
