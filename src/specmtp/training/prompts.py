@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import json
 import random
 import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 TOPICS = (
@@ -105,18 +107,26 @@ def _segment(lines: list[str], node: ast.AST) -> str:
                     lines[last].encode()[: node.end_col_offset].decode()])
 
 
-@functools.lru_cache(maxsize=2)
-def _stdlib_functions(limit_files: int = 400) -> tuple[tuple[str, str, str], ...]:
-    """(name, source, first docstring line) of small documented stdlib functions, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    files = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))[:limit_files]
+def _stdlib_files() -> list[Path]:
+    """The standard library's top-level modules, sorted."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def _parsed(files: list[Path]) -> Iterator[tuple[Path, str, ast.Module]]:
+    """(path, source, syntax tree) of each file that reads and parses; the others are skipped."""
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
+            yield path, text, ast.parse(text)
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_functions(limit_files: int = 400) -> tuple[tuple[str, str, str], ...]:
+    """(name, source, first docstring line) of small documented stdlib functions, in a fixed order."""
+    out = []
+    for _, text, tree in _parsed([p for p in _stdlib_files() if not p.name.startswith("_")][:limit_files]):
         lines = _source_lines(text)
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
@@ -154,12 +164,7 @@ def _prose() -> tuple[tuple[str, str], ...]:
     except ImportError:
         topics = {}
     out += [(f"`{name}`", text) for name, text in sorted(topics.items()) if len(text) > 400]
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            continue
+    for path, _, tree in _parsed(_stdlib_files()):
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
                 doc = ast.get_docstring(node)
@@ -169,52 +174,48 @@ def _prose() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _readable(files: list[Path]) -> Iterator[tuple[Path, str]]:
+    """(path, text) of each file that reads as UTF-8."""
+    for path in files:
+        try:
+            yield path, path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+
+
 def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """About `tokens` tokens of text the target reads rather than writes (teacher-forced, at prefill speed): windows
     of standard-library source and of its documentation prose, each as the answer to a request for it in the
     target's chat format (or after BOS where it has none). Returns (token ids, prompt length) per window, at most
     max_len tokens each; code and prose alternate."""
     rng = random.Random(seed + 1)
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = _stdlib_files()
     rng.shuffle(files)
     prose = list(_prose())
     rng.shuffle(prose)
-    code = ((path.stem, path) for path in files)
-    docs = iter(prose)
+    code = ((RAW_CODE_ASKS[i % len(RAW_CODE_ASKS)].format(name=path.stem), f"```python\n{text}")
+            for i, (path, text) in enumerate(_readable(files)))
+    docs = ((RAW_PROSE_ASKS[i % len(RAW_PROSE_ASKS)].format(name=name), text) for i, (name, text) in enumerate(prose))
     tok = target.tokenizer
     bos = [target.config.bos_token_id] if target.config.bos_token_id is not None else []
     out: list[tuple[list[int], int]] = []
-    total, turn = 0, 0
-    while total < tokens:
-        if turn % 2 == 0:
-            item = next(code, None)
-            if item is None:
-                break
-            name, path = item
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            ask = RAW_CODE_ASKS[turn // 2 % len(RAW_CODE_ASKS)].format(name=name)
-            text = f"```python\n{text}"
-        else:
-            item = next(docs, None)
-            if item is None:
-                turn += 1
-                continue
-            name, text = item
-            ask = RAW_PROSE_ASKS[turn // 2 % len(RAW_PROSE_ASKS)].format(name=name)
-        turn += 1
-        head = tok.encode_chat(ask) if tok.has_chat_template else bos
-        body = tok.encode(text, add_special_tokens=False)
-        room = max_len - len(head)
-        starts = range(0, max(1, len(body) - 32), room)
-        for i in starts[:RAW_WINDOWS_PER_TEXT]:  # a long text gives a few windows, each after the request
-            window = head + body[i : i + room]
-            out.append((window, len(head)))
-            total += len(window)
-            if total >= tokens or room < 64:
-                break
+    total = 0
+    for pair in itertools.zip_longest(code, docs):  # code, prose, code, ...; until the code runs out
+        if pair[0] is None:
+            break
+        for ask, text in (p for p in pair if p is not None):
+            head = tok.encode_chat(ask) if tok.has_chat_template else bos
+            body = tok.encode(text, add_special_tokens=False)
+            room = max_len - len(head)
+            starts = range(0, max(1, len(body) - 32), room)
+            for i in starts[:RAW_WINDOWS_PER_TEXT]:  # a long text gives a few windows, each after the request
+                window = head + body[i : i + room]
+                out.append((window, len(head)))
+                total += len(window)
+                if total >= tokens or room < 64:
+                    break
+            if total >= tokens:
+                return out
     return out
 
 
