@@ -44,7 +44,8 @@ def test_cached_equals_uncached_and_chunked(tiny_dir, family):
         cache = m.new_cache(1, 32)
         parts = [m.logits(m(ids[:, a:b], torch.arange(a, b)[None], cache)) for a, b in [(0, 5), (5, 6), (6, 13),
                                                                                         (13, 18)]]
-        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        # chunks of up to linear.SMALL_ROWS tokens take specmtp's kernel, the whole prompt oneDNN: rounding differs
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -278,3 +278,47 @@ def test_quantizing_in_slices_equals_quantizing_at_once(fmt, monkeypatch):
     sliced = quantize(w, fmt)
     assert sliced.shape == whole.shape and torch.equal(sliced.qs, whole.qs) and torch.equal(sliced.d, whole.d)
     assert torch.equal(dequantize(sliced), dequantize(whole))
+
+
+# ---- the dense fp32 kernel for decode-sized products (linear.SMALL_ROWS rows or fewer) -------------------------
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k", [(200, 352), (203, 353)])  # whole tiles; a partial last tile and a ragged tail
+def test_dense_kernel_matches_matmul(tokens, n, k, path):
+    from specmtp.quant import sgemm
+
+    g = torch.Generator().manual_seed(tokens * n)
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(tokens, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ w.double().T + bias.double()
+    assert torch.allclose(sgemm(x, w, bias).double(), ref, rtol=0, atol=1e-4)
+    assert torch.allclose(sgemm(x, w, None).double(), ref - bias.double(), rtol=0, atol=1e-4)
+
+
+def test_dense_kernel_is_batch_invariant(path):
+    """A verify pass of T tokens computes bit for bit what T one-token steps would."""
+    from specmtp.quant import sgemm
+
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(1030, 576, generator=g), torch.randn(8, 576, generator=g)  # large enough to use every thread
+    alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(8)])
+    for t in (2, 3, 4, 8):
+        assert torch.equal(sgemm(x[:t], w, None), alone[:t]), t
+
+
+def test_linear_gives_torch_its_threads_back_for_large_products():
+    from specmtp import linear as L
+
+    if not (L.quant.dense_kernel() and L._ONEDNN):
+        pytest.skip("no vector path for the dense kernel on this CPU")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        w, x = torch.randn(64, 96, generator=g), torch.randn(40, 96, generator=g)
+        with torch.inference_mode():
+            small = L.linear(x[:4], w)
+            assert torch.get_num_threads() == 1  # our pool does the small products
+            large = L.linear(x, w)
+            assert torch.get_num_threads() == 2  # torch's pool the large ones
+        assert torch.allclose(small, x[:4] @ w.T, atol=1e-4) and torch.allclose(large, x @ w.T, atol=1e-4)
+    finally:
+        torch.set_num_threads(saved)

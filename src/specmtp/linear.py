@@ -1,11 +1,17 @@
-"""Linear layers for the CPU: fp32 GEMV/GEMM through oneDNN, on the weights as they are.
+"""Linear layers for the CPU: fp32 products on the weights as they are, by the fastest path for their size.
 
-PyTorch's default fp32 `F.linear` (MKL sgemm) reads weights at about 10 GB/s here for a one-token GEMV
-and gets slower per byte for 2-8 tokens. oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`,
-the op inductor uses) streams the same dense weights at about 24 GB/s for one token and 14-18 GB/s for
-the small GEMMs of a verify pass, with no re-packing and no extra copy of the weights. It is used for
-inference on fp32 CPU tensors; anything that needs autograd, or another dtype or device, goes through
-`F.linear`. oneDNN sums in another order than MKL, so results agree to rounding, not bit for bit.
+Decoding reads every weight once per token, so a one-token step and a verify pass of a few tokens are both
+bound by the bytes of weights read. Up to SMALL_ROWS rows, an fp32 product goes through specmtp's own kernel
+(`quant.sgemm`: each weight read once for all rows, each output the same sum in the same order whatever the
+number of rows, so a verify pass computes exactly what single steps would). Larger products (prefill, big
+batches) go through oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, the op inductor uses),
+which streams the dense weights without re-packing them. Anything that needs autograd, or another dtype or
+device, goes through `F.linear`. The paths sum in different orders, so they agree to rounding.
+
+Threads: specmtp's kernel runs on its own pool, and two pools spinning on the same cores slow each other
+about threefold, so torch runs on one thread while the small products run and gets its threads back for the
+next large one (measured on SmolLM2 fp32, 2 cores: a one-token step 36.5 ms against oneDNN's 40-43 ms, a
+4-token verify pass 44 ms against 51-54 ms).
 """
 
 from __future__ import annotations
@@ -17,13 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmtp import quant
+
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+SMALL_ROWS = 8  # products of up to this many rows go through specmtp's kernel
 _enabled = True
+_torch_threads: int | None = None  # torch's thread count, held while it runs on one thread for our pool
 
 
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Temporarily turn the oneDNN path on or off (tests compare both against transformers)."""
+    """Temporarily turn the fast paths (specmtp's kernel and oneDNN) on or off (tests compare both against
+    transformers)."""
     global _enabled
     saved, _enabled = _enabled, enabled
     try:
@@ -32,20 +43,39 @@ def onednn(enabled: bool) -> Iterator[None]:
         _enabled = saved
 
 
+def _own_pool(active: bool) -> None:
+    """torch on one thread while our pool does the products; its own count back before a large product."""
+    global _torch_threads
+    if active:
+        n = torch.get_num_threads()
+        if n > 1:
+            _torch_threads = n
+            torch.set_num_threads(1)
+    elif _torch_threads is not None:
+        if torch.get_num_threads() == 1:
+            torch.set_num_threads(_torch_threads)
+        _torch_threads = None
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in] (dense, or a quant.QuantWeight), bias: [out] -> [..., out]"""
     if not isinstance(weight, torch.Tensor):
-        from specmtp.quant import qlinear
-
-        return qlinear(x, weight, bias)
-    if (
-        _enabled and _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        return quant.qlinear(x, weight, bias)
+    fast = (
+        _enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), weight, bias, "none", [], "")
-        return y.reshape(*shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    )
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    small = fast and 0 < x2.shape[0] <= SMALL_ROWS and weight.is_contiguous() and quant.dense_kernel()
+    _own_pool(small)
+    if small:
+        y = quant.sgemm(x2, weight, bias)
+    elif fast and _ONEDNN:
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    else:
+        return F.linear(x, weight, bias)
+    return y.reshape(*shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

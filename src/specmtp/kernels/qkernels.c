@@ -429,6 +429,92 @@ static void run_parts(part_fn fn, const void *arg, int64_t work) {
 static void run_parallel(const gemm_args *a) { run_parts(gemm_part, a, a->n * a->k * a->t); }
 
 /* ---------------------------------------------------------------------------------------------------------- */
+/* dense fp32 GEMV / small GEMM: y[t, n] = sum_k x[t, k] W[n, k] (+ bias) on the weights as torch holds them.  */
+/* Decoding reads every weight once per token, so a step and a verify pass of a few tokens both stream W once: */
+/* rows in tiles of 4, each tile's rows read from cache for every token. Each (token, row) dot runs the same   */
+/* operations in the same order whatever T, the tile's other rows or the thread split: batch-invariant.        */
+
+typedef struct {
+    const float *x, *w, *bias;
+    float *y;
+    int64_t t, k, n;
+} sgemm_args;
+
+static float sdot_scalar(const float *w, const float *x, int64_t k) {  /* the same order as the vector path */
+    float lane[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += w[i + j] * x[i + j];
+    float acc = 0.0f;
+    for (int j = 0; j < 8; j++) acc += lane[j];
+    for (; i < k; i++) acc += w[i] * x[i];
+    return acc;
+}
+
+#ifdef SPECMTP_X86
+/* 4 rows x 2 tokens: one 8-lane accumulator per (row, token), each weight chunk loaded once for both tokens */
+__attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *const *w, const float *x0,
+                                                               const float *x1, int64_t k, float *out) {
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+        for (int r = 0; r < 4; r++) {
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        float l0[8], l1[8];
+        _mm256_storeu_ps(l0, a0[r]);
+        _mm256_storeu_ps(l1, a1[r]);
+        float s0 = 0.0f, s1 = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            s0 += l0[j];
+            s1 += l1[j];
+        }
+        for (int64_t m = i; m < k; m++) {
+            s0 += w[r][m] * x0[m];
+            s1 += w[r][m] * x1[m];
+        }
+        out[r] = s0;
+        out[4 + r] = s1;
+    }
+}
+#endif
+
+static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row tiles */
+    const sgemm_args *a = (const sgemm_args *)arg;
+    const int64_t tiles = (a->n + 3) / 4, per = (tiles + parts - 1) / parts;
+    const int64_t t0 = per * part < tiles ? per * part : tiles, t1 = per * (part + 1) < tiles ? per * (part + 1) : tiles;
+    for (int64_t tile = t0; tile < t1; tile++) {
+        const int64_t n0 = tile * 4;
+        const float *w[4];
+        for (int r = 0; r < 4; r++) w[r] = a->w + (n0 + r < a->n ? n0 + r : n0) * a->k;  /* spare rows: n0 again */
+        for (int64_t t = 0; t < a->t; t += 2) {
+            const float *x0 = a->x + t * a->k, *x1 = t + 1 < a->t ? x0 + a->k : x0;  /* a spare token: t again */
+            float out[8];
+#ifdef SPECMTP_X86
+            if (use_avx2) {
+                sdot_tile_avx2(w, x0, x1, a->k, out);
+            } else
+#endif
+            {
+                for (int r = 0; r < 4; r++) {
+                    out[r] = sdot_scalar(w[r], x0, a->k);
+                    out[4 + r] = sdot_scalar(w[r], x1, a->k);
+                }
+            }
+            for (int u = 0; u < 2 && t + u < a->t; u++)
+                for (int r = 0; r < 4 && n0 + r < a->n; r++)
+                    a->y[(t + u) * a->n + n0 + r] = out[4 * u + r] + (a->bias ? a->bias[n0 + r] : 0.0f);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
 /* attention of one sequence's new tokens (quantized mode, Llama/Qwen2 layers): RoPE on q and k, K/V written  */
 /* into the cache, then each query over exactly the slots a one-token step at its position reads. Every      */
 /* (token, head) is computed by the same code whatever the number of tokens or threads: batch-invariant.      */
@@ -745,6 +831,19 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_sgemm(PyObject *self, PyObject *args) {
+    unsigned long long x, w, bias, y;
+    long long t, k, n;
+    if (!PyArg_ParseTuple(args, "KLLKKKL", &x, &t, &k, &w, &bias, &y, &n)) return NULL;
+    if (t < 1 || k < 1 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "T, K and N must be positive");
+        return NULL;
+    }
+    sgemm_args a = {(const float *)x, (const float *)w, bias ? (const float *)bias : NULL, (float *)y, t, k, n};
+    run_parts(sgemm_part, &a, n * k * t);  /* the GIL stays held: the pool serves one call at a time */
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -788,6 +887,7 @@ static PyMethodDef methods[] = {
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
     {"layers", py_layers, METH_VARARGS,
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale): L plain layers over x [T, H] in place"},
+    {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T (+ bias), fp32"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
