@@ -300,8 +300,23 @@ def test_dense_kernel_is_batch_invariant(path):
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(1030, 576, generator=g), torch.randn(8, 576, generator=g)  # large enough to use every thread
     alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(8)])
-    for t in (2, 3, 4, 8):
+    for t in (2, 3, 4, 5, 7, 8):  # tiles of 2 and (with AVX-512) of 4 tokens, spare ones included
         assert torch.equal(sgemm(x[:t], w, None), alone[:t]), t
+
+
+def test_dense_kernel_vector_paths_agree_bit_for_bit():
+    from specmtp.quant import sgemm
+
+    if not (supported("avx2") and supported("vnni")):
+        pytest.skip("needs both x86 vector paths")
+    g = torch.Generator().manual_seed(6)
+    w, x, bias = torch.randn(203, 353, generator=g), torch.randn(7, 353, generator=g), torch.randn(203, generator=g)
+    _qkernels.set_isa("avx2")
+    try:
+        y = sgemm(x, w, bias)
+    finally:
+        _qkernels.set_isa("best")
+    assert torch.equal(sgemm(x, w, bias), y)
 
 
 def test_linear_gives_torch_its_threads_back_for_large_products():

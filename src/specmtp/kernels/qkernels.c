@@ -454,11 +454,14 @@ static float sdot_scalar(const float *w, const float *x, int64_t k) {  /* the sa
 #ifdef SPECMTP_X86
 /* 4 rows x 2 tokens: one 8-lane accumulator per (row, token), each weight chunk loaded once for both tokens */
 __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *const *w, const float *x0,
-                                                               const float *x1, int64_t k, float *out) {
+                                                               const float *x1, int64_t k, float *out,
+                                                               const float *const *next) {
     __m256 a0[4], a1[4];
     for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)  /* the next tile's rows, one cache line each, while this one computes */
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
         const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
         for (int r = 0; r < 4; r++) {
             const __m256 wv = _mm256_loadu_ps(w[r] + i);
@@ -483,6 +486,36 @@ __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *cons
         out[4 + r] = s1;
     }
 }
+
+/* 4 rows x 4 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, each weight chunk loaded once
+   for four tokens. Each (row, token) sum runs the same FMAs and the same reduction as sdot_tile_avx2: the same
+   bits whichever tile computed it. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile4_avx512(
+    const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next) {
+    __m256 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
+        __m256 v[4];
+        for (int u = 0; u < 4; u++) v[u] = _mm256_loadu_ps(x[u] + i);
+        for (int r = 0; r < 4; r++) {
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            for (int u = 0; u < 4; u++) acc[r][u] = _mm256_fmadd_ps(wv, v[u], acc[r][u]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < 4; u++) {
+            float l[8];
+            _mm256_storeu_ps(l, acc[r][u]);
+            float s = 0.0f;
+            for (int j = 0; j < 8; j++) s += l[j];
+            for (int64_t m = i; m < k; m++) s += w[r][m] * x[u][m];
+            out[4 * u + r] = s;
+        }
+}
 #endif
 
 static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row tiles */
@@ -493,12 +526,26 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
         const int64_t n0 = tile * 4;
         const float *w[4];
         for (int r = 0; r < 4; r++) w[r] = a->w + (n0 + r < a->n ? n0 + r : n0) * a->k;  /* spare rows: n0 again */
-        for (int64_t t = 0; t < a->t; t += 2) {
+        const float *next[4];
+        for (int r = 0; r < 4; r++) next[r] = a->w + (n0 + 4 + r < a->n ? n0 + 4 + r : n0) * a->k;
+        int64_t t = 0;
+#ifdef SPECMTP_X86
+        for (; isa == ISA_VNNI && t + 3 <= a->t; t += 4) {  /* 3 or 4 tokens at a time (a spare one: t again) */
+            const float *x[4], *const *pf = t == 0 && tile + 1 < t1 ? next : NULL;
+            for (int u = 0; u < 4; u++) x[u] = a->x + (t + u < a->t ? t + u : t) * a->k;
+            float out[16];
+            sdot_tile4_avx512(w, x, a->k, out, pf);
+            for (int u = 0; u < 4 && t + u < a->t; u++)
+                for (int r = 0; r < 4 && n0 + r < a->n; r++)
+                    a->y[(t + u) * a->n + n0 + r] = out[4 * u + r] + (a->bias ? a->bias[n0 + r] : 0.0f);
+        }
+#endif
+        for (; t < a->t; t += 2) {
             const float *x0 = a->x + t * a->k, *x1 = t + 1 < a->t ? x0 + a->k : x0;  /* a spare token: t again */
             float out[8];
 #ifdef SPECMTP_X86
             if (use_avx2) {
-                sdot_tile_avx2(w, x0, x1, a->k, out);
+                sdot_tile_avx2(w, x0, x1, a->k, out, t == 0 && tile + 1 < t1 ? next : NULL);
             } else
 #endif
             {
