@@ -27,7 +27,9 @@ from torch import nn
 from specmtp import quant
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-SMALL_ROWS = 8  # products of up to this many rows go through specmtp's kernel
+SMALL_ROWS = 16  # products of up to this many rows go through specmtp's kernel (on SmolLM2's matrices, 2 cores:
+# 29.8 / 41.6 / 64.8 ms for all of a step's products at 8 / 16 / 32 rows against oneDNN's 40.5 / 50.2 / 70.2; past
+# 16 rows torch's own ops at one thread would start to cost)
 _enabled = True
 _torch_threads: int | None = None  # torch's thread count, held while it runs on one thread for our pool
 
