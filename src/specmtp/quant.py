@@ -58,6 +58,9 @@ def require() -> None:
                            "compiler available (make clean && make test), or use --weights fp32")
 
 
+_DENSE: bool | None = None
+
+
 def dense_kernel() -> bool:
     """specmtp's fp32 kernel for decode-sized products is built and has its vector path (x86 AVX2) here."""
     global _DENSE
@@ -66,18 +69,16 @@ def dense_kernel() -> bool:
     return _DENSE
 
 
-_DENSE: bool | None = None
-
-
 def sgemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x: [T, K] fp32, w: [N, K] fp32 (contiguous), bias: [N] -> [T, N], on specmtp's thread pool. Every weight
     is read once for all T rows, and each output is the same sum in the same order whatever T (bit-identical
     to the one-row product)."""
     t, k = x.shape
     x = x.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # held here while the kernel reads it
     y = torch.empty(t, w.shape[0], dtype=torch.float32)
-    _qkernels.sgemm(x.data_ptr(), t, k, w.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
-                    y.data_ptr(), w.shape[0])
+    _qkernels.sgemm(x.data_ptr(), t, k, w.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                    w.shape[0])
     return y
 
 

@@ -440,7 +440,8 @@ typedef struct {
     int64_t t, k, n;
 } sgemm_args;
 
-static float sdot_scalar(const float *w, const float *x, int64_t k) {  /* the same order as the vector path */
+/* the vector paths' order, without fused multiply-adds (so not their bits; linear.py uses it only in tests) */
+static float sdot_scalar(const float *w, const float *x, int64_t k) {
     float lane[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= k; i += 8)
