@@ -18,6 +18,7 @@ from specmtp.quant import (
     quantize,
     quantize_model,
     select_rows,
+    sgemm,
     unpack,
 )
 
@@ -284,8 +285,6 @@ def test_quantizing_in_slices_equals_quantizing_at_once(fmt, monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8])
 @pytest.mark.parametrize("n,k", [(200, 352), (203, 353)])  # whole tiles; a partial last tile and a ragged tail
 def test_dense_kernel_matches_matmul(tokens, n, k, path):
-    from specmtp.quant import sgemm
-
     g = torch.Generator().manual_seed(tokens * n)
     w, x, bias = torch.randn(n, k, generator=g), torch.randn(tokens, k, generator=g), torch.randn(n, generator=g)
     ref = x.double() @ w.double().T + bias.double()
@@ -295,8 +294,6 @@ def test_dense_kernel_matches_matmul(tokens, n, k, path):
 
 def test_dense_kernel_is_batch_invariant(path):
     """A verify pass of T tokens computes bit for bit what T one-token steps would."""
-    from specmtp.quant import sgemm
-
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(1030, 576, generator=g), torch.randn(8, 576, generator=g)  # large enough to use every thread
     alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(8)])
@@ -305,8 +302,6 @@ def test_dense_kernel_is_batch_invariant(path):
 
 
 def test_dense_kernel_vector_paths_agree_bit_for_bit():
-    from specmtp.quant import sgemm
-
     if not (supported("avx2") and supported("vnni")):
         pytest.skip("needs both x86 vector paths")
     g = torch.Generator().manual_seed(6)
