@@ -491,6 +491,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         "target_name": target_name or str(target.path), "options": dataclasses.asdict(opts),
         "train_sequences": len(train_set), "heldout_sequences": len(held),
         "train_tokens": sum(len(s.tokens) for s in train_set), "steps": step,
+        "raw_sequences": len(raw), "raw_tokens": sum(len(s.tokens) for s in raw),
         "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(data_s + train_s, 1),
         "heldout_accept": [round(a, 4) for a in acc], "heldout_tau": round(1 + sum(acc), 3),
@@ -541,6 +542,10 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
         kind = "MTP drafter"
         head_line = (f"- Head: the target's own output rows for a draft vocabulary of {module.draft_vocab.numel()} "
                      f"tokens\n  (covers {meta['draft_vocab_coverage']:.1%} of the target's held-out argmax tokens)")
+    raw_n, raw_tokens = meta.get("raw_sequences", 0), meta.get("raw_tokens", 0)
+    answered, answered_tokens = meta["train_sequences"] - raw_n, meta["train_tokens"] - raw_tokens
+    raw_line = (f";\n  plus {raw_n} windows ({raw_tokens} tokens) of standard-library source and documentation "
+                "read by the\n  target (teacher-forced)" if raw_n else "")
     return f"""# specmtp {kind} for `{meta['target_name']}`
 
 Trained with `specmtp train-drafter` (self-distillation on the CPU).
@@ -549,9 +554,9 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
 - Drafter: {cfg.num_layers} layer(s) of the target's family, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size},
   {cfg.num_heads} query heads reading the target's layers {sources}; {params / 1e6:.1f} M parameters (bf16)
 {head_line}
-- Data: {meta['train_sequences']} self-distilled sequences ({meta['train_tokens']} tokens) from
+- Data: {answered} self-distilled sequences ({answered_tokens} tokens) from
   {opts['prompts']} offline prompts (Python standard library code + instruction templates), answers of up to
-  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts
+  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line}
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
   draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls
 - Wall time on this 2-core CPU: data {meta['data_seconds']:.0f} s + training {meta['train_seconds']:.0f} s
