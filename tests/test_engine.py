@@ -9,6 +9,7 @@ import torch
 from specmtp import Engine, SamplingParams, load_model
 from specmtp.drafters import DraftModelDrafter, LookupFirst, NgramDrafter
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.confidence import FREE, Price
 from specmtp.errors import SpecMTPError
 
 PROMPTS = ["abcabcabcabc", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
@@ -135,7 +136,7 @@ class Recorder(Drafter):
     def begin(self, ctx: DraftContext) -> None:
         pass
 
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         bsz = len(ctx.sequences)
         return Proposal(torch.full((bsz, n), 7), torch.full((bsz,), n), torch.full((bsz, n, 10), 0.1))
 

@@ -9,6 +9,7 @@ import torch
 
 from specmtp import Engine, SamplingParams, load_drafter, load_model
 from specmtp.drafters import MTPDrafter
+from specmtp.drafters.base import DraftContext
 from specmtp.errors import SpecMTPError
 from specmtp.training import TrainOptions, train_drafter
 from specmtp.training.trainer import _batch, acceptance, new_module, stored_samples, unrolled
@@ -92,6 +93,30 @@ def test_sampled_drafting_returns_q_of_the_sampled_tokens(target, trained):
     engine = Engine(target, drafter, 3)
     out = engine.generate(PROMPTS, max_new_tokens=12, sampling=SamplingParams(temperature=0.9, top_k=20, seed=3))
     assert all(len(c.tokens) == 12 or c.finish_reason == "eos" for c in out)
+
+
+def test_price_stops_unsure_rows_early_and_output_stays_exact(target, trained):
+    from specmtp.drafters.confidence import FREE, Price
+
+    drafter = load_drafter(str(trained[0]))
+    base = Engine(target).generate(PROMPTS, max_new_tokens=20)
+    engine = Engine(target, drafter, 6, "adaptive")  # calibrated: prices from measured costs, a stop per row
+    assert [c.tokens for c in engine.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
+    assert engine._adaptive[3].calibrated and engine._adaptive[3].price != FREE
+    drafter.check_compatible(target)
+    ids = [engine.encode(p) for p in PROMPTS]
+    for price, longest in ((FREE, 6), (Price(verify=0.999), 0)):  # nothing is that sure: no row drafts
+        cache = target.model.new_cache(3, 64)
+        width = max(map(len, ids))
+        tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+        hidden = target.model(tokens, torch.arange(width).expand(3, width), cache)
+        cache.lengths.copy_(torch.tensor([len(i) for i in ids]))
+        last = hidden[torch.arange(3), cache.lengths - 1]
+        seqs = [i + [int(target.model.logits(h).argmax())] for i, h in zip(ids, last, strict=True)]
+        ctx = DraftContext(seqs, last, target.model, cache, SamplingParams(), None)
+        drafter.begin(ctx)
+        p = drafter.propose(ctx, 6, price)
+        assert int(p.num.max()) == longest and p.tokens.shape[1] <= 6
 
 
 def test_save_load_round_trip(target, trained, tmp_path):

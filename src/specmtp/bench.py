@@ -103,6 +103,7 @@ def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
         "drafted": drafted, "accepted": accepted, "target_forwards": forwards,
         "draft_s": draft_s, "verify_s": verify_s,
         "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "draft_length_counts": [lengths.count(n) for n in range(max(lengths, default=-1) + 1)],  # steps by length
         "draft_ms_per_token": 1000 * draft_s / sum(lengths) if sum(lengths) else 0.0,
         "verify_ms_per_pass": 1000 * verify_s / forwards if forwards else 0.0,
         "per_prompt": per_prompt,
@@ -289,7 +290,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
             per_schedule[sched] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
                                    if k in ("tok_s", "tau", "acceptance_by_position", "greedy_identical",
-                                            "mean_draft_length")}
+                                            "mean_draft_length", "draft_length_counts")}
             per_schedule[sched]["speedup_vs_target_only"] = round(res["tok_s"] / base["tok_s"], 3)
             if best is None or res["tok_s"] > best[1]["tok_s"]:
                 best = (sched, res)
@@ -300,6 +301,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "spec_tok_s": round(res["tok_s"], 3),
             "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
             "mean_draft_length": round(res.get("mean_draft_length", 0.0), 3),
+            "draft_length_counts": res["draft_length_counts"],
             "greedy_identical": all(r["greedy_identical"] for _, r in rows[1:]),
             "draft_time_share": round(res["draft_s"] / max(res["draft_s"] + res["verify_s"], 1e-9), 4),
             "draft_ms_per_token": round(res["draft_ms_per_token"], 3),

@@ -138,7 +138,8 @@ class Engine:
         if self.schedule_name != "adaptive":
             return make_schedule(self.schedule_name, self.num_draft_tokens)
         if batch_size not in self._adaptive:
-            self._adaptive[batch_size] = make_schedule(self.schedule_name, self.num_draft_tokens)
+            self._adaptive[batch_size] = make_schedule(self.schedule_name, self.num_draft_tokens,
+                                                       calibrated=self.drafter is not None and self.drafter.calibrated)
         return self._adaptive[batch_size]
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class Engine:
             n = min(schedule.next(), max_n, remaining - 1) if self.drafter is not None else 0
             t0 = time.perf_counter()
             if n > 0:
-                proposal = self.drafter.propose(ctx, n)
+                proposal = self.drafter.propose(ctx, n, schedule.price)
                 n_eff = int(proposal.num.max())  # drop trailing positions that no row filled
                 drafts, num_drafts = proposal.tokens[:, :n_eff], proposal.num
                 q = proposal.probs[:, :n_eff] if proposal.probs is not None else None

@@ -12,6 +12,14 @@
   a neighbouring, less measured N is tried so that the estimates stay current. Costs are low medians of
   recent samples (robust to one-off kernel setup and to noise), and an engine keeps its adaptive schedule
   across requests, so what it has measured about the hardware is not relearnt for every prompt.
+  With a calibrated drafter (one that scores its drafts, drafters/confidence.py) N is chosen per row
+  instead: the schedule allows up to max drafts and sets the prices, and each row drafts while the
+  probability that all its drafts are accepted is worth them. One more proposed draft adds its survival
+  probability to the expected tokens and grows the verify pass (the slope of the measured verify table),
+  so it is proposed while
+      P(all drafts so far and this one accepted) >= verify_slope * tokens_per_second,
+  the rate measured over recent steps; computing it costs a draft step, draft_step * tokens_per_second
+  in the same unit. Easy stretches get long drafts, guesses get short ones.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from collections import deque
 
 import torch
 
+from specmtp.drafters.confidence import FREE, Price
 from specmtp.errors import SpecMTPError
 
 
 class Schedule(ABC):
     name: str
+    price: Price = FREE  # a calibrated drafter's per-row stop (confidence.py); free: never stops early
 
     @abstractmethod
     def next(self) -> int:
@@ -64,8 +74,10 @@ class Adaptive(Schedule):
     name = "adaptive"
 
     def __init__(self, n: int, max_n: int = 12, decay: float = 0.97, explore_every: int = 8,
-                 window: int = 5) -> None:
+                 window: int = 5, calibrated: bool = False) -> None:
         self.n, self.max_n, self.decay, self.explore_every = n, max(1, max_n), decay, explore_every
+        self.calibrated = calibrated  # the drafter honours a price: rows stop by it, not at one N
+        self.tokens, self.seconds = 0.0, 0.0  # decayed tokens emitted per row, and seconds, over recent steps
         self.reached = [1.0] * (self.max_n + 1)  # decayed count of rows that drafted position i (prior 1)
         self.accepted = [0.7] * (self.max_n + 1)  # decayed count of those that accepted it (prior 0.7)
         # Recent wall times, kept raw: the first call at a new shape pays one-off kernel setup and a busy CPU
@@ -108,6 +120,22 @@ class Adaptive(Schedule):
         verify = verify if verify is not None else self.verify_cost
         return tokens / (n * (self.draft_cost or 0.0) + self._interpolate(verify, n + 1))
 
+    def verify_slope(self) -> float:
+        """Seconds a verify pass grows by per extra token: least squares over the measured table (0 until two
+        widths are measured)."""
+        table = self.verify_cost
+        if len(table) < 2:
+            return 0.0
+        ts, vs = list(table), list(table.values())
+        mt, mv = sum(ts) / len(ts), sum(vs) / len(vs)
+        var = sum((t - mt) ** 2 for t in ts)
+        return max(0.0, sum((t - mt) * (v - mv) for t, v in zip(ts, vs, strict=True)) / var)
+
+    def measured_price(self) -> Price:
+        """One more verified token and one more draft step, in expected accepted tokens (see the module doc)."""
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return Price(verify=self.verify_slope() * rate, draft=(self.draft_cost or 0.0) * rate)
+
     def best(self) -> int:
         verify = self.verify_cost
         return max(range(self.max_n + 1), key=lambda n: self.expected_rate(n, verify))
@@ -115,6 +143,9 @@ class Adaptive(Schedule):
     def next(self) -> int:
         if self.draft_cost is None or not self.verify_samples:
             return self.n
+        if self.calibrated:
+            self.price = self.measured_price()
+            return self.max_n
         best = self.best()
         self.steps += 1
         if self.steps % self.explore_every == 0:  # probe the less-measured neighbour
@@ -125,6 +156,9 @@ class Adaptive(Schedule):
 
     def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
         self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
+        if len(num_accepted):
+            self.tokens = self.decay * self.tokens + float(num_accepted.float().mean()) + 1
+            self.seconds = self.decay * self.seconds + draft_s + verify_s
         if n == 0:
             return
         self.draft_samples.append(draft_s / n)
@@ -140,7 +174,8 @@ class Adaptive(Schedule):
 SCHEDULES = ("constant", "heuristic", "adaptive")
 
 
-def make_schedule(name: str, n: int) -> Schedule:
+def make_schedule(name: str, n: int, calibrated: bool = False) -> Schedule:
+    """calibrated: the drafter scores its drafts (adaptive then sets prices for a stop per row instead of one N)."""
     if n < 0:
         raise SpecMTPError(f"num_draft_tokens must be >= 0, got {n}")
     if name == "constant":
@@ -148,5 +183,5 @@ def make_schedule(name: str, n: int) -> Schedule:
     if name == "heuristic":
         return Heuristic(n)
     if name == "adaptive":
-        return Adaptive(n, max_n=max(12, 2 * n))
+        return Adaptive(n, max_n=max(12, 2 * n), calibrated=calibrated)
     raise SpecMTPError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")

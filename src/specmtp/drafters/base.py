@@ -2,7 +2,8 @@
 
 Life cycle for one batch of prompts:
     drafter.begin(ctx)               after the target's prefill
-    loop: p = drafter.propose(ctx, n)   up to n drafts per row (and the q they were sampled from)
+    loop: p = drafter.propose(ctx, n, price)   up to n drafts per row (and the q they were sampled from);
+                                                a calibrated drafter stops a row early (confidence.py)
           drafter.accept(num_accepted)  how many of them the target kept, per row; roll back own state
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specmtp.cache import KVCache
+from specmtp.drafters.confidence import FREE, Calibration, Chain, Price, prob_keys
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
 from specmtp.sampling import SamplingParams, probabilities, sample
@@ -36,18 +38,24 @@ class Proposal:
     probs: torch.Tensor | None = None  # [B, N, V] distributions the drafts were sampled from; None = one-hot
 
 
-def pick_draft(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits: [B, V] -> (draft tokens [B], the distribution q [B, V] they were sampled from; None when greedy)."""
+def pick_draft(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """logits: [B, V] -> (draft tokens [B], the distribution q [B, V] they were sampled from (None when greedy),
+    the drafter's probability of each draft [B]: its confidence score)."""
     if ctx.sampling.greedy:
-        return logits.argmax(-1), None
+        conf, token = torch.softmax(logits.float(), -1).max(-1)
+        return token, None, conf
     q = probabilities(logits, ctx.sampling)
-    return sample(q, ctx.generator), q
+    token = sample(q, ctx.generator)
+    return token, q, q.gather(-1, token[:, None])[:, 0]
 
 
 class Drafter(ABC):
     name: str = "drafter"
     default_num_draft_tokens: int | None = None  # what the drafter's own config recommends, if anything
     default_schedule: str | None = None
+    calibrated: bool = False  # scores its drafts and honours propose's price
+    chain: Chain | None = None  # a calibrated drafter's last round
+    calibration: Calibration | None = None  # what its scores are worth; kept across requests
 
     def check_compatible(self, target: LoadedModel) -> None:  # noqa: B027
         """Raise SpecMTPError if this drafter cannot draft for the target (and bind to it if it must)."""
@@ -57,8 +65,66 @@ class Drafter(ABC):
         """A new batch: build whatever per-row state the drafter keeps."""
 
     @abstractmethod
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
-        """Up to `n` drafts per row, continuing ctx.sequences."""
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
+        """Up to `n` drafts per row, continuing ctx.sequences. A calibrated drafter stops a row once the
+        estimated probability that all its drafts are accepted is no longer worth `price` (free: n a row)."""
 
-    def accept(self, num_accepted: torch.Tensor) -> None:  # noqa: B027
-        """num_accepted: [B] drafts the target kept from the last proposal."""
+    def accept(self, num_accepted: torch.Tensor) -> None:
+        """num_accepted: [B] drafts the target kept from the last proposal. Subclasses with state of their own
+        extend this (and call it: it is how a calibrated drafter learns what its scores are worth)."""
+        if self.chain is not None:
+            self.chain.observe(num_accepted)
+            self.chain = None
+
+    def forget(self, rows: list[int]) -> None:
+        """The last proposal's drafts for these rows were not verified (another drafter's were used)."""
+        if self.chain is not None:
+            self.chain.forget(rows)
+
+    def new_chain(self, batch_size: int, price: Price) -> Chain:
+        """A calibrated drafter's round: call `chain.worth_drafting()` before and `chain.push` after each draft."""
+        if self.calibration is None:
+            self.calibration = Calibration.for_probabilities()
+        self.chain = Chain(self.calibration, batch_size, price)
+        return self.chain
+
+
+def stacked(drafts: list[torch.Tensor], probs: list[torch.Tensor], num: torch.Tensor) -> Proposal:
+    """Per-draft [B] tokens and [B, V] distributions -> a Proposal with `num` [B] valid drafts per row."""
+    tokens = torch.stack(drafts, 1) if drafts else torch.zeros(num.shape[0], 0, dtype=torch.long)  # [B, N]
+    return Proposal(tokens, num, torch.stack(probs, 1) if probs else None)
+
+
+class RecurrentDrafter(Drafter):
+    """A drafter that steps on (last token, a hidden state) at the round's fixed position, feeding its own output
+    back as the next hidden state: specmtp's MTP drafters and the Gemma 4 assistant."""
+
+    calibrated = True
+    vocab: torch.Tensor | None = None  # [K] token ids of step's logit columns (a reduced head); None: all of them
+
+    @abstractmethod
+    def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+             ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """token [B] at positions [B] (not yet cached), hidden [B, Ht] -> logits [B, K], next hidden [B, Ht]."""
+
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
+        bsz = len(ctx.sequences)
+        token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
+        positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
+        hidden = ctx.hidden
+        vocab_size = ctx.target.cfg.vocab_size
+        drafts, probs = [], []
+        chain = self.new_chain(bsz, price)
+        while len(drafts) < n and chain.worth_drafting():
+            logits, hidden = self.step(token, hidden, positions, ctx)  # [B, K]
+            pick, q, conf = pick_draft(logits, ctx)  # q: [B, K], the distribution actually sampled from
+            chain.push(prob_keys(conf))
+            if q is not None:
+                if self.vocab is not None:
+                    q = torch.zeros(bsz, vocab_size, dtype=q.dtype).index_copy_(1, self.vocab, q)
+                probs.append(q[:, :vocab_size])
+            token = pick if self.vocab is None else self.vocab[pick]
+            drafts.append(token)
+            if not chain.any_live:
+                break
+        return stacked(drafts, probs, chain.num)

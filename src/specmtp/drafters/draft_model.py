@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from specmtp.cache import KVCache
-from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft, stacked
+from specmtp.drafters.confidence import FREE, Price, prob_keys
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
 
 
 class DraftModelDrafter(Drafter):
+    calibrated = True
+
     def __init__(self, model: Transformer, vocab: dict[str, int], name: str = "draft-model") -> None:
         self.model, self.vocab, self.name = model, vocab, name
         self.cache: KVCache | None = None
@@ -49,30 +52,31 @@ class DraftModelDrafter(Drafter):
         last = torch.tensor([max(len(r) - 1, 0) for r in rows])
         return hidden[torch.arange(len(rows)), last]
 
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         seqs = ctx.sequences
         self.ctx_len = [len(s) for s in seqs]
         # Always feed at least the row's last token (a finished row's sequence no longer grows).
         self.seen = [min(seen, length - 1) for seen, length in zip(self.seen, self.ctx_len, strict=True)]
         hidden = self._feed([s[self.seen[b] :] for b, s in enumerate(seqs)], self.seen)
         drafts, probs = [], []
-        for i in range(n):
-            logits = self.model.logits(hidden)  # [B, V]
-            token, q = pick_draft(logits, ctx)
+        chain = self.new_chain(len(seqs), price)
+        vocab_size = ctx.target.cfg.vocab_size
+        while len(drafts) < n and chain.worth_drafting():
+            if drafts:  # the previous draft enters the drafter's cache only now that another one is wanted
+                positions = torch.tensor(self.ctx_len)[:, None] + len(drafts) - 1  # [B, 1]
+                hidden = self.model(drafts[-1][:, None], positions, self.cache)[:, 0]
+            token, q, conf = pick_draft(self.model.logits(hidden), ctx)  # [B]; q [B, V]
+            chain.push(prob_keys(conf))
             if q is not None:
-                probs.append(q)
+                probs.append(q[:, :vocab_size])
             drafts.append(token)
-            if i + 1 < n:
-                positions = torch.tensor(self.ctx_len)[:, None] + i  # [B, 1]
-                hidden = self.model(token[:, None], positions, self.cache)[:, 0]
-        self.seen = [length + n - 1 for length in self.ctx_len]
-        tokens = torch.stack(drafts, dim=1)  # [B, N]
-        q_all = torch.stack(probs, dim=1) if probs else None  # [B, N, V]
-        if q_all is not None and q_all.shape[-1] > ctx.target.cfg.vocab_size:
-            q_all = q_all[..., : ctx.target.cfg.vocab_size]
-        return Proposal(tokens, torch.full((len(seqs),), n, dtype=torch.long), q_all)
+            if not chain.any_live:
+                break
+        self.seen = [length + max(len(drafts) - 1, 0) for length in self.ctx_len]
+        return stacked(drafts, probs, chain.num)
 
     def accept(self, num_accepted: torch.Tensor) -> None:
+        super().accept(num_accepted)
         # Valid drafter KV: the context plus the accepted drafts it has itself consumed (at most n - 1).
         self.seen = [min(s, c + int(a)) for s, c, a in zip(self.seen, self.ctx_len, num_accepted.tolist(),
                                                           strict=True)]

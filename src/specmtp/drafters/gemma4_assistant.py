@@ -28,7 +28,7 @@ from torch import nn
 
 from specmtp.checkpoint import hf_to_native, native_to_hf, read_config, read_tensors, safetensors_files
 from specmtp.config import FULL, SLIDING, ModelConfig, from_hf_config
-from specmtp.drafters.base import DraftContext, Drafter, Proposal, pick_draft
+from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.drafters.mtp import ProjectedTrunk
 from specmtp.errors import SpecMTPError
 from specmtp.linear import linear
@@ -269,7 +269,7 @@ def balanced_clusters(emb: torch.Tensor, clusters: int) -> torch.Tensor:
     return torch.cat(split(torch.arange(emb.shape[0]), clusters))
 
 
-class Gemma4AssistantDrafter(Drafter):
+class Gemma4AssistantDrafter(RecurrentDrafter):
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self.module, raw = load_assistant(path)
@@ -300,17 +300,3 @@ class Gemma4AssistantDrafter(Drafter):
         embeds = ctx.target.embed_tokens(token[:, None])  # [B, 1, Ht]
         h, x = self.module(embeds, hidden[:, None], positions[:, None], ctx.cache, int(positions.max()))
         return self.module.logits(x[:, 0]), h[:, 0]
-
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
-        token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
-        positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
-        hidden = ctx.hidden
-        drafts, probs = [], []
-        for _ in range(n):
-            logits, hidden = self.step(token, hidden, positions, ctx)
-            token, q = pick_draft(logits, ctx)
-            if q is not None:
-                probs.append(q)
-            drafts.append(token)
-        return Proposal(torch.stack(drafts, 1), torch.full((len(ctx.sequences),), n, dtype=torch.long),
-                        torch.stack(probs, 1) if probs else None)

@@ -6,6 +6,10 @@ Text that copies (code naming its variables again, a quoted prompt, a list that 
 for free and often further ahead than a small model drafter reaches, while the model drafter covers new text.
 With a batch of one row the model drafter is not run at all when the lookup hits.
 
+Under a price (confidence.py) a copy is cut where it stops being worth verifying: its k-th token is scored by k,
+calibrated on how often copies' k-th tokens were accepted; a row whose copy is cut to nothing asks the wrapped
+drafter instead.
+
 Lossless with sampling: the choice of source depends on the context only, and a copied draft is deterministic,
 so its q is one-hot (the wrapped drafter's rows keep their own q).
 """
@@ -15,8 +19,11 @@ from __future__ import annotations
 import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.confidence import FREE, Calibration, Price
 from specmtp.drafters.ngram import lookup
 from specmtp.loader import LoadedModel
+
+MAX_COPY = 32  # copied tokens are scored by position; later positions share the last key
 
 
 class LookupFirst(Drafter):
@@ -25,6 +32,8 @@ class LookupFirst(Drafter):
         self.name = f"ngram+{inner.name}"
         self.default_num_draft_tokens = inner.default_num_draft_tokens
         self.default_schedule = inner.default_schedule
+        self.calibrated = inner.calibrated
+        self.calibration = Calibration([0.7] * MAX_COPY)  # key: a copied token's position in its copy
         self.copied: list[bool] = []  # per row: the last proposal was copied (the inner drafter's was not used)
         self.inner_ran = False
 
@@ -34,14 +43,23 @@ class LookupFirst(Drafter):
     def begin(self, ctx: DraftContext) -> None:
         self.inner.begin(ctx)
 
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         copies = [lookup(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
-        self.copied = [len(c) > 0 for c in copies]
         bsz = len(copies)
+        chain = self.new_chain(bsz, price)
+        for k in range(max(map(len, copies), default=0)):  # cut each copy where it is no longer worth verifying
+            chain.push(torch.full((bsz,), k), torch.tensor([k < len(c) for c in copies]))
+        copies = [c[: int(m)] for c, m in zip(copies, chain.num, strict=True)]
+        self.copied = [len(c) > 0 for c in copies]
         self.inner_ran = not all(self.copied)
         if self.inner_ran:
-            proposal = self.inner.propose(ctx, n)
+            proposal = self.inner.propose(ctx, n, price)
+            self.inner.forget([b for b, c in enumerate(self.copied) if c])
             tokens, num, probs = proposal.tokens.clone(), proposal.num.clone(), proposal.probs
+            if tokens.shape[1] < n:  # the inner drafter stopped early; copies may be longer
+                tokens = torch.nn.functional.pad(tokens, (0, n - tokens.shape[1]))
+                if probs is not None:
+                    probs = torch.nn.functional.pad(probs, (0, 0, 0, n - probs.shape[1]))
         else:
             tokens, num, probs = torch.zeros(bsz, n, dtype=torch.long), torch.zeros(bsz, dtype=torch.long), None
         if probs is not None:
@@ -58,5 +76,6 @@ class LookupFirst(Drafter):
         return Proposal(tokens, num, probs)
 
     def accept(self, num_accepted: torch.Tensor) -> None:
+        super().accept(num_accepted)  # the copies' calibration (rows that did not copy drafted no copied token)
         if self.inner_ran:  # rows that copied accepted none of the inner drafter's own tokens
             self.inner.accept(torch.where(torch.tensor(self.copied), 0, num_accepted))

@@ -33,13 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
-from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
 from specmtp.loader import LoadedModel
 from specmtp.model import Layer, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
 from specmtp.quant import select_rows
-from specmtp.sampling import probabilities, sample
 
 MODEL_TYPE = "specmtp_mtp"
 TRAINABLE_FAMILIES = ("llama", "qwen2", "gemma3")
@@ -216,7 +215,7 @@ def load_module(path: Path) -> tuple[MTPModule, dict[str, Any]]:
     return module, raw
 
 
-class MTPDrafter(Drafter):
+class MTPDrafter(RecurrentDrafter):
     """specmtp's MTP drafter behind the drafter interface; reads the target's KV cache in place."""
 
     def __init__(self, path: Path, full_head: bool = False) -> None:
@@ -272,25 +271,3 @@ class MTPDrafter(Drafter):
         embeds = ctx.target.embed_tokens(token[:, None])  # [B, 1, Ht]
         h = self.module(embeds, hidden[:, None], positions[:, None], ctx.cache, int(positions.max()))[:, 0]
         return linear(h, self.head), h
-
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
-        bsz = len(ctx.sequences)
-        token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
-        positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
-        hidden = ctx.hidden
-        drafts, probs = [], []
-        vocab_size = ctx.target.cfg.vocab_size
-        for _ in range(n):
-            logits, hidden = self.step(token, hidden, positions, ctx)  # [B, K]
-            if ctx.sampling.greedy:
-                pick = logits.argmax(-1)
-            else:
-                q = probabilities(logits, ctx.sampling)  # [B, K]: the distribution actually sampled from
-                pick = sample(q, ctx.generator)
-                if self.vocab is not None:
-                    q = torch.zeros(bsz, vocab_size, dtype=q.dtype).index_copy_(1, self.vocab, q)
-                probs.append(q[:, :vocab_size])
-            token = pick if self.vocab is None else self.vocab[pick]
-            drafts.append(token)
-        return Proposal(torch.stack(drafts, 1), torch.full((bsz,), n, dtype=torch.long),
-                        torch.stack(probs, 1) if probs else None)

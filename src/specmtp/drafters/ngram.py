@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.confidence import FREE, Price
 
 
 def lookup(seq: list[int], n: int, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> list[int]:
@@ -33,7 +34,7 @@ class NgramDrafter(Drafter):
     def begin(self, ctx: DraftContext) -> None:
         pass
 
-    def propose(self, ctx: DraftContext, n: int) -> Proposal:
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         rows = [lookup(seq, n, self.max_ngram, self.min_ngram) for seq in ctx.sequences]
         tokens = torch.zeros(len(rows), n, dtype=torch.long)
         for b, r in enumerate(rows):

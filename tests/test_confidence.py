@@ -1,0 +1,120 @@
+"""Confidence-aware draft lengths: calibration of draft scores, the per-row stop, copies cut by position, and the
+adaptive schedule's prices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.confidence import FREE, Calibration, Chain, Price, prob_keys
+from specmtp.drafters.hybrid import LookupFirst
+from specmtp.sampling import SamplingParams
+from specmtp.schedule import Adaptive
+
+
+def test_prob_keys_bin_probabilities():
+    assert prob_keys(torch.tensor([0.0, 0.04, 0.5, 0.99, 1.0])).tolist() == [0, 0, 10, 19, 19]
+
+
+def test_calibration_starts_at_the_prior_and_learns_from_verified_drafts():
+    cal = Calibration([0.5, 0.5], strength=2.0, decay=1.0)
+    assert cal.rate(torch.tensor([0, 1])).tolist() == [0.5, 0.5]
+    # row 0 drafted keys 0, 0, 1 and had 1 accepted: key 0 once accepted, once rejected; key 1 never reached
+    # row 1 was not verified (-1): nothing learnt from it
+    for _ in range(10):
+        cal.observe([[0, 0, 1], [1, 1]], [1, -1])
+    assert cal.reached.tolist() == [20.0, 0.0] and cal.hits.tolist() == [10.0, 0.0]
+    assert cal.rate(torch.tensor([1]))[0] == 0.5
+    cal.observe([[1, 1, 1]], [3])  # every draft accepted: all reached, all hits
+    assert cal.reached[1] == 3 and cal.hits[1] == 3
+    assert cal.rate(torch.tensor([1]))[0] == pytest.approx((3 + 1) / (3 + 2))
+
+
+def test_chain_stops_each_row_at_the_verify_price_and_learns_only_what_was_proposed():
+    cal = Calibration([0.9, 0.5], decay=1.0)
+    chain = Chain(cal, 3, Price(verify=0.3))
+    for _ in range(3):  # row 0 sure (0.9, 0.81, 0.73), row 1 unsure (0.5, then 0.25 < 0.3), row 2 copies 2 only
+        chain.push(torch.tensor([0, 1, 0]), torch.tensor([True, True, _ < 2]))
+    assert chain.num.tolist() == [3, 1, 2]
+    assert chain.keys == [[0, 0, 0], [1], [0, 0]]
+    chain.forget([2])  # row 2's drafts were not used
+    chain.observe(torch.tensor([3, 0, 2]))
+    assert cal.reached.tolist() == [3.0, 1.0] and cal.hits.tolist() == [3.0, 0.0]
+
+
+def test_chain_with_a_free_price_drafts_everything():
+    chain = Chain(Calibration([0.01]), 2, FREE)
+    for _ in range(4):
+        assert chain.worth_drafting()
+        chain.push(torch.tensor([0, 0]))
+    assert chain.num.tolist() == [4, 4]
+
+
+def test_chain_does_not_compute_a_draft_worth_less_than_its_price():
+    cal = Calibration([0.5, 0.5], decay=1.0)
+    chain = Chain(cal, 1, Price(verify=0.1, draft=0.2))
+    assert chain.worth_drafting()  # alive 1: a next draft is worth 0.5 - 0.1 = 0.4 >= 0.2
+    chain.push(torch.tensor([0]))
+    assert chain.num.tolist() == [1]  # alive 0.5 >= 0.1: proposed
+    assert not chain.worth_drafting()  # alive 0.5: 0.25 - 0.1 = 0.15 < 0.2, though it would be proposed
+
+
+class Unsure(Drafter):
+    """Proposes token 7 with a calibration that rates every draft 0.2: under a price it drafts nothing."""
+
+    calibrated = True
+
+    def __init__(self) -> None:
+        self.calibration = Calibration([0.2])
+
+    def begin(self, ctx: DraftContext) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
+        chain = self.new_chain(len(ctx.sequences), price)
+        drafts = []
+        while len(drafts) < n and chain.worth_drafting():
+            chain.push(torch.zeros(len(ctx.sequences), dtype=torch.long))
+            drafts.append(torch.full((len(ctx.sequences),), 7))
+        tokens = torch.stack(drafts, 1) if drafts else torch.zeros(len(ctx.sequences), 0, dtype=torch.long)
+        return Proposal(tokens, chain.num)
+
+
+def test_lookup_first_cuts_copies_by_position_and_asks_the_inner_drafter_when_cut_to_nothing():
+    drafter = LookupFirst(Unsure(), min_match=2)
+    seqs = [[1, 2, 3, 4, 5, 6, 1, 2]]  # repeats "1 2": copy "3 4 5 6"
+    ctx = DraftContext(seqs, torch.zeros(1, 1), None, None, SamplingParams(), None)
+    assert drafter.propose(ctx, 4).tokens[0].tolist() == [3, 4, 5, 6]
+    drafter.accept(torch.tensor([1]))  # position 0 accepted, position 1 rejected
+    for _ in range(30):  # copies keep failing at their second token
+        drafter.propose(ctx, 4, Price(verify=0.3))
+        drafter.accept(torch.tensor([1]))
+    p = drafter.propose(ctx, 4, Price(verify=0.3))
+    assert p.num.tolist() == [1] and p.tokens[0, 0] == 3  # the copy is cut after its reliable first token
+    drafter.accept(torch.tensor([1]))
+    copied = []
+    for _ in range(300):  # now the first copied token fails too
+        p = drafter.propose(ctx, 4, Price(verify=0.3))
+        copied.append(drafter.copied[0])
+        assert drafter.copied[0] or p.num.tolist() == [0]  # cut copies: the inner drafter's 0.2 is not worth it
+        drafter.accept(torch.tensor([0]))
+    # once the first copied token's rate falls to the price, copies are only retried as the evidence decays
+    assert all(copied[:40]) and sum(copied[-100:]) < 34
+
+
+def test_adaptive_with_a_calibrated_drafter_allows_its_maximum_and_prices_from_measurements():
+    s = Adaptive(3, max_n=10, calibrated=True)
+    assert s.next() == 3 and s.price == FREE  # nothing measured yet
+    for t, cost in ((1, 0.10), (3, 0.12), (5, 0.14)):  # verify grows 10 ms a token
+        for _ in range(3):
+            s.update(t - 1, torch.tensor([1]), 0.005 * (t - 1), cost)
+    assert s.next() == 10
+    assert s.verify_slope() == pytest.approx(0.01)
+    rate = s.tokens / s.seconds
+    assert s.price.verify == pytest.approx(0.01 * rate) and s.price.draft == pytest.approx(0.005 * rate)
+    plain = Adaptive(3, max_n=10)  # an uncalibrated drafter: one N for all rows, no price
+    for _ in range(3):
+        plain.update(3, torch.tensor([1]), 0.015, 0.12)
+    plain.next()
+    assert plain.price == FREE
