@@ -300,3 +300,40 @@ def test_teacher_forced_text_is_code_and_prose_after_a_request(target):
         texts.append(target.tokenizer.decode(ids[plen:]))
     assert any(t.startswith("```python") for t in texts) and any(not t.startswith("```") for t in texts)
 
+
+
+def test_read_text_grows_on_resume_and_keeps_what_was_read(target, tmp_path, monkeypatch):
+    from specmtp.training import trainer
+
+    build_raw = trainer.build_raw
+    monkeypatch.setattr(trainer, "RAW_CHUNK", 8)
+    opts = tiny_opts(0)
+    opts.raw_tokens = 3000
+    first = build_raw(target, opts, [1], False, tmp_path)
+    chunks = {p.name: p.read_bytes() for p in tmp_path.glob("raw-*.pt")}
+    assert "raw-000000.pt" in chunks and len(chunks) > 1
+    opts.raw_tokens = 6000
+    grown = build_raw(target, opts, [1], False, tmp_path)
+    assert len(grown) > len(first) and sum(len(s.tokens) for s in grown) >= 6000
+    kept = zip(first, grown[: len(first)], strict=True)
+    assert all(torch.equal(a.tokens, b.tokens) and torch.equal(a.hidden, b.hidden) for a, b in kept)
+    assert all((tmp_path / name).read_bytes() == data for name, data in chunks.items())  # read, not recaptured
+    assert (tmp_path / f"raw-{len(first):06d}.pt").is_file()
+    (tmp_path / "raw-000000.pt").unlink()
+    with pytest.raises(SpecMTPError, match="do not follow each other"):
+        build_raw(target, opts, [1], False, tmp_path)
+
+
+def test_resume_may_grow_the_read_text_but_not_shrink_it(target, tmp_path):
+    opts = tiny_opts(10)
+    opts.raw_tokens = 100  # custom prompts read no text, but the run's settings still hold it
+    train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS)
+    vocab = load_drafter(str(tmp_path)).module.draft_vocab
+    opts.steps, opts.raw_tokens = 20, 200
+    meta = train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+    assert meta["raw_grown"] == [{"step": 10, "raw_tokens": 200}]
+    assert "grown to --raw-tokens 200 on resuming at step 10" in (tmp_path / "README.md").read_text()
+    assert torch.equal(load_drafter(str(tmp_path)).module.draft_vocab, vocab)  # the vocabulary it started with
+    opts.raw_tokens = 150
+    with pytest.raises(SpecMTPError, match="can grow on resume, not shrink"):
+        train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)

@@ -267,12 +267,39 @@ def _add_seconds(shards: Path, seconds: float) -> float:
     return total
 
 
-def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool) -> list[Sample]:
-    """Standard-library source and documentation read by the target: cheap (prefill speed) teacher-forced data."""
+RAW_CHUNK = 48  # windows of raw text captured and saved together
+
+
+def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool,
+              shards: Path) -> list[Sample]:
+    """Standard-library source and documentation read by the target: cheap (prefill speed) teacher-forced data.
+    Saved in chunks (`raw-<first window>.pt`) as they are captured, so an interrupted run loses at most one, and a
+    resumed run with a larger --raw-tokens reads what it has and captures only the windows that follow (the
+    windows for a smaller count are the first ones of a larger count's)."""
     if opts.raw_tokens <= 0:
         return []
     seqs = [(ids, plen, False) for ids, plen in raw_answers(target, opts.raw_tokens, opts.max_len, opts.seed)]
-    return capture(target, seqs, sources, opts.topk, batch=8, progress=progress)
+    have: list[Sample] = []
+    for path in sorted(shards.glob("raw-*.pt")):
+        if path.stem != f"raw-{len(have):06d}":
+            raise SpecMTPError(f"{shards} holds raw-text chunks that do not follow each other ({path.name} after "
+                               f"{len(have)} windows); use another --out")
+        have += _load(path, "training data shard")
+    if any(s.tokens.tolist() != ids for s, (ids, _, _) in zip(have, seqs, strict=False)):
+        raise SpecMTPError(f"{shards} holds raw text that is not this target's reading of the standard library "
+                           "here; use another --out")
+    todo = seqs[len(have) :]
+    bar = tqdm(total=len(seqs), initial=min(len(have), len(seqs)), desc="reading", unit="window",
+               disable=not progress or not todo)
+    for i in range(0, len(todo), RAW_CHUNK):
+        t0 = time.perf_counter()
+        part = capture(target, todo[i : i + RAW_CHUNK], sources, opts.topk, batch=8, progress=False)
+        _save(part, shards / f"raw-{len(have):06d}.pt")
+        _add_seconds(shards, time.perf_counter() - t0)
+        have += part
+        bar.update(len(part))
+    bar.close()
+    return have[: len(seqs)]
 
 
 def choose_vocab(samples: list[Sample], vocab_size: int, size: int, eos: tuple[int, ...]) -> torch.Tensor:
@@ -391,21 +418,20 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
                                "--out")
         saved_key = json.loads(key_path.read_text()) if key_path.is_file() else {}
         now_key = json.loads(json.dumps(key))
-        if saved_key != now_key:
-            diff = sorted(k for k in {**saved_key, **now_key} if saved_key.get(k) != now_key.get(k))
+        growing = ("raw_tokens",)  # more raw text can be read on resume; the rest must match
+        diff = sorted(k for k in {**saved_key, **now_key} if saved_key.get(k) != now_key.get(k) and k not in growing)
+        if diff:
             raise SpecMTPError(f"{shards} was built with other settings ({', '.join(diff)}); use another --out or "
                                "the same options")
+        if opts.raw_tokens < saved_key.get("raw_tokens", 0):
+            raise SpecMTPError(f"{shards} already holds {saved_key['raw_tokens']} tokens of raw text; --raw-tokens "
+                               "can grow on resume, not shrink")
+        if (shards / "raw.pt").is_file():  # the single file of runs before raw text was chunked: its first chunk
+            (shards / "raw.pt").rename(shards / "raw-000000.pt")
     shards.mkdir(parents=True, exist_ok=True)
     key_path.write_text(json.dumps(key))
     samples = build_data(target, opts, sources, progress, shards, prompts)
-    raw_path = shards / "raw.pt"
-    if raw_path.is_file():
-        raw = _load(raw_path, "training data shard")
-    else:
-        t0 = time.perf_counter()
-        raw = build_raw(target, opts, sources, progress) if prompts is None else []
-        _save(raw, raw_path)
-        _add_seconds(shards, time.perf_counter() - t0)
+    raw = build_raw(target, opts, sources, progress, shards) if prompts is None else []
     data_s = _add_seconds(shards, 0.0)
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
@@ -417,11 +443,27 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     held = [s for i, s in enumerate(samples) if i in held_idx]
     train_set = [s for i, s in enumerate(samples) if i not in held_idx] + raw
 
+    ck = _load(ckpt_path, "checkpoint") if resume and ckpt_path.is_file() else None
+    grown: list[dict[str, int]] = []  # resumed with more raw text: at which step, to how many tokens
+    if ck is not None:
+        free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
+        older = {"precision": "fp32"}  # checkpoints from before the option trained in fp32
+        saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
+                                                                               dataclasses.asdict(opts)))
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise SpecMTPError(f"{ckpt_path} was written with other options ({', '.join(diff)}); resume with the "
+                               "same ones")
+        grown = list(ck.get("grown", []))
+        if opts.raw_tokens != ck["options"].get("raw_tokens", opts.raw_tokens):
+            grown.append({"step": ck["step"], "raw_tokens": opts.raw_tokens})
+
     if assistant:  # its own head over the whole vocabulary (reduced at drafting time by the centroid mask)
         vocab = torch.arange(tc.vocab_size)
         head = None
-    else:
-        vocab = choose_vocab(train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
+    else:  # a resumed run keeps its vocabulary (data grown since would rank the tokens differently)
+        vocab = ck["module"]["draft_vocab"] if ck is not None else choose_vocab(
+            train_set, tc.vocab_size, opts.draft_vocab, target.tokenizer.eos_token_ids)
         head = dense_rows(target.model.head_weight, vocab)  # [K, Ht] frozen: the target's own rows
         module = new_module(target, opts, vocab)
     to_draft = torch.full((tc.vocab_size,), -1, dtype=torch.long)
@@ -431,16 +473,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(opts.seed)
     step, history, train_s = 0, [], 0.0
-    if resume and ckpt_path.is_file():
-        ck = _load(ckpt_path, "checkpoint")
-        free = ("steps", "eval_every")  # a resumed run may train longer
-        older = {"precision": "fp32"}  # checkpoints from before the option trained in fp32
-        saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
-                                                                               dataclasses.asdict(opts)))
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise SpecMTPError(f"{ckpt_path} was written with other options ({', '.join(diff)}); resume with the "
-                               "same ones")
+    if ck is not None:
         module.load_state_dict(ck["module"])
         optim.load_state_dict(ck["optim"])
         gen.set_state(ck["generator"])
@@ -473,7 +506,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
                             "heldout_tau": round(1 + sum(acc), 3)})
             bar.set_postfix(loss=f"{float(loss):.3f}", tau=f"{1 + sum(acc):.2f}", acc1=f"{acc[0]:.2f}")
             _save({"module": module.state_dict(), "optim": optim.state_dict(), "generator": gen.get_state(),
-                   "step": step, "history": history, "train_s": train_s, "options": dataclasses.asdict(opts)},
+                   "step": step, "history": history, "train_s": train_s, "options": dataclasses.asdict(opts),
+                   "grown": grown},
                   ckpt_path)
         elif step % 5 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -491,7 +525,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         "target_name": target_name or str(target.path), "options": dataclasses.asdict(opts),
         "train_sequences": len(train_set), "heldout_sequences": len(held),
         "train_tokens": sum(len(s.tokens) for s in train_set), "steps": step,
-        "raw_sequences": len(raw), "raw_tokens": sum(len(s.tokens) for s in raw),
+        "raw_sequences": len(raw), "raw_tokens": sum(len(s.tokens) for s in raw), "raw_grown": grown,
         "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(data_s + train_s, 1),
         "heldout_accept": [round(a, 4) for a in acc], "heldout_tau": round(1 + sum(acc), 3),
@@ -546,6 +580,8 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
     answered, answered_tokens = meta["train_sequences"] - raw_n, meta["train_tokens"] - raw_tokens
     raw_line = (f";\n  plus {raw_n} windows ({raw_tokens} tokens) of standard-library source and documentation "
                 "read by the\n  target (teacher-forced)" if raw_n else "")
+    raw_line += "".join(f"; read text grown to --raw-tokens {g['raw_tokens']} on resuming at step {g['step']}"
+                        for g in meta.get("raw_grown", []))
     return f"""# specmtp {kind} for `{meta['target_name']}`
 
 Trained with `specmtp train-drafter` (self-distillation on the CPU).
