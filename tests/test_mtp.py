@@ -246,6 +246,23 @@ def test_quantized_target_quantizes_its_mtp_drafter(trained, tiny_dir):
     assert (q - d).norm() / d.norm() < 0.05
 
 
+def test_dense_target_drafts_with_q8_weights_unless_asked_for_dense(target, trained):
+    """A draft step reads a quarter of the bytes through q8 weights; the output stays the target's, and the drafts
+    are nearly all the dense drafter's."""
+    q8, dense = MTPDrafter(trained[0]), MTPDrafter(trained[0], weights="dense")
+    base = [c.tokens for c in Engine(target).generate(PROMPTS, max_new_tokens=20)]
+    accepted = {}
+    for name, drafter in (("q8", q8), ("dense", dense)):
+        spec = Engine(target, drafter, 3, "constant")
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
+        accepted[name] = spec.stats.accepted
+    assert q8.quantized and not isinstance(q8.head, torch.Tensor) and q8.module.layers[0].w_down.qweight is not None
+    assert not dense.quantized and isinstance(dense.head, torch.Tensor)
+    assert accepted["q8"] >= 0.8 * accepted["dense"] > 0
+    with pytest.raises(SpecMTPError, match="'auto' or 'dense'"):
+        MTPDrafter(trained[0], weights="q4")
+
+
 def test_continuous_batching_refills_rows_and_keeps_answers(target):
     """distill_stream with fewer rows than prompts: finished rows take the next prompt, chunks come back in order,
     greedy answers are the target's own and sampled ones do not depend on which prompts shared a step."""

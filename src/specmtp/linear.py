@@ -63,6 +63,7 @@ def _own_pool(active: bool) -> None:
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in] (dense, or a quant.QuantWeight), bias: [out] -> [..., out]"""
     if not isinstance(weight, torch.Tensor):
+        _own_pool(True)  # the quantized kernels run on specmtp's pool too
         return quant.qlinear(x, weight, bias)
     fast = (
         _enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
