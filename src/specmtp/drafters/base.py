@@ -125,6 +125,4 @@ class RecurrentDrafter(Drafter):
                 probs.append(q[:, :vocab_size])
             token = pick if self.vocab is None else self.vocab[pick]
             drafts.append(token)
-            if not chain.any_live:
-                break
         return stacked(drafts, probs, chain.num)

@@ -62,11 +62,6 @@ class Calibration:
         k = keys.clamp(0, len(self.prior) - 1)
         return ((self.hits[k] + self.strength * self.prior[k]) / (self.reached[k] + self.strength)).float()
 
-    def mean(self) -> float:
-        """Acceptance rate over every verified draft (the prior's mean before any)."""
-        total = float(self.reached.sum())
-        return float(self.hits.sum()) / total if total > 0.5 else float(self.prior.mean())
-
     def expected_gain(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
         """alive: [B] -> [B] expected net worth of computing a row's next draft: over the keys drafts usually
         get (the verified drafts' key frequencies; the prior's keys alike before any), what proposing it
@@ -100,7 +95,8 @@ class Chain:
         self.keys: list[list[int]] = [[] for _ in range(batch_size)]
 
     def worth_drafting(self) -> bool:
-        """Is computing the next draft worth its price for some live row?"""
+        """Is computing the next draft worth its price for some live row? (False once no row is live: with a
+        free price no row ever stops.)"""
         if self.price.free:
             return True
         gain = self.calibration.expected_gain(self.alive[self.live], self.price.verify)
@@ -116,10 +112,6 @@ class Chain:
         self.num += self.live.long()
         for b in torch.nonzero(self.live).flatten().tolist():
             self.keys[b].append(int(keys[b]))
-
-    @property
-    def any_live(self) -> bool:
-        return bool(self.live.any())
 
     def forget(self, rows: list[int]) -> None:
         """Rows whose proposals were not used this round: nothing to learn from them."""

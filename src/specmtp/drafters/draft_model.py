@@ -70,8 +70,6 @@ class DraftModelDrafter(Drafter):
             if q is not None:
                 probs.append(q[:, :vocab_size])
             drafts.append(token)
-            if not chain.any_live:
-                break
         self.seen = [length + max(len(drafts) - 1, 0) for length in self.ctx_len]
         return stacked(drafts, probs, chain.num)
 
