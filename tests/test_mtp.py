@@ -354,3 +354,86 @@ def test_resume_may_grow_the_read_text_but_not_shrink_it(target, tmp_path):
     opts.raw_tokens = 150
     with pytest.raises(SpecMTPError, match="can grow on resume, not shrink"):
         train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+
+
+# ---- multi-layer features (--taps) ----------------------------------------------------------------------------
+def test_features_return_the_residual_stream_after_tapped_layers(tiny_dir):
+    """model.features: the final hidden state equals forward's, and each tap is the residual stream after that
+    layer (transformers' hidden_states[i + 1]); a quantized model's one-call layer stack runs in segments and
+    taps the same values as its layer-by-layer path."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir("llama", num_hidden_layers=3)
+    target = load_model(str(path))
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12)[None]
+    final, taps = target.model.features(tokens, pos, target.model.new_cache(1, 16), (0, 1))
+    assert taps.shape == (1, 12, 2, target.config.hidden_size)
+    torch.testing.assert_close(final, target.model(tokens, pos, target.model.new_cache(1, 16)))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = hf(tokens, output_hidden_states=True).hidden_states
+    for j, layer in enumerate((0, 1)):
+        torch.testing.assert_close(taps[:, :, j], states[layer + 1], atol=1e-4, rtol=1e-4)
+    assert target.model.features(tokens, pos, target.model.new_cache(1, 16))[1] is None
+    with pytest.raises(ValueError, match="ascending"):
+        target.model.features(tokens, pos, target.model.new_cache(1, 16), (1, 0))
+
+    q = load_model(str(path), weights="q8").model
+    assert q.stack is not None
+    runs = []
+    for stack in (q.stack, None):
+        q.stack = stack
+        runs.append(q.features(tokens, pos, q.new_cache(1, 16), (0, 2)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.fixture(scope="module")
+def tapped(target, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mtp-taps")
+    opts = tiny_opts(80)
+    opts.taps = "auto"
+    meta = train_drafter(target, out, opts, progress=False, prompts=CORPUS)
+    return out, meta
+
+
+def test_drafter_with_taps_learns_round_trips_and_drafts_exactly(target, tapped):
+    out, meta = tapped
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["taps"] == [1] and meta["options"]["taps"] == "auto"  # 2 layers: low = 1, middle = 1
+    samples = stored_samples(out)
+    assert samples[0].taps.shape == (len(samples[0].tokens), 1, target.config.hidden_size)
+    drafter = load_drafter(str(out))
+    assert drafter.taps == (1,) and drafter.module.fuse.weight.shape[1] == 2 * target.config.hidden_size
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["module"]
+    assert torch.allclose(drafter.module.fuse.weight.float(), state["fuse.weight"].float(), atol=1e-2, rtol=1e-2)
+    assert state["fuse.weight"][:, : target.config.hidden_size].abs().max() > 0  # the tapped layer is used
+    learnt = corpus_acceptance(drafter.module, target, out)
+    fresh = corpus_acceptance(new_module(target, tiny_opts(0), drafter.module.draft_vocab), target, out)
+    assert learnt[0] > fresh[0] + 0.3, (learnt, fresh)
+    base = [c.tokens for c in Engine(target).generate(PROMPTS, max_new_tokens=20)]
+    for inner in ("", "ngram+"):
+        spec, accepted = Engine(target, load_drafter(inner + str(out)), 3, "constant"), 0
+        for prompt, ref in zip(PROMPTS, base, strict=True):
+            assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref
+            accepted += spec.stats.accepted
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == base
+        assert accepted + spec.stats.accepted > 0
+
+
+def test_taps_are_checked(target, tapped, tmp_path, tiny_dir):
+    opts = tiny_opts(5)
+    for bad, msg in (("2,1", "ascending"), ("0,9", "below 2"), ("x", "none, auto or")):
+        opts.taps = bad
+        with pytest.raises(SpecMTPError, match=msg):
+            train_drafter(target, tmp_path / bad, opts, progress=False, prompts=CORPUS)
+    ckpt = tmp_path / "other"
+    train_drafter(target, ckpt, tiny_opts(5), progress=False, prompts=CORPUS)
+    opts = tiny_opts(10)
+    opts.taps = "auto"  # data recorded without taps cannot be resumed with them
+    with pytest.raises(SpecMTPError, match="other settings"):
+        train_drafter(target, ckpt, opts, progress=False, prompts=CORPUS, resume=True)
+    shallow = load_model(str(tiny_dir("llama", num_hidden_layers=1)))
+    drafter = load_drafter(str(tapped[0]))
+    with pytest.raises(SpecMTPError, match="num_layers|layers \\[1\\]"):
+        drafter.check_compatible(shallow)

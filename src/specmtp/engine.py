@@ -256,14 +256,16 @@ class Engine:
         for b, r in enumerate(rows):
             tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
         cache = model.new_cache(bsz, capacity)
-        hidden = model(tokens, torch.arange(width).expand(bsz, width), cache)  # [B, W, H]
+        taps = self.drafter.taps if self.drafter is not None else ()  # lower layers' features the drafter reads
+        hidden, tapped = model.features(tokens, torch.arange(width).expand(bsz, width), cache, taps)  # [B, W, H]
         last_hidden = hidden[batch, lengths - 1]  # [B, H]
         cache.lengths.copy_(lengths)
         first = self._pick(model.logits(last_hidden), sampling, generator)  # [B]
         deltas = [Delta(b, self._finish(r, [int(first[b])], budgets[b], stop), r.finish_reason)
                   for b, r in enumerate(rows)]
         sequences = [r.prompt + r.tokens for r in rows]  # the last token of each is not yet cached
-        ctx = DraftContext(sequences, last_hidden, model, cache, sampling, generator)
+        ctx = DraftContext(sequences, last_hidden, model, cache, sampling, generator,
+                           tapped[batch, lengths - 1] if taps else None)
         if self.drafter is not None:
             self.drafter.begin(ctx)  # a drafter's own prefill counts as prefill
         stats.prefill_s = time.perf_counter() - t_start
@@ -287,7 +289,7 @@ class Engine:
             pending = torch.tensor([s[-1] for s in sequences])[:, None]  # [B, 1]
             inputs = torch.cat([pending, drafts], dim=1)  # [B, n+1]
             positions = cache.lengths[:, None] + torch.arange(n_eff + 1)  # [B, n+1]
-            hidden = model(inputs, positions, cache)  # [B, n+1, H]
+            hidden, tapped = model.features(inputs, positions, cache, taps)  # [B, n+1, H], [B, n+1, taps, H]
             logits = model.logits(hidden)  # [B, n+1, V]
             if sampling.greedy:
                 out, num_accepted = verify_greedy(logits, drafts, num_drafts)
@@ -302,6 +304,7 @@ class Engine:
             num_accepted = torch.where(live, num_accepted, 0)
             cache.advance(torch.where(live, num_accepted + 1, 0))
             ctx.hidden = hidden[batch, num_accepted]  # hidden that predicted each row's new last token
+            ctx.taps = tapped[batch, num_accepted] if taps else None
             if self.drafter is not None and n > 0:
                 self.drafter.accept(num_accepted)
             t2 = time.perf_counter()

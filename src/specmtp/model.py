@@ -385,7 +385,21 @@ class Transformer(nn.Module):
         positions: torch.Tensor,  # [B, T] absolute positions, contiguous per row
         cache: KVCache,
     ) -> torch.Tensor:  # [B, T, H] final-normed hidden states
+        return self.features(tokens, positions, cache)[0]
+
+    def features(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T] absolute positions, contiguous per row
+        cache: KVCache,
+        taps: tuple[int, ...] = (),  # layers whose outputs (the residual stream after them) are returned too
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # final-normed hidden [B, T, H], taps [B, T, len(taps), H]
+        """The forward pass, with the residual stream after each layer in `taps` (ascending) kept: the lower
+        layers' features a drafter fuses with the final hidden state (EAGLE-3's multi-layer features)."""
         cfg = self.cfg
+        if list(taps) != sorted(set(taps)) or any(not 0 <= i < cfg.num_layers for i in taps):
+            raise ValueError(f"taps must be ascending layer indices below {cfg.num_layers}, got {taps}")
+        kept: list[torch.Tensor] = []
         # One host read of the position range per forward (free on CPU) bounds the cache slots read.
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi > cache.capacity:
@@ -396,9 +410,15 @@ class Transformer(nn.Module):
                 cache.batch_size == 1 and cache.k[0].device.type == "cpu"):
             # quantized plain layers, one row: the whole stack in one kernel call, the same computation as below
             x = x[0].contiguous()  # [T, H]
-            quant.run_stack(self.stack, x, lo, ropes, cache.pointers(), cache.capacity, cfg.rms_norm_eps,
-                            cfg.attn_scale)
-            return rms_norm(x[None], self.norm, cfg.rms_norm_eps)
+            kv, first = cache.pointers(), 0
+            for j, last in enumerate((*taps, cfg.num_layers - 1)):  # layers first..last in one call each
+                if last >= first:
+                    quant.run_stack(self.stack[first : last + 1], x, lo, ropes, kv[first : last + 1],
+                                    cache.capacity, cfg.rms_norm_eps, cfg.attn_scale)
+                if j < len(taps):
+                    kept.append(x[None].clone())  # x is updated in place by the next call
+                first = last + 1
+            return rms_norm(x[None], self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
         views = {}
         for kind, rope in ropes.items():
             window = cfg.sliding_window if kind == SLIDING else None
@@ -410,7 +430,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             rope, mask, start = views[layer.kind]
             x = layer(x, positions, rope, mask, start, hi, cache, None if ple is None else ple[:, :, i])
-        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+            if i in taps:
+                kept.append(x)
+        return rms_norm(x, self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> logits [..., V] (soft-capped where the family does so)"""
@@ -419,6 +441,11 @@ class Transformer(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _stacked_taps(kept: list[torch.Tensor]) -> torch.Tensor | None:
+    """[B, T, H] per tap -> [B, T, n, H] (None without taps)"""
+    return torch.stack(kept, 2) if kept else None
 
 
 __all__ = ["Transformer", "rms_norm", "apply_rope", "rope_cos_sin", "attention_mask", "FULL", "SLIDING"]

@@ -29,6 +29,7 @@ class DraftContext:
     cache: KVCache  # the target's cache; cache.lengths[b] == len(sequences[b]) - 1
     sampling: SamplingParams
     generator: torch.Generator | None
+    taps: torch.Tensor | None = None  # [B, n, H] the target's layers `drafter.taps` at that position (None: none)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Drafter(ABC):
     calibrated: bool = False  # scores its drafts and honours propose's price
     chain: Chain | None = None  # a calibrated drafter's last round
     calibration: Calibration | None = None  # what its scores are worth; kept across requests
+    taps: tuple[int, ...] = ()  # target layers whose outputs it reads besides the final hidden state (ctx.taps)
 
     def check_compatible(self, target: LoadedModel) -> None:  # noqa: B027
         """Raise SpecMTPError if this drafter cannot draft for the target (and bind to it if it must)."""
@@ -107,11 +109,15 @@ class RecurrentDrafter(Drafter):
              ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
         """token [B] at positions [B] (not yet cached), hidden [B, Ht] -> logits [B, K], next hidden [B, Ht]."""
 
+    def first_state(self, ctx: DraftContext) -> torch.Tensor:
+        """The hidden state a round's first step reads: the target's [B, Ht] (a drafter with taps fuses them in)."""
+        return ctx.hidden
+
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         bsz = len(ctx.sequences)
         token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
-        hidden = ctx.hidden
+        hidden = self.first_state(ctx)
         vocab_size = ctx.target.cfg.vocab_size
         drafts, probs = [], []
         chain = self.new_chain(bsz, price)

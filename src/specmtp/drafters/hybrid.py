@@ -33,6 +33,7 @@ class LookupFirst(Drafter):
         self.default_num_draft_tokens = inner.default_num_draft_tokens
         self.default_schedule = inner.default_schedule
         self.calibrated = inner.calibrated
+        self.taps = inner.taps
         self.calibration = Calibration([0.7] * MAX_COPY)  # key: a copied token's position in its copy
         self.copied: list[bool] = []  # per row: the last proposal was copied (the inner drafter's was not used)
         self.inner_ran = False

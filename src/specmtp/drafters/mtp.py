@@ -38,7 +38,7 @@ from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
 from specmtp.loader import LoadedModel
-from specmtp.model import Layer, attention_mask, rms_norm, rope_cos_sin, rope_inv_freq
+from specmtp.model import Layer, attention_mask, rms_norm, rms_norm_plain, rope_cos_sin, rope_inv_freq
 from specmtp.quant import select_rows
 
 MODEL_TYPE = "specmtp_mtp"
@@ -141,9 +141,20 @@ class ProjectedTrunk(nn.Module):
 
 
 class MTPModule(ProjectedTrunk):
-    def __init__(self, cfg: ModelConfig, target_hidden: int, draft_vocab: torch.Tensor) -> None:
+    def __init__(self, cfg: ModelConfig, target_hidden: int, draft_vocab: torch.Tensor,
+                 taps: tuple[int, ...] = ()) -> None:
         super().__init__(cfg, target_hidden)
         self.register_buffer("draft_vocab", draft_vocab.long().clone())  # [K] target token ids
+        self.taps = tuple(taps)  # target layers whose outputs the first step fuses with the final hidden state
+        if self.taps:
+            self.tap_norm = nn.Parameter(torch.ones(len(self.taps), target_hidden))
+            self.fuse = Linear((len(self.taps) + 1) * target_hidden, target_hidden, bias=False)
+
+    def fused(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        """A round's first hidden state from several of the target's layers (EAGLE-3's multi-layer features):
+        hidden [.., Ht] final-normed, taps [.., n, Ht] the residual stream after each tapped layer -> [.., Ht]"""
+        normed = rms_norm_plain(taps.to(hidden.dtype), self.cfg.rms_norm_eps) * self.tap_norm.to(hidden.dtype)
+        return self.fuse(torch.cat([normed.flatten(-2), hidden], dim=-1))
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: Any,
                 end: int) -> torch.Tensor:  # [B, T, Ht] next hidden state (its head is the target's, outside)
@@ -170,6 +181,7 @@ def save_drafter(module: MTPModule, out: Path, target: LoadedModel, meta: dict[s
                    "hidden_size": tc.hidden_size, "vocab_size": tc.vocab_size, "num_layers": tc.num_layers,
                    "fingerprint": target_fingerprint(target.model)},
         "draft_vocab_size": int(module.draft_vocab.numel()),
+        "taps": list(module.taps),
         "training": meta,
     }
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in module.state_dict().items()}
@@ -192,6 +204,7 @@ def load_module(path: Path) -> tuple[MTPModule, dict[str, Any]]:
     try:
         cfg = config_from_dict(raw["drafter"])
         target_hidden = int(raw["target"]["hidden_size"])
+        taps = tuple(int(i) for i in raw.get("taps", ()))
     except (KeyError, TypeError, ValueError) as e:
         raise SpecMTPError(f"MTP drafter config {cfg_path} is incomplete or malformed: {e}") from None
     try:
@@ -200,7 +213,7 @@ def load_module(path: Path) -> tuple[MTPModule, dict[str, Any]]:
         raise SpecMTPError(f"corrupt or truncated drafter weights {path / 'model.safetensors'}: {e}") from None
     if "draft_vocab" not in state:
         raise SpecMTPError(f"drafter weights {path / 'model.safetensors'} lack the tensor 'draft_vocab'")
-    module = MTPModule(cfg, target_hidden, state["draft_vocab"])
+    module = MTPModule(cfg, target_hidden, state["draft_vocab"], taps)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -226,6 +239,7 @@ class MTPDrafter(RecurrentDrafter):
             raise SpecMTPError(f"MTP drafter weights must be 'auto' or 'dense', got {weights!r}")
         self.path, self.name = path, str(path)
         self.module, self.raw = load_module(path)
+        self.taps = self.module.taps
         self.full_head = full_head  # draft over the whole vocabulary (to measure what the reduced head costs)
         self.weights = weights
         gen_path = path / "generation_config.json"
@@ -246,6 +260,9 @@ class MTPDrafter(RecurrentDrafter):
         if not same_weights(target_fingerprint(target.model), want["fingerprint"]):
             raise SpecMTPError(f"MTP drafter {self.name} was trained for other weights ({want['name']!r}): its "
                                "target's embedding values differ from this target's")
+        if self.taps and (list(self.taps) != sorted(set(self.taps)) or self.taps[-1] >= tc.num_layers):
+            raise SpecMTPError(f"MTP drafter {self.name} reads the outputs of target layers {list(self.taps)}, "
+                               f"which a {tc.num_layers}-layer target does not have")
         producers = tc.kv_producers()
         for i, layer in enumerate(self.module.layers):
             src = layer.source
@@ -276,6 +293,14 @@ class MTPDrafter(RecurrentDrafter):
     def begin(self, ctx: DraftContext) -> None:
         if self.head is None:
             raise SpecMTPError("MTP drafter used before check_compatible bound it to a target")
+
+    @torch.inference_mode()
+    def first_state(self, ctx: DraftContext) -> torch.Tensor:
+        if not self.taps:
+            return ctx.hidden
+        if ctx.taps is None or ctx.taps.shape[1] != len(self.taps):
+            raise SpecMTPError(f"MTP drafter {self.name} needs the target's layers {list(self.taps)} (ctx.taps)")
+        return self.module.fused(ctx.hidden, ctx.taps)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,

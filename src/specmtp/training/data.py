@@ -28,11 +28,12 @@ class Sample:
     top_ids: torch.Tensor  # [T, k] int64: the target's k most likely next tokens at each position
     top_p: torch.Tensor  # [T, k] float32: their probabilities
     greedy: bool = True  # the answer was decoded greedily (held-out acceptance is measured on those)
+    taps: torch.Tensor | None = None  # [T, n, Ht] bf16: the residual stream after each tapped target layer
 
 
 @torch.inference_mode()
 def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], sources: list[int], topk: int,
-            batch: int = 4, progress: bool = True) -> list[Sample]:
+            batch: int = 4, progress: bool = True, taps: tuple[int, ...] = ()) -> list[Sample]:
     """One target forward per batch of sequences; keep what training needs, in compact dtypes."""
     model = target.model
     samples = []
@@ -44,7 +45,7 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
         for b, (s, _, _) in enumerate(chunk):
             tokens[b, : len(s)] = torch.tensor(s)
         cache = model.new_cache(len(chunk), width)
-        hidden = model(tokens, torch.arange(width).expand(len(chunk), width), cache)  # [B, W, H]
+        hidden, tapped = model.features(tokens, torch.arange(width).expand(len(chunk), width), cache, taps)
         for b, (s, plen, greedy) in enumerate(chunk):
             t = len(s)
             logp = model.logits(hidden[b, :t]).float().log_softmax(-1)  # [T, V]
@@ -54,6 +55,7 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
                 keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
                 values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
                 top_ids=top.indices, top_p=top.values.exp(), greedy=greedy,
+                taps=tapped[b, :t].to(torch.bfloat16) if taps else None,
             ))
         bar.update(len(chunk))
     bar.close()
@@ -61,11 +63,11 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
 
 
 def distill(target: LoadedModel, prompts: list[list[int]], max_new_tokens: int, max_len: int, greedy: bool,
-            sources: list[int], topk: int, seed: int) -> list[Sample]:
+            sources: list[int], topk: int, seed: int, taps: tuple[int, ...] = ()) -> list[Sample]:
     """One chunk of prompts (token ids) answered and recorded (see `distill_stream`), all in one batch."""
     out: list[Sample] = []
     distill_stream(target, [(prompts, greedy, seed)], max_new_tokens, max_len, sources, topk, len(prompts),
-                   lambda _, samples: out.extend(samples))
+                   lambda _, samples: out.extend(samples), taps)
     return out
 
 
@@ -79,6 +81,7 @@ def distill_stream(
     topk: int,
     batch: int,
     done: Callable[[int, list[Sample]], None],  # called with each chunk's index and samples, in chunk order
+    taps: tuple[int, ...] = (),  # target layers whose outputs are recorded too
 ) -> None:
     """The target answers every prompt, recorded as it decodes: each prompt is prefilled into a free row of a
     batch of `batch` rows (continuous batching: a row that finishes takes the next prompt at once), then decoded
@@ -91,6 +94,7 @@ def distill_stream(
     cache = model.new_cache(batch, cap)
     tokens = torch.zeros(batch, cap, dtype=torch.long)
     hidden = torch.zeros(batch, cap, model.cfg.hidden_size, dtype=torch.bfloat16)
+    tapped = torch.zeros(batch, cap, len(taps), model.cfg.hidden_size, dtype=torch.bfloat16)
     top_ids = torch.zeros(batch, cap, topk, dtype=torch.long)
     top_p = torch.zeros(batch, cap, topk)
     last = torch.zeros(batch, model.cfg.hidden_size, dtype=model.norm.dtype)  # [B, H] hidden that predicts pos
@@ -113,8 +117,11 @@ def distill_stream(
             raise ValueError(f"prompt of {n} tokens does not fit max_len {max_len}")
         tokens[b, :n] = torch.tensor(ids)
         view = cache.row(b)
-        h = model(tokens[b : b + 1, :n], torch.arange(n)[None], view)[0]  # [n, H]
+        h, hx = model.features(tokens[b : b + 1, :n], torch.arange(n)[None], view, taps)
+        h = h[0]  # [n, H]
         hidden[b, :n] = h.to(torch.bfloat16)
+        if taps:
+            tapped[b, :n] = hx[0].to(torch.bfloat16)
         if n > 1:
             top = torch.topk(model.logits(h[: n - 1]).float().log_softmax(-1), topk, dim=-1)
             top_ids[b, : n - 1], top_p[b, : n - 1] = top.indices, top.values.exp()
@@ -140,7 +147,8 @@ def distill_stream(
                     tokens=tokens[b, :t].clone(), prompt_len=r["plen"], hidden=hidden[b, :t].clone(),
                     keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
                     values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
-                    top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=r["greedy"])
+                    top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=r["greedy"],
+                    taps=tapped[b, :t].clone() if taps else None)
                 rows[b] = None
                 continue
             if r["greedy"]:
@@ -160,8 +168,11 @@ def distill_stream(
             idx = torch.tensor(step)
             inputs, at = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
             inputs[idx], at[idx] = tokens[idx, pos[idx]], pos[idx]
-            h = model(inputs[:, None], at[:, None], cache)[:, 0]  # [B, H]
+            h, hx = model.features(inputs[:, None], at[:, None], cache, taps)
+            h = h[:, 0]  # [B, H]
             hidden[idx, pos[idx]] = h[idx].to(torch.bfloat16)
+            if taps:
+                tapped[idx, pos[idx]] = hx[idx, 0].to(torch.bfloat16)
             last[idx] = h[idx]
             pos[idx] += 1
         for b in range(batch):

@@ -70,6 +70,7 @@ class TrainOptions:
     eval_every: int = 50
     seed: int = 0
     precision: str = "auto"  # the drafter's matmuls while training: bf16 (autocast) or fp32; auto: bf16 where fast
+    taps: str = "none"  # lower target layers fused into the first step's input: none, auto, or indices "1,15"
     exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
 
 
@@ -82,6 +83,22 @@ class StoredKV:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def tap_layers(opts: TrainOptions, num_layers: int) -> tuple[int, ...]:
+    """--taps as target layer indices: "auto" = a low and a middle layer (EAGLE-3's low/mid/high features, the
+    final hidden state being the high one), "none" = ()."""
+    if opts.taps == "none":
+        return ()
+    if opts.taps == "auto":
+        return tuple(sorted({min(1, num_layers - 1), num_layers // 2}))
+    try:
+        taps = tuple(int(i) for i in opts.taps.split(","))
+    except ValueError:
+        raise SpecMTPError(f"--taps must be none, auto or comma-separated layer indices, got {opts.taps!r}") from None
+    if list(taps) != sorted(set(taps)) or not all(0 <= i < num_layers for i in taps):
+        raise SpecMTPError(f"--taps {opts.taps}: layer indices must be ascending, distinct and below {num_layers}")
+    return taps
 
 
 def _precision(opts: TrainOptions) -> str:
@@ -118,12 +135,17 @@ def _default_shape(target: LoadedModel, opts: TrainOptions) -> tuple[int, int, i
 
 
 def new_module(target: LoadedModel, opts: TrainOptions, draft_vocab: torch.Tensor) -> MTPModule:
-    """A fresh drafter; where its widths equal the target's, layers start as copies of the layer they read."""
+    """A fresh drafter; where its widths equal the target's, layers start as copies of the layer they read. With
+    taps, the fusion starts as the final hidden state alone (the taps' weights at zero)."""
     tc = target.config
     hidden, inter, heads = _default_shape(target, opts)
     cfg = drafter_config(tc, opts.layers, hidden, inter, heads)
-    module = MTPModule(cfg, tc.hidden_size, draft_vocab)
+    taps = tap_layers(opts, tc.num_layers)
+    module = MTPModule(cfg, tc.hidden_size, draft_vocab, taps)
     with torch.no_grad():
+        if taps:
+            module.fuse.weight.zero_()
+            module.fuse.weight[:, len(taps) * tc.hidden_size :] = torch.eye(tc.hidden_size)
         for p in module.pre_projection.parameters():
             p.normal_(0.0, 0.02)
         if hidden == tc.hidden_size:
@@ -218,7 +240,7 @@ def _dense(module: torch.nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
 
 # ---- data ------------------------------------------------------------------------------------------------------
 def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool, shards: Path,
-               prompts: list[str] | None = None) -> list[Sample]:
+               prompts: list[str] | None = None, taps: tuple[int, ...] = ()) -> list[Sample]:
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
     in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
     shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
@@ -249,7 +271,7 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
 
     if todo:
         distill_stream(target, [(chunks[i], i % 2 == 0, opts.seed + i) for i in todo], opts.answer_tokens,
-                       opts.max_len, sources, opts.topk, opts.gen_batch, done)
+                       opts.max_len, sources, opts.topk, opts.gen_batch, done, taps)
     bar.close()
     return [s for i in range(len(chunks)) for s in parts[i]]
 
@@ -271,7 +293,7 @@ RAW_CHUNK = 48  # windows of raw text captured and saved together
 
 
 def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool,
-              shards: Path) -> list[Sample]:
+              shards: Path, taps: tuple[int, ...] = ()) -> list[Sample]:
     """Standard-library source and documentation read by the target: cheap (prefill speed) teacher-forced data.
     Saved in chunks (`raw-<first window>.pt`) as they are captured, so an interrupted run loses at most one, and a
     resumed run with a larger --raw-tokens reads what it has and captures only the windows that follow (the
@@ -293,7 +315,7 @@ def build_raw(target: LoadedModel, opts: TrainOptions, sources: list[int], progr
                disable=not progress or not todo)
     for i in range(0, len(todo), RAW_CHUNK):
         t0 = time.perf_counter()
-        part = capture(target, todo[i : i + RAW_CHUNK], sources, opts.topk, batch=8, progress=False)
+        part = capture(target, todo[i : i + RAW_CHUNK], sources, opts.topk, batch=8, progress=False, taps=taps)
         _save(part, shards / f"raw-{len(have):06d}.pt")
         _add_seconds(shards, time.perf_counter() - t0)
         have += part
@@ -320,6 +342,7 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
     bsz, width = len(samples), max(len(s.tokens) for s in samples)
     tokens = torch.zeros(bsz, width, dtype=torch.long)
     hidden = torch.zeros(bsz, width, samples[0].hidden.shape[-1])
+    taps = None if samples[0].taps is None else torch.zeros(bsz, width, *samples[0].taps.shape[1:])  # [B, W, n, Ht]
     k = {src: torch.zeros(bsz, *t.shape[:-2], width, t.shape[-1]) for src, t in samples[0].keys.items()}
     v = {src: torch.zeros_like(t) for src, t in k.items()}
     topk = samples[0].top_ids.shape[-1]
@@ -330,6 +353,8 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
     for b, s in enumerate(samples):
         t = len(s.tokens)
         tokens[b, :t], hidden[b, :t] = s.tokens, s.hidden.float()
+        if taps is not None:
+            taps[b, :t] = s.taps.float()
         for src in k:
             k[src][b, :, :t], v[src][b, :, :t] = s.keys[src].float(), s.values[src].float()
         top_ids[b, :t], top_p[b, :t] = s.top_ids, s.top_p
@@ -346,7 +371,7 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
     valid = torch.zeros(bsz, n, dtype=torch.bool)
     for b, r in enumerate(rows):
         anchor[b, : len(r)], valid[b, : len(r)] = r, True
-    return tokens, hidden, StoredKV(k, v), top_ids, top_p, lengths, anchor, valid
+    return tokens, hidden, taps, StoredKV(k, v), top_ids, top_p, lengths, anchor, valid
 
 
 def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: torch.Tensor | None,
@@ -354,10 +379,12 @@ def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: tor
              feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `steps` draft steps from every anchor exactly as drafting does.
     Returns (loss, match [B, A, steps]: drafter argmax == target argmax, False where no label)."""
-    tokens, hidden, kv, top_ids, top_p, lengths, anchor, valid = batch
+    tokens, hidden, taps, kv, top_ids, top_p, lengths, anchor, valid = batch
     bidx = torch.arange(tokens.shape[0])[:, None]
     end = int(anchor[valid].max()) if valid.any() else 1
     state = hidden[bidx, anchor - 1]  # [B, A, Ht] the hidden state that predicted tok_L
+    if getattr(module, "taps", ()):
+        state = module.fused(state, taps[bidx, anchor - 1])  # with the tapped layers' outputs at L - 1
     losses, matches = [], []
     for k in range(steps):
         pos = anchor + k  # position whose next token this step predicts; the query position stays at L
@@ -396,7 +423,10 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     tc = target.config
     hidden, inter, heads = _default_shape(target, opts)
     assistant = tc.family == "gemma4"  # a Gemma 4 target gets a Gemma4Assistant, in the released format
+    taps = tap_layers(opts, tc.num_layers)
     if assistant:
+        if taps:
+            raise SpecMTPError("a Gemma 4 target gets a Gemma4Assistant, whose input is fixed: --taps must be none")
         module, assistant_raw = new_assistant(target, opts)  # validates before any expensive work
         sources = sorted({layer.source for layer in module.layers})
     else:
@@ -408,6 +438,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
            "max_len": opts.max_len, "topk": opts.topk, "seed": opts.seed, "sources": sources,
            "raw_tokens": opts.raw_tokens, "gen_batch": opts.gen_batch,
            "target": target_name or str(target.path), "custom_prompts": prompts}
+    if taps:  # (keys of runs without taps predate this entry)
+        key["taps"] = list(taps)
     head_q = getattr(target.model, "head_q", None)
     if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
         key["weights"] = f"q{head_q.fmt}"
@@ -430,8 +462,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
             (shards / "raw.pt").rename(shards / "raw-000000.pt")
     shards.mkdir(parents=True, exist_ok=True)
     key_path.write_text(json.dumps(key))
-    samples = build_data(target, opts, sources, progress, shards, prompts)
-    raw = build_raw(target, opts, sources, progress, shards) if prompts is None else []
+    samples = build_data(target, opts, sources, progress, shards, prompts, taps)
+    raw = build_raw(target, opts, sources, progress, shards, taps) if prompts is None else []
     data_s = _add_seconds(shards, 0.0)
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
@@ -447,7 +479,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     grown: list[dict[str, int]] = []  # resumed with more raw text: at which step, to how many tokens
     if ck is not None:
         free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
-        older = {"precision": "fp32"}  # checkpoints from before the option trained in fp32
+        older = {"precision": "fp32", "taps": "none"}  # checkpoints from before these options
         saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
                                                                                dataclasses.asdict(opts)))
         if saved != now:
