@@ -303,6 +303,22 @@ def test_prompt_set_is_varied_deterministic_and_excludes_the_benchmark(tmp_path)
     assert not set(prompts[:5]) & set(kept) and len(kept) == len(prompts) - 5
 
 
+def test_prompt_set_2_adds_chat_prompts_and_set_1_stays_as_it_was():
+    from specmtp.training.prompts import TEMPLATES, TEMPLATES_2, TOPICS, TOPICS_2, build_prompts
+
+    added = {t.format(t=topic) for topic in TOPICS + TOPICS_2 for t in TEMPLATES_2}
+    added |= {t.format(t=topic) for topic in TOPICS_2 for t in TEMPLATES}
+
+    def new_kinds(prompts):
+        return [p for p in prompts if p in added]
+
+    one, two = build_prompts(1600, seed=1, prompt_set=1), build_prompts(1600, seed=1)
+    assert not new_kinds(one) and len(new_kinds(two)) > 200
+    assert two == build_prompts(1600, seed=1, prompt_set=2) and len(set(two)) == len(two)
+    with pytest.raises(ValueError, match="prompt set"):
+        build_prompts(10, prompt_set=3)
+
+
 def test_teacher_forced_text_is_code_and_prose_after_a_request(target):
     from specmtp.training.prompts import raw_answers
 

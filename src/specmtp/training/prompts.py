@@ -46,6 +46,37 @@ TEMPLATES = (
     "Write a short blog introduction about {t}.",
 )
 
+# prompt set 2 adds these (set 1, the default before, is kept for the runs it built)
+TOPICS_2 = (
+    "the water wheel", "glaciers", "the Silk Road", "octopuses", "the history of chocolate", "tax returns",
+    "job interviews", "composting", "the human brain", "submarines", "origami", "sourdough starters", "tides",
+    "the Industrial Revolution", "password managers", "spreadsheets", "first aid", "wind turbines", "the Amazon river",
+    "photography basics", "the stock exchange crash of 1929", "penguins", "recycling plastics", "typography",
+    "the metric system", "insomnia", "volunteering", "container shipping", "the Byzantine Empire", "electric guitars",
+    "hiking safety", "mortgages", "3D printing", "the placebo effect", "lightning", "bonsai trees",
+    "the Apollo program", "podcasting", "cryptography history", "desert ecosystems", "saving for retirement",
+    "the violin", "quantum computing", "urban gardening", "the Mongol Empire", "airplane wings", "fermentation",
+    "learning to swim", "open-source software", "the Fibonacci sequence in nature",
+)
+TEMPLATES_2 = (
+    "Write a short FAQ with three questions and answers about {t}.",
+    "Explain {t} using an everyday analogy.",
+    "Write a paragraph for a school textbook about {t}.",
+    "What should a beginner know before getting started with {t}?",
+    "Write a short news-style report about a recent development in {t}.",
+    "Give a numbered list of key terms related to {t}, each with a one-line definition.",
+    "Answer as a friendly expert: why does {t} matter today?",
+    "Write a short persuasive paragraph encouraging people to learn about {t}.",
+)
+TASKS_2 = (
+    "Write a short apology message from {who} who missed an appointment.",
+    "Write a cover letter opening paragraph for {who} applying for a new job.",
+    "Plan a simple three-course dinner that {who} could cook on a weeknight.",
+    "Write a short motivational message for {who} starting a new challenge.",
+    "Suggest a reading list of five kinds of books for {who}, with a reason for each.",
+    "Write a short diary entry by {who} about an ordinary day.",
+)
+
 TASKS = (  # everyday writing for or about a person
     "Write a short email to {who} asking to move a meeting to next week.",
     "Write a thank-you note to {who} for their help with a project.",
@@ -219,8 +250,16 @@ def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[
     return out
 
 
-def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str | Path | None = None) -> list[str]:
-    """n prompts, about `code_share` of them about code, the rest chat; never one of the excluded prompts."""
+PROMPT_SETS = (1, 2)
+
+
+def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str | Path | None = None,
+                  prompt_set: int = 2) -> list[str]:
+    """n prompts, about `code_share` of them about code, the rest chat; never one of the excluded prompts.
+    prompt_set 2 draws its chat prompts from more topics, instruction templates and writing tasks than set 1
+    (whose prompts, for the runs that used it, stay as they were)."""
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set} (choose from {PROMPT_SETS})")
     rng = random.Random(seed)
     banned = set()
     if exclude is not None and Path(exclude).is_file():
@@ -230,6 +269,10 @@ def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str |
     chat = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
     chat += [t.format(who=who) for who in WHO for t in TASKS]
     chat += [f"Translate to {lang}: {text}" for lang in LANGS for text in SENTENCES]
+    if prompt_set >= 2:
+        chat += [t.format(t=topic) for topic in TOPICS + TOPICS_2 for t in TEMPLATES_2]
+        chat += [t.format(t=topic) for topic in TOPICS_2 for t in TEMPLATES]
+        chat += [t.format(who=who) for who in WHO for t in TASKS_2]
     rng.shuffle(chat)
     tasks = [f"Write a {lang} function that {task}." for lang in CODE_LANGS for task in CODE_TASKS]
     rng.shuffle(tasks)
@@ -244,4 +287,6 @@ def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str |
         prompts.append(template.format(src=src, head=head, name=name, doc=doc))
     prompts += chat[: n - len(prompts)]
     rng.shuffle(prompts)
+    if prompt_set >= 2:  # (two stdlib functions can make the same prompt)
+        prompts = list(dict.fromkeys(prompts))
     return [p for p in prompts if p not in banned]

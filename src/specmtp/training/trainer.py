@@ -40,7 +40,7 @@ from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.training.data import Sample, capture, distill_stream
-from specmtp.training.prompts import build_prompts, raw_answers
+from specmtp.training.prompts import PROMPT_SETS, build_prompts, raw_answers
 
 DATA_VERSION = 4
 
@@ -71,6 +71,7 @@ class TrainOptions:
     seed: int = 0
     precision: str = "auto"  # the drafter's matmuls while training: bf16 (autocast) or fp32; auto: bf16 where fast
     taps: str = "none"  # lower target layers fused into the first step's input: none, auto, or indices "1,15"
+    prompt_set: int = 2  # the offline prompt set's version (1: the one before more chat topics and templates)
     exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
 
 
@@ -244,7 +245,9 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
     in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
     shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
-    prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude)
+    if opts.prompt_set not in PROMPT_SETS:
+        raise SpecMTPError(f"unknown --prompt-set {opts.prompt_set} (choose from {', '.join(map(str, PROMPT_SETS))})")
+    prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude, prompt_set=opts.prompt_set)
     chat = target.tokenizer.has_chat_template
     ids = [target.tokenizer.encode_chat(p) if chat else target.tokenizer.encode(p) for p in prompts]
     ids = sorted((p for p in ids if len(p) < opts.max_len - 8), key=len)
@@ -438,8 +441,10 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
            "max_len": opts.max_len, "topk": opts.topk, "seed": opts.seed, "sources": sources,
            "raw_tokens": opts.raw_tokens, "gen_batch": opts.gen_batch,
            "target": target_name or str(target.path), "custom_prompts": prompts}
-    if taps:  # (keys of runs without taps predate this entry)
+    if taps:  # (keys of runs without taps or with the first prompt set predate these entries)
         key["taps"] = list(taps)
+    if opts.prompt_set != 1:
+        key["prompt_set"] = opts.prompt_set
     head_q = getattr(target.model, "head_q", None)
     if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
         key["weights"] = f"q{head_q.fmt}"
@@ -479,7 +484,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     grown: list[dict[str, int]] = []  # resumed with more raw text: at which step, to how many tokens
     if ck is not None:
         free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
-        older = {"precision": "fp32", "taps": "none"}  # checkpoints from before these options
+        older = {"precision": "fp32", "taps": "none", "prompt_set": 1}  # checkpoints from before these options
         saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
                                                                                dataclasses.asdict(opts)))
         if saved != now:
