@@ -8,6 +8,10 @@ One draft step, for a row whose last token t sits at position L (not yet in the 
     h      = post_projection(norm(x))                      # next step's hidden state, in the target's space
     logits = target_head[draft_vocab] @ h                  # reduced head: only the draft vocabulary's rows
 
+With taps (target layers i, j, ...), a round's first h is fuse(concat(norm(x_i), norm(x_j), ..., h)) from the
+residual stream x after those layers at the same position (EAGLE-3's multi-layer features; later steps feed back
+their own h).
+
 The head is the target's own output matrix restricted to a frequency-ranked draft vocabulary (FR-Spec's idea):
 with 49k-152k token vocabularies a full head costs several times the rest of the drafter, while the few
 thousand most frequent tokens of the target's own output carry nearly all of its argmax mass. The drafter
