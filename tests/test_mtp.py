@@ -443,6 +443,11 @@ def test_taps_are_checked(target, tapped, tmp_path, tiny_dir):
         opts.taps = bad
         with pytest.raises(SpecMTPError, match=msg):
             train_drafter(target, tmp_path / bad, opts, progress=False, prompts=CORPUS)
+    opts = tiny_opts(5)
+    opts.prompt_set = 7
+    with pytest.raises(SpecMTPError, match="prompt-set 7"):
+        train_drafter(target, tmp_path / "set", opts, progress=False, prompts=CORPUS)
+    assert not (tmp_path / "set" / "shards").exists()  # refused before any data was written
     ckpt = tmp_path / "other"
     train_drafter(target, ckpt, tiny_opts(5), progress=False, prompts=CORPUS)
     opts = tiny_opts(10)

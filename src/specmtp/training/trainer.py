@@ -5,7 +5,8 @@ Pipeline (each stage saved under --out, so --resume picks up where a run stopped
     data     = distill_stream(target, prompts)            the target's answers, recorded as it decodes: hidden
                                                           states, read K/V, top-k next-token targets (shards/)
     train    : unrolled exactly as drafting runs: for anchors L (last token at L, target KV [0, L)),
-               step 1 gets (embed(tok_L), h_{L-1}), step k the drafter's own previous output and embed(tok_{L+k-1});
+               step 1 gets (embed(tok_L), h_{L-1}) (with --taps: h_{L-1} fused with lower layers' outputs at L-1),
+               step k the drafter's own previous output and embed(tok_{L+k-1});
                loss = cross-entropy against the target's distribution at L+k-1, over the draft vocabulary
     out/     : config.json + model.safetensors (bf16) + generation_config.json + README.md (the card)
 
@@ -245,8 +246,6 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
     in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
     shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
-    if opts.prompt_set not in PROMPT_SETS:
-        raise SpecMTPError(f"unknown --prompt-set {opts.prompt_set} (choose from {', '.join(map(str, PROMPT_SETS))})")
     prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude, prompt_set=opts.prompt_set)
     chat = target.tokenizer.has_chat_template
     ids = [target.tokenizer.encode_chat(p) if chat else target.tokenizer.encode(p) for p in prompts]
@@ -428,6 +427,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     hidden, inter, heads = _default_shape(target, opts)
     assistant = tc.family == "gemma4"  # a Gemma 4 target gets a Gemma4Assistant, in the released format
     taps = tap_layers(opts, tc.num_layers)
+    if opts.prompt_set not in PROMPT_SETS:
+        raise SpecMTPError(f"unknown --prompt-set {opts.prompt_set} (choose from {', '.join(map(str, PROMPT_SETS))})")
     if assistant:
         if taps:
             raise SpecMTPError("a Gemma 4 target gets a Gemma4Assistant, whose input is fixed: --taps must be none")
