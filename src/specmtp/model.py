@@ -397,7 +397,7 @@ class Transformer(nn.Module):
         """The forward pass, with the residual stream after each layer in `taps` (ascending) kept: the lower
         layers' features a drafter fuses with the final hidden state (EAGLE-3's multi-layer features)."""
         cfg = self.cfg
-        if list(taps) != sorted(set(taps)) or any(not 0 <= i < cfg.num_layers for i in taps):
+        if not taps_valid(taps, cfg.num_layers):
             raise ValueError(f"taps must be ascending layer indices below {cfg.num_layers}, got {taps}")
         kept: list[torch.Tensor] = []
         # One host read of the position range per forward (free on CPU) bounds the cache slots read.
@@ -441,6 +441,11 @@ class Transformer(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def taps_valid(taps: tuple[int, ...], num_layers: int) -> bool:
+    """Tapped layers are distinct, ascending indices of existing layers."""
+    return list(taps) == sorted(set(taps)) and all(0 <= i < num_layers for i in taps)
 
 
 def _stacked_taps(kept: list[torch.Tensor]) -> torch.Tensor | None:

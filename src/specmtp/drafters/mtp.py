@@ -42,7 +42,15 @@ from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.errors import SpecMTPError
 from specmtp.linear import Linear, linear
 from specmtp.loader import LoadedModel
-from specmtp.model import Layer, attention_mask, rms_norm, rms_norm_plain, rope_cos_sin, rope_inv_freq
+from specmtp.model import (
+    Layer,
+    attention_mask,
+    rms_norm,
+    rms_norm_plain,
+    rope_cos_sin,
+    rope_inv_freq,
+    taps_valid,
+)
 from specmtp.quant import select_rows
 
 MODEL_TYPE = "specmtp_mtp"
@@ -264,7 +272,7 @@ class MTPDrafter(RecurrentDrafter):
         if not same_weights(target_fingerprint(target.model), want["fingerprint"]):
             raise SpecMTPError(f"MTP drafter {self.name} was trained for other weights ({want['name']!r}): its "
                                "target's embedding values differ from this target's")
-        if self.taps and (list(self.taps) != sorted(set(self.taps)) or self.taps[-1] >= tc.num_layers):
+        if not taps_valid(self.taps, tc.num_layers):
             raise SpecMTPError(f"MTP drafter {self.name} reads the outputs of target layers {list(self.taps)}, "
                                f"which a {tc.num_layers}-layer target does not have")
         producers = tc.kv_producers()

@@ -40,6 +40,7 @@ from specmtp.drafters.gemma4_assistant import (
 from specmtp.drafters.mtp import MTPModule, drafter_config, save_drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
+from specmtp.model import taps_valid
 from specmtp.training.data import Sample, capture, distill_stream
 from specmtp.training.prompts import PROMPT_SETS, build_prompts, raw_answers
 
@@ -98,7 +99,7 @@ def tap_layers(opts: TrainOptions, num_layers: int) -> tuple[int, ...]:
         taps = tuple(int(i) for i in opts.taps.split(","))
     except ValueError:
         raise SpecMTPError(f"--taps must be none, auto or comma-separated layer indices, got {opts.taps!r}") from None
-    if list(taps) != sorted(set(taps)) or not all(0 <= i < num_layers for i in taps):
+    if not taps_valid(taps, num_layers):
         raise SpecMTPError(f"--taps {opts.taps}: layer indices must be ascending, distinct and below {num_layers}")
     return taps
 
