@@ -175,6 +175,24 @@ def test_data_read_through_quantized_weights_is_not_resumed_with_dense_ones(tiny
         train_drafter(load_model(str(path)), tmp_path, tiny_opts(2), progress=False, prompts=CORPUS[:4],
                       target_name="tiny", resume=True)
 
+
+def test_data_read_through_bf16_weights_trains_a_drafter_for_the_fp32_target(tiny_dir, tmp_path):
+    path = tiny_dir("llama", num_hidden_layers=2)
+    meta = train_drafter(load_model(str(path), dtype="bf16"), tmp_path, tiny_opts(2), progress=False,
+                         prompts=CORPUS[:4], target_name="tiny")
+    assert meta["data_weights"] == "bfloat16"
+    assert "answering and reading: bfloat16" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SpecMTPError, match="other settings"):
+        train_drafter(load_model(str(path)), tmp_path, tiny_opts(2), progress=False, prompts=CORPUS[:4],
+                      target_name="tiny", resume=True)
+    fp32 = load_model(str(path))
+    drafter = load_drafter(str(tmp_path))
+    drafter.check_compatible(fp32)  # the same target, whatever weights read its data
+    base = Engine(fp32).generate(PROMPTS, max_new_tokens=12)
+    spec = Engine(fp32, drafter, 3).generate(PROMPTS, max_new_tokens=12)
+    assert [c.tokens for c in spec] == [c.tokens for c in base]
+
+
 def test_recorded_answers_are_the_targets_own(target):
     """distill() records, while decoding, what a fresh forward over the answered sequence gives; rows that stop
     early (here: at max_len, so each prompt length stops at its own step) leave the batch on the way."""

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     t.add_argument("--weights", default="dense", choices=["dense", "q8", "q4", "native"],
                    help="the target's weights while it answers and is read (q4: several times faster data)")
+    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dense target weights while it answers and is read (bf16: about twice as fast on a CPU with "
+                        "bf16 instructions; the drafter still drafts for the target in any dtype)")
     defaults = TrainOptions()
     for f in dataclasses.fields(TrainOptions):
         kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
@@ -163,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from specmtp.training import train_drafter
 
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    target = load_model(args.model, weights=args.weights)
+    target = load_model(args.model, dtype=args.dtype, weights=args.weights)
     meta = train_drafter(target, Path(args.out), opts, resume=args.resume, target_name=args.model)
     print(f"drafter saved to {args.out}: held-out tau {meta['heldout_tau']:.2f}, acceptance "
           f"{meta['heldout_accept']}, {meta['wall_seconds'] / 60:.1f} min")

@@ -451,6 +451,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     head_q = getattr(target.model, "head_q", None)
     if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
         key["weights"] = f"q{head_q.fmt}"
+    elif target.model.norm.dtype != torch.float32:  # nor is data read through bf16 weights (fp32 keys predate this)
+        key["dtype"] = str(target.model.norm.dtype).removeprefix("torch.")
     key_path = shards / "key.json"
     if shards.is_dir() and any(shards.iterdir()):
         if not resume:
@@ -569,6 +571,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         "train_sequences": len(train_set), "heldout_sequences": len(held),
         "train_tokens": sum(len(s.tokens) for s in train_set), "steps": step,
         "raw_sequences": len(raw), "raw_tokens": sum(len(s.tokens) for s in raw), "raw_grown": grown,
+        "data_weights": key.get("weights", key.get("dtype", "fp32")),
         "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(data_s + train_s, 1),
         "heldout_accept": [round(a, 4) for a in acc], "heldout_tau": round(1 + sum(acc), 3),
@@ -644,7 +647,8 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
 {head_line}
 - Data: {answered} self-distilled sequences ({answered_tokens} tokens) from {opts['prompts']} offline prompts
   (prompt set {opts.get('prompt_set', 1)}: Python standard library code + instruction templates), answers of up to
-  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line}
+  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line};
+  the target's weights while answering and reading: {meta.get('data_weights', 'fp32')}
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
   draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls
 - Wall time on this 2-core CPU: data {meta['data_seconds']:.0f} s + training {meta['train_seconds']:.0f} s
