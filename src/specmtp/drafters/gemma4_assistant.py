@@ -122,10 +122,10 @@ class AssistantModule(ProjectedTrunk):
     def pick(self, logits: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         """The draft drafting would make: argmax over the masked head's clusters where there is one."""
         if self.masked_head is None:
-            return logits.argmax(-1)
+            return logits.max(-1).indices  # the argmax (torch's argmax of bf16 logits is ~5x slower on the CPU)
         shape = x.shape[:-1]
         with torch.no_grad():
-            return self.masked_head(x.reshape(-1, x.shape[-1]), self.embed.weight).argmax(-1).reshape(shape)
+            return self.masked_head(x.reshape(-1, x.shape[-1]), self.embed.weight).max(-1).indices.reshape(shape)
 
     def aux_loss(self, x: torch.Tensor, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Centroid scores against the target's mass per cluster (its top-k ids [.., k] and probabilities p)."""

@@ -179,7 +179,7 @@ class MTPModule(ProjectedTrunk):
         return h, h @ head.T, None
 
     def pick(self, logits: torch.Tensor, aux: None) -> torch.Tensor:
-        return logits.argmax(-1)
+        return logits.max(-1).indices  # the argmax (torch's argmax of bf16 logits is ~5x slower on the CPU)
 
 
 def save_drafter(module: MTPModule, out: Path, target: LoadedModel, meta: dict[str, Any],
