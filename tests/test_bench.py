@@ -22,3 +22,27 @@ def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
     kinds = summary["by_kind"]
     assert set(kinds) == {"code", "chat"} and kinds["code"]["prompts"] == 2 and kinds["chat"]["prompts"] == 1
     assert all(k["tau"] >= 1.0 and k["tok_s"] > 0 for k in kinds.values())
+
+
+def test_engines_take_turns_prompt_by_prompt():
+    """Target-only and speculative runs interleave (order reversed every other prompt), so drift hits both alike."""
+    from types import SimpleNamespace
+
+    from specmtp.bench import run_ours
+    from specmtp.engine import Stats
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.stats = name, Stats()
+
+        def generate(self, prompts, max_new_tokens):
+            calls.append((self.name, prompts[0][0], max_new_tokens))
+            self.stats = Stats(row_steps=2, total_s=0.5)
+            return [SimpleNamespace(tokens=[prompts[0][0]] * 2)]
+
+    a, b = run_ours([Fake("base"), Fake("spec")], [[1], [2], [3]], 16)
+    assert [c[:2] for c in calls if c[2] == 16] == [("base", 1), ("spec", 1), ("spec", 2), ("base", 2),
+                                                   ("base", 3), ("spec", 3)]
+    assert a["tokens"] == b["tokens"] == [[1, 1], [2, 2], [3, 3]] and a["tok_s"] == 6 / 1.5

@@ -1,7 +1,7 @@
 """`specmtp bench`: our engine (target-only and speculative) against transformers, in one process.
 
 Prints a table and, as its last line, one JSON object. Timings are wall-clock per prompt after one
-warm-up generation per engine; greedy tokens are compared token for token.
+warm-up generation per engine, our engines taking turns prompt by prompt; greedy tokens are compared token for token.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specmtp.engine import Engine
+from specmtp.engine import Engine, Stats
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel, load_model
 
@@ -69,45 +69,66 @@ def _encode_all(target: LoadedModel, prompts: list[dict]) -> list[list[int]]:
     return [tok.encode_chat(p["prompt"]) if tok.has_chat_template else tok.encode(p["prompt"]) for p in prompts]
 
 
-def run_ours(engine: Engine, ids: list[list[int]], max_new: int) -> dict:
-    engine.generate([ids[0]], max_new_tokens=min(8, max_new))  # warm-up
-    tokens, seconds, drafted, row_steps = [], 0.0, 0, 0
-    forwards, accepted, draft_s, verify_s, lengths = 0, 0, 0.0, 0.0, []
-    by_pos_a: list[int] = []
-    by_pos_d: list[int] = []
-    per_prompt = []  # (new tokens, seconds, accepted drafts, verify passes) of each prompt
-    for p in tqdm(ids, desc="specmtp", leave=False):
-        out = engine.generate([p], max_new_tokens=max_new)[0]
-        s = engine.stats
-        per_prompt.append((len(out.tokens), s.total_s, s.accepted, s.row_steps))
-        tokens.append(out.tokens)
-        seconds += s.total_s
-        forwards += s.target_forwards
-        row_steps += s.row_steps
-        drafted += s.drafted
-        accepted += s.accepted
-        draft_s += s.draft_s
-        verify_s += s.verify_s
-        lengths += s.draft_lengths
+def run_ours(engines: list[Engine], ids: list[list[int]], max_new: int) -> list[dict]:
+    """Each engine on every prompt, interleaved: prompt by prompt, every engine in turn (the order reversed on every
+    other prompt), so that a machine whose speed drifts during the run (this one's memory bandwidth moves by tens
+    of percent between minutes) slows all of them alike and their ratios stay fair. One result per engine."""
+    for engine in engines:
+        engine.generate([ids[0]], max_new_tokens=min(8, max_new))  # warm-up
+    tallies = [_Tally() for _ in engines]
+    for i, p in enumerate(tqdm(ids, desc="specmtp", leave=False)):
+        order = range(len(engines)) if i % 2 == 0 else reversed(range(len(engines)))
+        for e in order:
+            out = engines[e].generate([p], max_new_tokens=max_new)[0]
+            tallies[e].add(out.tokens, engines[e].stats)
+    return [t.result() for t in tallies]
+
+
+class _Tally:
+    """One engine's statistics summed over prompts."""
+
+    def __init__(self) -> None:
+        self.tokens: list[list[int]] = []
+        self.seconds, self.draft_s, self.verify_s = 0.0, 0.0, 0.0
+        self.drafted = self.accepted = self.forwards = self.row_steps = 0
+        self.lengths: list[int] = []
+        self.by_pos_a: list[int] = []
+        self.by_pos_d: list[int] = []
+        self.per_prompt: list[tuple] = []  # (new tokens, seconds, accepted drafts, verify passes) of each prompt
+
+    def add(self, tokens: list[int], s: Stats) -> None:
+        self.per_prompt.append((len(tokens), s.total_s, s.accepted, s.row_steps))
+        self.tokens.append(tokens)
+        self.seconds += s.total_s
+        self.forwards += s.target_forwards
+        self.row_steps += s.row_steps
+        self.drafted += s.drafted
+        self.accepted += s.accepted
+        self.draft_s += s.draft_s
+        self.verify_s += s.verify_s
+        self.lengths += s.draft_lengths
         for i, (a, d) in enumerate(zip(s.accepted_at, s.drafted_at, strict=True)):
-            if i >= len(by_pos_a):
-                by_pos_a.append(0)
-                by_pos_d.append(0)
-            by_pos_a[i] += a
-            by_pos_d[i] += d
-    new = sum(len(t) for t in tokens)
-    return {
-        "tokens": tokens, "new_tokens": new, "seconds": seconds, "tok_s": new / seconds,
-        "tau": (accepted + row_steps) / row_steps if row_steps else 1.0,
-        "acceptance_by_position": [round(a / d, 4) if d else 0.0 for a, d in zip(by_pos_a, by_pos_d, strict=True)],
-        "drafted": drafted, "accepted": accepted, "target_forwards": forwards,
-        "draft_s": draft_s, "verify_s": verify_s,
-        "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
-        "draft_length_counts": [lengths.count(n) for n in range(max(lengths, default=-1) + 1)],  # steps by length
-        "draft_ms_per_token": 1000 * draft_s / sum(lengths) if sum(lengths) else 0.0,
-        "verify_ms_per_pass": 1000 * verify_s / forwards if forwards else 0.0,
-        "per_prompt": per_prompt,
-    }
+            if i >= len(self.by_pos_a):
+                self.by_pos_a.append(0)
+                self.by_pos_d.append(0)
+            self.by_pos_a[i] += a
+            self.by_pos_d[i] += d
+
+    def result(self) -> dict:
+        new, lengths, steps = sum(len(t) for t in self.tokens), self.lengths, self.row_steps
+        return {
+            "tokens": self.tokens, "new_tokens": new, "seconds": self.seconds, "tok_s": new / self.seconds,
+            "tau": (self.accepted + steps) / steps if steps else 1.0,
+            "acceptance_by_position": [round(a / d, 4) if d else 0.0
+                                       for a, d in zip(self.by_pos_a, self.by_pos_d, strict=True)],
+            "drafted": self.drafted, "accepted": self.accepted, "target_forwards": self.forwards,
+            "draft_s": self.draft_s, "verify_s": self.verify_s,
+            "mean_draft_length": sum(lengths) / len(lengths) if lengths else 0.0,
+            "draft_length_counts": [lengths.count(n) for n in range(max(lengths, default=-1) + 1)],  # steps by length
+            "draft_ms_per_token": 1000 * self.draft_s / sum(lengths) if sum(lengths) else 0.0,
+            "verify_ms_per_pass": 1000 * self.verify_s / self.forwards if self.forwards else 0.0,
+            "per_prompt": self.per_prompt,
+        }
 
 
 def by_kind(prompts: list[dict], base: dict, spec: dict) -> dict[str, dict]:
@@ -267,7 +288,11 @@ def run_bench(args: argparse.Namespace) -> int:
     wbytes = weight_bytes_per_token(target.model)
     rows: list[tuple[str, dict]] = []
 
-    base = run_ours(Engine(target), ids, max_new)
+    engines = [Engine(target)]
+    if drafter is not None:
+        schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
+        engines += [Engine(target, drafter, args.num_draft_tokens, requested) for requested in schedules]
+    base, *specs = run_ours(engines, ids, max_new)
     rows.append(("specmtp target-only", base))
     summary: dict = {
         "model": args.model, "weights": args.weights,
@@ -277,15 +302,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "weight_bytes_per_token": wbytes, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_vs_bandwidth_bound": round((base["seconds"] / base["new_tokens"]) / (wbytes / bandwidth), 3),
         "achieved_weight_gb_s": round(wbytes * base["tok_s"] / 1e9, 2),
+        "order": "interleaved by prompt",  # target-only and each schedule take turns on every prompt
     }
     if drafter is not None:
-        schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
         best = None
         per_schedule = {}
-        for requested in schedules:
-            engine = Engine(target, drafter, args.num_draft_tokens, requested)
+        for engine, res in zip(engines[1:], specs, strict=True):
             sched, num_draft = engine.schedule_name, engine.num_draft_tokens
-            res = run_ours(engine, ids, max_new)
             res["greedy_identical"] = res["tokens"] == base["tokens"]
             rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
             per_schedule[sched] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
