@@ -13,7 +13,7 @@ def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
     rows = [("code", "def f(x): return x + x + x + x"), ("code", "abcabcabcabc"), ("chat", "hello world, hello")]
     prompts.write_text("".join(json.dumps({"kind": k, "prompt": p}) + "\n" for k, p in rows))
     args = build_parser().parse_args(["bench", "--model", str(tiny_dir("llama")), "--drafter", "ngram+ngram",
-                                      "--prompts", str(prompts), "--max-new-tokens", "12"])
+                                      "--prompts", str(prompts), "--max-new-tokens", "12", "--rival", "ngram"])
     assert run_bench(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("run") and "specmtp spec (ngram+ngram" in out[2]
@@ -22,6 +22,10 @@ def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
     kinds = summary["by_kind"]
     assert set(kinds) == {"code", "chat"} and kinds["code"]["prompts"] == 2 and kinds["chat"]["prompts"] == 1
     assert all(k["tau"] >= 1.0 and k["tok_s"] > 0 for k in kinds.values())
+    rival = summary["rival"]  # the other drafter took the same turns
+    assert rival["drafter"] == "ngram" and rival["greedy_identical"] and rival["tau"] >= 1.0
+    assert summary["speedup_vs_rival"] == round(summary["spec_tok_s"] / rival["tok_s"], 3)
+    assert "specmtp spec (ngram, " in "\n".join(out)
 
 
 def test_engines_take_turns_prompt_by_prompt():

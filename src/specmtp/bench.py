@@ -292,7 +292,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if drafter is not None:
         schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
         engines += [Engine(target, drafter, args.num_draft_tokens, requested) for requested in schedules]
+    rival_ref = getattr(args, "rival", None)
+    if rival_ref:  # another drafter (its own defaults) taking the same turns, for a comparison within one run
+        engines.append(Engine(target, load_drafter(rival_ref, dtype=args.drafter_dtype, weights=args.weights)))
     base, *specs = run_ours(engines, ids, max_new)
+    rival = specs.pop() if rival_ref else None
     rows.append(("specmtp target-only", base))
     summary: dict = {
         "model": args.model, "weights": args.weights,
@@ -307,7 +311,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if drafter is not None:
         best = None
         per_schedule = {}
-        for engine, res in zip(engines[1:], specs, strict=True):
+        for engine, res in zip(engines[1 : 1 + len(specs)], specs, strict=True):
             sched, num_draft = engine.schedule_name, engine.num_draft_tokens
             res["greedy_identical"] = res["tokens"] == base["tokens"]
             rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
@@ -336,6 +340,15 @@ def run_bench(args: argparse.Namespace) -> int:
             "schedules": per_schedule,
             "by_kind": by_kind(prompts, base, res),
         })
+    if rival is not None:
+        rival["greedy_identical"] = rival["tokens"] == base["tokens"]
+        rows.append((f"specmtp spec ({rival_ref}, {engines[-1].schedule_name})", rival))
+        summary["rival"] = {"drafter": rival_ref, "tok_s": round(rival["tok_s"], 3), "tau": round(rival["tau"], 4),
+                            "speedup_vs_target_only": round(rival["tok_s"] / base["tok_s"], 3),
+                            "mean_draft_length": round(rival["mean_draft_length"], 3),
+                            "greedy_identical": rival["greedy_identical"]}
+        if "spec_tok_s" in summary:
+            summary["speedup_vs_rival"] = round(summary["spec_tok_s"] / rival["tok_s"], 3)
     if args.compare_hf:
         eos = target.tokenizer.eos_token_ids
         hf = run_hf(target.path, ids, max_new, eos)
