@@ -131,6 +131,14 @@ class _Tally:
         }
 
 
+def _brief(res: dict, base: dict) -> dict:
+    """A speculative run's headline figures for the JSON summary, with its speedup over target-only."""
+    brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+             if k in ("tok_s", "tau", "acceptance_by_position", "greedy_identical", "mean_draft_length",
+                      "draft_length_counts")}
+    return {**brief, "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3)}
+
+
 def by_kind(prompts: list[dict], base: dict, spec: dict) -> dict[str, dict]:
     """tau, tok/s and speedup over target-only for each prompt kind (the 'kind' field), from per-prompt stats."""
     out = {}
@@ -288,15 +296,16 @@ def run_bench(args: argparse.Namespace) -> int:
     wbytes = weight_bytes_per_token(target.model)
     rows: list[tuple[str, dict]] = []
 
-    engines = [Engine(target)]
+    spec_engines = []
     if drafter is not None:
         schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
-        engines += [Engine(target, drafter, args.num_draft_tokens, requested) for requested in schedules]
+        spec_engines = [Engine(target, drafter, args.num_draft_tokens, requested) for requested in schedules]
     rival_ref = getattr(args, "rival", None)
-    if rival_ref:  # another drafter (its own defaults) taking the same turns, for a comparison within one run
-        engines.append(Engine(target, load_drafter(rival_ref, dtype=args.drafter_dtype, weights=args.weights)))
-    base, *specs = run_ours(engines, ids, max_new)
-    rival = specs.pop() if rival_ref else None
+    rival_engines = []  # another drafter (its own defaults) taking the same turns, for a comparison within one run
+    if rival_ref:
+        rival_engines = [Engine(target, load_drafter(rival_ref, dtype=args.drafter_dtype, weights=args.weights))]
+    base, *results = run_ours([Engine(target), *spec_engines, *rival_engines], ids, max_new)
+    specs, rival = results[: len(spec_engines)], (results[-1] if rival_engines else None)
     rows.append(("specmtp target-only", base))
     summary: dict = {
         "model": args.model, "weights": args.weights,
@@ -311,14 +320,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if drafter is not None:
         best = None
         per_schedule = {}
-        for engine, res in zip(engines[1 : 1 + len(specs)], specs, strict=True):
+        for engine, res in zip(spec_engines, specs, strict=True):
             sched, num_draft = engine.schedule_name, engine.num_draft_tokens
             res["greedy_identical"] = res["tokens"] == base["tokens"]
             rows.append((f"specmtp spec ({args.drafter}, {sched})", res))
-            per_schedule[sched] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
-                                   if k in ("tok_s", "tau", "acceptance_by_position", "greedy_identical",
-                                            "mean_draft_length", "draft_length_counts")}
-            per_schedule[sched]["speedup_vs_target_only"] = round(res["tok_s"] / base["tok_s"], 3)
+            per_schedule[sched] = _brief(res, base)
             if best is None or res["tok_s"] > best[1]["tok_s"]:
                 best = (sched, res)
         sched, res = best
@@ -342,13 +348,10 @@ def run_bench(args: argparse.Namespace) -> int:
         })
     if rival is not None:
         rival["greedy_identical"] = rival["tokens"] == base["tokens"]
-        rows.append((f"specmtp spec ({rival_ref}, {engines[-1].schedule_name})", rival))
-        summary["rival"] = {"drafter": rival_ref, "tok_s": round(rival["tok_s"], 3), "tau": round(rival["tau"], 4),
-                            "speedup_vs_target_only": round(rival["tok_s"] / base["tok_s"], 3),
-                            "mean_draft_length": round(rival["mean_draft_length"], 3),
-                            "greedy_identical": rival["greedy_identical"]}
+        rows.append((f"specmtp spec ({rival_ref}, {rival_engines[0].schedule_name})", rival))
+        summary["rival"] = {"drafter": rival_ref, **_brief(rival, base)}
         if "spec_tok_s" in summary:
-            summary["speedup_vs_rival"] = round(summary["spec_tok_s"] / rival["tok_s"], 3)
+            summary["speedup_vs_rival"] = round(summary["spec_tok_s"] / summary["rival"]["tok_s"], 3)
     if args.compare_hf:
         eos = target.tokenizer.eos_token_ids
         hf = run_hf(target.path, ids, max_new, eos)
