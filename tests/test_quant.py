@@ -12,6 +12,7 @@ from specmtp.errors import SpecMTPError
 from specmtp.quant import (
     _qkernels,
     available,
+    dense_kernel,
     dequantize,
     pack,
     qlinear,
@@ -137,13 +138,20 @@ def test_quantized_model_speculative_equals_target_only(tiny_dir, fmt):
     assert len(dense) == 16  # the dense model ran before quantization
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_quantized_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_dir, family):
+@pytest.mark.parametrize("family,weights", [("llama", "q4"), ("qwen2", "q4"), ("gemma3", "q4"), ("llama", "dense"),
+                                            ("qwen2", "dense")])
+def test_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_dir, family, weights):
     """What makes speculative output exact: a verify pass over T tokens gives each token the very logits a
-    one-token step gives it (kernels and attention alike)."""
+    one-token step gives it (kernels and attention alike), with quantized weights and with dense fp32 ones
+    (Llama/Qwen2 layers: specmtp's fp32 kernel and its attention kernel)."""
+    if weights == "dense" and not dense_kernel():
+        pytest.skip("specmtp's fp32 kernel needs AVX2")
     target = load_model(str(tiny_dir(family)))
     model = target.model
-    quantize_model(model, "q4")
+    if weights == "dense":
+        assert all(layer.fused_attention for layer in model.layers)
+    else:
+        quantize_model(model, "q4")
     g = torch.Generator().manual_seed(0)
     prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
     caches = [model.new_cache(1, 64) for _ in range(2)]

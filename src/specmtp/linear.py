@@ -36,7 +36,7 @@ _torch_threads: int | None = None  # torch's thread count, held while it runs on
 
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Temporarily turn the fast paths (specmtp's kernel and oneDNN) on or off (tests compare both against
+    """Temporarily turn the fast paths (specmtp's kernels and oneDNN) on or off (tests compare both against
     transformers)."""
     global _enabled
     saved, _enabled = _enabled, enabled
@@ -44,6 +44,11 @@ def onednn(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = saved
+
+
+def fast_paths() -> bool:
+    """Whether the fast paths are on (see `onednn`): dense layers' attention kernel honours it too."""
+    return _enabled
 
 
 def _own_pool(active: bool) -> None:

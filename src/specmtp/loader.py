@@ -59,7 +59,10 @@ def load_model(ref: str, dtype: str = "fp32", progress: bool = True, weights: st
         raise SpecMTPError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
     path = checkpoint_dir(ref, progress=progress)
     if weights == "dense":
+        from specmtp import quant
+
         config, model = load_hf_dir(path, DTYPES[dtype])
+        quant.fuse_dense_attention(model)  # fp32 on a CPU with specmtp's kernels: its attention kernel too
     else:
         from specmtp import quant
 

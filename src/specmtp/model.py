@@ -24,7 +24,7 @@ from torch import nn
 from specmtp import quant
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
-from specmtp.linear import Linear, linear
+from specmtp.linear import Linear, fast_paths, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,7 +147,8 @@ INVARIANT_MAX_T = 64  # batch-invariant attention covers verify passes (a longer
 
 class Layer(nn.Module):
     batch_invariant = False  # set with quantized weights, whose kernels are batch-invariant too
-    fused_attention = False  # set with quantized weights where the layer is a plain Llama/Qwen2 one (quant.attend)
+    fused_attention = False  # set where the layer is a plain Llama/Qwen2 one and its weights are quantized or fp32 on
+    # a CPU with specmtp's kernels (quant.attend)
     fused = False  # ... and where its whole forward can run as four kernel calls and quant.attend
 
     def plain_layer(self) -> bool:
@@ -226,8 +227,10 @@ class Layer(nn.Module):
         b, t, _ = qkv.shape
         d = self.head_dim
         cos, sin = rope
-        if self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1:
-            # quantized mode, one row: RoPE, cache write and attention in one kernel call (quant.attend)
+        if self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1 and (
+                self.wqkv.qweight is not None or fast_paths()):
+            # one row: RoPE, cache write and attention in one kernel call (quant.attend), a verify pass's tokens
+            # each over exactly what a one-token step reads (quantized layers, and dense fp32 ones on a CPU)
             return quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index],
                                 cache.v[self.index], cfg.num_heads, self.window, cfg.attn_scale)
         if self.own_kv and not cfg.qk_norm and not self.values_are_keys:  # Llama, Qwen2: one RoPE call for q and k
