@@ -241,6 +241,29 @@ def test_narrower_drafter_starts_from_the_most_important_channels(target):
     assert torch.equal(dst.wqkv.weight, src.wqkv.weight[: dst.wqkv.weight.shape[0]])
 
 
+def test_default_mlp_width_keeps_any_number_of_layers_within_the_shipped_budget():
+    """Qwen2.5-Coder-1.5B's geometry: one layer keeps an MLP 2560 wide, two share the budget (768 each); both
+    drafters stay within PARAM_BUDGET (under 50 MB in bf16)."""
+    from types import SimpleNamespace
+
+    from specmtp.config import from_hf_config
+    from specmtp.drafters.mtp import MTPModule, drafter_config
+    from specmtp.training.trainer import PARAM_BUDGET, _default_shape
+
+    tc = from_hf_config({"model_type": "qwen2", "hidden_size": 1536, "num_attention_heads": 12,
+                         "num_key_value_heads": 2, "intermediate_size": 8960, "num_hidden_layers": 28,
+                         "vocab_size": 1024})
+    widths = []
+    for layers in (1, 2):
+        opts = tiny_opts(0)
+        opts.layers = layers
+        hidden, inter, heads = _default_shape(SimpleNamespace(config=tc), opts)
+        module = MTPModule(drafter_config(tc, layers, hidden, inter, heads), tc.hidden_size, torch.arange(8))
+        assert sum(p.numel() for p in module.parameters()) <= PARAM_BUDGET
+        widths.append(inter)
+    assert widths == [2560, 768]
+
+
 def test_quantized_target_quantizes_its_mtp_drafter(trained, tiny_dir):
     """With a q8 target the drafter's layers run through the same kernels: they compute what the dense drafter
     computes, to quantization error, and speculative output still equals target-only output."""

@@ -50,8 +50,8 @@ DATA_VERSION = 4
 @dataclass
 class TrainOptions:
     layers: int = 1
-    hidden: int | None = None  # default: the target's hidden size, capped at 1024
-    intermediate: int | None = None  # default: the target's MLP width when the widths match, else 2.75 x hidden
+    hidden: int | None = None  # default: the target's hidden size
+    intermediate: int | None = None  # default: the widest MLP (at most the target's) within PARAM_BUDGET
     heads: int | None = None  # default: the target's number of query heads
     steps: int = 400
     batch: int = 8  # sequences per step
@@ -124,17 +124,23 @@ def _compute(precision: str) -> contextlib.AbstractContextManager:
     return stack
 
 
-MLP_BUDGET = 12_000_000  # default cap on a drafter layer's MLP parameters (keeps a shipped drafter under 50 MB)
+PARAM_BUDGET = 24_000_000  # default cap on an MTP drafter's own parameters: under 50 MB in bf16, whatever its layers
 
 
 def _default_shape(target: LoadedModel, opts: TrainOptions) -> tuple[int, int, int]:
-    """The target's width (so the drafter's layer can start as a copy of the layer it reads), and its MLP width
-    capped by MLP_BUDGET (then the copy keeps the most important channels)."""
+    """The target's width (so the drafter's layers can start as copies of the layer they read), and the widest MLP
+    (a multiple of 256, at most the target's) that keeps the whole drafter within PARAM_BUDGET: projections, taps'
+    fusion and attention first, the MLPs of all `--layers` share the rest (the copies keep the most important
+    channels)."""
     tc = target.config
     hidden = opts.hidden or tc.hidden_size
-    inter = opts.intermediate or min(tc.intermediate_size, max(256, MLP_BUDGET // (3 * hidden) // 256 * 256))
     heads = opts.heads or tc.num_heads
-    return hidden, inter, heads
+    if opts.intermediate:
+        return hidden, opts.intermediate, heads
+    ht, taps = tc.hidden_size, len(tap_layers(opts, tc.num_layers))
+    fixed = 3 * ht * hidden + (taps + 1) * ht * ht * (taps > 0) + opts.layers * 2 * hidden * heads * tc.head_dim
+    inter = (PARAM_BUDGET - fixed) // (3 * hidden * max(opts.layers, 1)) // 256 * 256
+    return hidden, min(tc.intermediate_size, max(256, inter)), heads
 
 
 def new_module(target: LoadedModel, opts: TrainOptions, draft_vocab: torch.Tensor) -> MTPModule:
