@@ -147,6 +147,42 @@ def test_resume_continues_and_refuses_other_options(target, tmp_path):
         train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
 
 
+def test_heldout_is_spread_over_the_prompts_and_kept_on_resume(target, tmp_path):
+    """Answers are stored shortest prompt first; the held-out ones spread over them (not the longest prompts only),
+    are recorded in the checkpoint, and a resumed run keeps them, also one from before they were recorded."""
+    opts = tiny_opts(4)
+    opts.heldout = 0.35
+    train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS)
+    held = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["held"]
+    greedy = [i for i, s in enumerate(stored_samples(tmp_path)) if s.greedy]
+    n = len(held)
+    assert n >= 2 and held != greedy[-n:] and set(held) <= set(greedy)
+    opts.steps = 8
+    train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["held"] == held
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ckpt["held"]  # a checkpoint from before: it held out the last greedy answers
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    opts.steps = 12
+    train_drafter(target, tmp_path, opts, progress=False, prompts=CORPUS, resume=True)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["held"] == greedy[-n:]
+
+
+def test_weight_decay_and_feature_noise_are_seeded_and_held_on_resume(target, tmp_path):
+    opts = tiny_opts(6)
+    opts.weight_decay, opts.noise = 0.1, 0.2
+    runs = [train_drafter(target, tmp_path / name, opts, progress=False, prompts=CORPUS) for name in ("a", "b")]
+    weights = [load_drafter(str(tmp_path / name)).module.state_dict() for name in ("a", "b")]
+    assert runs[0]["history"] == runs[1]["history"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    plain = train_drafter(target, tmp_path / "plain", tiny_opts(6), progress=False, prompts=CORPUS)
+    assert plain["history"][-1]["loss"] != runs[0]["history"][-1]["loss"]
+    with pytest.raises(SpecMTPError, match="other options.*noise"):
+        again = tiny_opts(8)
+        again.weight_decay = 0.1
+        train_drafter(target, tmp_path / "a", again, progress=False, prompts=CORPUS, resume=True)
+
+
 def test_precision_is_resolved_recorded_and_held_on_resume(target, tmp_path):
     with pytest.raises(SpecMTPError, match="unknown precision 'fp8'"):
         train_drafter(target, tmp_path / "bad", TrainOptions(precision="fp8"), progress=False, prompts=CORPUS)

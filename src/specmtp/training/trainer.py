@@ -58,6 +58,9 @@ class TrainOptions:
     anchors: int = 96  # draft positions sampled per sequence per step
     unroll: int = 3  # draft steps trained through (backpropagated through the recurrence)
     lr: float = 2e-3
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    noise: float = 0.0  # uniform noise on the target hidden state a round starts from, times its RMS (EAGLE's
+    # feature augmentation: the drafter learns not to lean on the exact vector of a memorized answer)
     draft_vocab: int = 8192  # 0: the full vocabulary
     prompts: int = 320
     answer_tokens: int = 128
@@ -385,14 +388,17 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
 
 
 def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: torch.Tensor | None,
-             to_draft: torch.Tensor, batch, steps: int,
-             feature_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `steps` draft steps from every anchor exactly as drafting does.
+             to_draft: torch.Tensor, batch, steps: int, feature_weight: float = 0.0, noise: float = 0.0,
+             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `steps` draft steps from every anchor exactly as drafting does (training: `noise` on the first state).
     Returns (loss, match [B, A, steps]: drafter argmax == target argmax, False where no label)."""
     tokens, hidden, taps, kv, top_ids, top_p, lengths, anchor, valid = batch
     bidx = torch.arange(tokens.shape[0])[:, None]
     end = int(anchor[valid].max()) if valid.any() else 1
     state = hidden[bidx, anchor - 1]  # [B, A, Ht] the hidden state that predicted tok_L
+    if noise > 0:
+        rms = state.pow(2).mean(-1, keepdim=True).sqrt()  # [B, A, 1]
+        state = state + noise * rms * (2 * torch.rand(state.shape, generator=gen) - 1)
     if getattr(module, "taps", ()):
         state = module.fused(state, taps[bidx, anchor - 1])  # with the tapped layers' outputs at L - 1
     losses, matches = [], []
@@ -484,18 +490,23 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     if len(samples) < 4:
         raise SpecMTPError(f"only {len(samples)} training sequences; raise --prompts")
     torch.set_num_threads(os.cpu_count() or 1)  # a quantized target leaves torch one thread; training wants all
-    # held out: the target's own greedy answers (what greedy drafting meets), the last ones of the prompt set
+    ck = _load(ckpt_path, "checkpoint") if resume and ckpt_path.is_file() else None
+    # held out: the target's own greedy answers (what greedy drafting meets), spread evenly over the prompt set
+    # (answers are stored in length order, so its last ones would all be long code prompts); a resumed run keeps
+    # the ones it started with (checkpoints from before this held out the last ones)
     n_held = max(2, int(len(samples) * opts.heldout))
     greedy = [i for i, s in enumerate(samples) if s.greedy] or list(range(len(samples)))
-    held_idx = set(greedy[-n_held:])
+    spread = [greedy[(2 * k + 1) * len(greedy) // (2 * n_held)] for k in range(min(n_held, len(greedy)))]
+    held_idx = set(greedy[-n_held:] if ck is not None and "held" not in ck else ck["held"] if ck is not None
+                   else spread)
     held = [s for i, s in enumerate(samples) if i in held_idx]
     train_set = [s for i, s in enumerate(samples) if i not in held_idx] + raw
 
-    ck = _load(ckpt_path, "checkpoint") if resume and ckpt_path.is_file() else None
     grown: list[dict[str, int]] = []  # resumed with more raw text: at which step, to how many tokens
     if ck is not None:
         free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
-        older = {"precision": "fp32", "taps": "none", "prompt_set": 1}  # checkpoints from before these options
+        older = {"precision": "fp32", "taps": "none", "prompt_set": 1, "weight_decay": 0.0,
+                 "noise": 0.0}  # checkpoints from before these options
         saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
                                                                                dataclasses.asdict(opts)))
         if saved != now:
@@ -518,7 +529,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     to_draft[vocab] = torch.arange(len(vocab))
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
     gen = torch.Generator().manual_seed(opts.seed)
     step, history, train_s = 0, [], 0.0
     if ck is not None:
@@ -538,7 +549,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         for g in optim.param_groups:
             g["lr"] = lr
         with _compute(opts.precision):
-            loss, match = unrolled(module, target, head, to_draft, batch, opts.unroll, opts.feature_weight)
+            loss, match = unrolled(module, target, head, to_draft, batch, opts.unroll, opts.feature_weight,
+                                   opts.noise, gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()
@@ -555,7 +567,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
             bar.set_postfix(loss=f"{float(loss):.3f}", tau=f"{1 + sum(acc):.2f}", acc1=f"{acc[0]:.2f}")
             _save({"module": module.state_dict(), "optim": optim.state_dict(), "generator": gen.get_state(),
                    "step": step, "history": history, "train_s": train_s, "options": dataclasses.asdict(opts),
-                   "grown": grown},
+                   "grown": grown, "held": sorted(held_idx)},
                   ckpt_path)
         elif step % 5 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -643,6 +655,8 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
         full_line = f"(full-vocabulary head: {meta['heldout_tau_full_head']:.2f}, on a subset)"
     taps_line = (f"; its first step also reads the outputs of the target's\n  layers {list(taps)} (fused with the last "
                  "hidden state)" if taps else "")
+    regular = "".join(f", {name} {opts[key]}" for key, name in (("weight_decay", "weight decay"),
+                                                                ("noise", "feature noise")) if opts.get(key))
     return f"""# specmtp {kind} for `{meta['target_name']}`
 
 Trained with `specmtp train-drafter` (self-distillation on the CPU).
@@ -656,7 +670,7 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
   {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line};
   the target's weights while answering and reading: {meta.get('data_weights', 'fp32')}
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
-  draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls
+  draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls{regular}
 - Wall time on this 2-core CPU: data {meta['data_seconds']:.0f} s + training {meta['train_seconds']:.0f} s
   = {meta['wall_seconds'] / 60:.1f} min
 - Held-out greedy acceptance (P(first k drafts accepted), k = 1..): {acc}
