@@ -493,12 +493,13 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     ck = _load(ckpt_path, "checkpoint") if resume and ckpt_path.is_file() else None
     # held out: the target's own greedy answers (what greedy drafting meets), spread evenly over the prompt set
     # (answers are stored in length order, so its last ones would all be long code prompts); a resumed run keeps
-    # the ones it started with (checkpoints from before this held out the last ones)
+    # the ones it started with
     n_held = max(2, int(len(samples) * opts.heldout))
     greedy = [i for i, s in enumerate(samples) if s.greedy] or list(range(len(samples)))
-    spread = [greedy[(2 * k + 1) * len(greedy) // (2 * n_held)] for k in range(min(n_held, len(greedy)))]
-    held_idx = set(greedy[-n_held:] if ck is not None and "held" not in ck else ck["held"] if ck is not None
-                   else spread)
+    if ck is None:
+        held_idx = {greedy[(2 * k + 1) * len(greedy) // (2 * n_held)] for k in range(min(n_held, len(greedy)))}
+    else:  # checkpoints from before they were recorded held out the last ones
+        held_idx = set(ck.get("held", greedy[-n_held:]))
     held = [s for i, s in enumerate(samples) if i in held_idx]
     train_set = [s for i, s in enumerate(samples) if i not in held_idx] + raw
 
