@@ -140,7 +140,7 @@ class Recorder(Drafter):
         bsz = len(ctx.sequences)
         return Proposal(torch.full((bsz, n), 7), torch.full((bsz,), n), torch.full((bsz, n, 10), 0.1))
 
-    def accept(self, num_accepted: torch.Tensor) -> None:
+    def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
         self.accepted.append(num_accepted.tolist())
 
 

@@ -103,8 +103,9 @@ def test_step_matches_transformers(target_dir, assistant_dir):
         cache.lengths.fill_(12)
         token = m.logits(hidden).argmax(-1)  # the next token, at position 12
         ctx = DraftContext([ids[0].tolist() + [int(token)]], hidden, m, cache, SamplingParams(), None)
-        ours_logits, ours_h = drafter.step(token, hidden, torch.tensor([12]), ctx)
+        ours_logits, ours_h = drafter.step(token[:, None], hidden[:, None], torch.tensor([12]), ctx)
         ours_logits2, ours_h2 = drafter.step(ours_logits.argmax(-1), ours_h, torch.tensor([12]), ctx)
+        ours_logits, ours_h, ours_logits2, ours_h2 = (x[:, 0] for x in (ours_logits, ours_h, ours_logits2, ours_h2))
         producers = target.config.kv_producers()
         shared = {kind: (cache.k[i][:, :, :12], cache.v[i][:, :, :12]) for kind, i in producers.items()}
         emb = m.embed_tokens(token[:, None])

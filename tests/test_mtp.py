@@ -11,6 +11,7 @@ from specmtp import Engine, SamplingParams, load_drafter, load_model
 from specmtp.drafters import MTPDrafter
 from specmtp.drafters.base import DraftContext
 from specmtp.errors import SpecMTPError
+from specmtp.quant import quantize_model
 from specmtp.training import TrainOptions, train_drafter
 from specmtp.training.trainer import _batch, acceptance, new_module, stored_samples, unrolled
 
@@ -86,6 +87,44 @@ def test_greedy_output_identical_to_target_only(target, trained, n):
         assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
         accepted += spec.stats.accepted
     assert accepted > 0  # drafts were accepted, so the equality above covered accepted drafts too
+
+
+@pytest.mark.parametrize("weights", ["dense", "q4"])
+def test_tree_drafting_output_identical_to_target_only(target, trained, tiny_dir, weights):
+    """Branching drafts (a tree of up to n nodes a round) keep greedy output exact, one row or a batch, and the
+    trees do branch and get accepted off their first branch."""
+    from specmtp.tree import is_chain
+
+    tgt = target
+    if weights == "q4":
+        tgt = peaked(tiny_dir("llama", num_hidden_layers=2))
+        quantize_model(tgt.model, "q4")
+    drafter = load_drafter(str(trained[0]))
+    drafter.branches = 3
+    trees, off_first = [], []
+    propose = drafter.propose_tree
+
+    def recording(ctx, n, price):
+        p = propose(ctx, n, price)
+        trees.append(not is_chain(p.parents))
+        return p
+
+    drafter.propose_tree = recording
+    accept = drafter.accept
+
+    def seen(num_accepted, path=None):
+        if path is not None:
+            off_first.append(bool(((path[:, 0] > 0) & (num_accepted > 0)).any()))
+        accept(num_accepted, path)
+
+    drafter.accept = seen
+    base = Engine(tgt).generate(PROMPTS, max_new_tokens=20)
+    for n, schedule in ((4, "constant"), (8, "constant"), (6, "adaptive")):
+        spec = Engine(tgt, drafter, n, schedule)
+        for prompt, ref in zip(PROMPTS, base, strict=True):
+            assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
+    assert any(trees) and any(off_first)
 
 
 def test_sampled_drafting_returns_q_of_the_sampled_tokens(target, trained):

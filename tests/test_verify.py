@@ -90,3 +90,45 @@ def test_sampled_second_token_distribution():
     mask = acc >= 1
     counts = torch.bincount(second[mask], minlength=4).float()
     assert _chi2(counts, p) < 16.27
+
+
+def _tree_pairs(greedy_nodes: bool, n: int = 40000, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the emitted (first, second) tokens of a draft tree whose nodes' target distributions depend on
+    the path: root children 0 and 1, node 0's child 2. One emitted token (first 2 or 3) counts as second = 4."""
+    from specmtp.verify import verify_tree
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1],  # at the root
+                      [0.1, 0.2, 0.3, 0.4],  # after 0
+                      [0.7, 0.1, 0.1, 0.1],  # after 1
+                      [0.25, 0.25, 0.25, 0.25]])  # after 0 2
+    drafts, parents = torch.tensor([[0, 1, 2]]).expand(n, 3), torch.tensor([[-1, -1, 0]]).expand(n, 3)
+    if greedy_nodes:  # negative control: the target's argmax at the nodes below the root, not a sample
+        choice = torch.cat([torch.multinomial(p[0], n, replacement=True, generator=g)[:, None],
+                            p[1:].argmax(-1).expand(n, 3)], dim=1)
+    else:
+        choice = torch.multinomial(p.repeat(n, 1), 1, generator=g).view(n, 4)  # each node's own draw
+    tokens, num, _ = verify_tree(choice, drafts, parents, torch.full((n,), 3))
+    second = torch.where(num > 0, tokens[:, 1], 4)
+    counts = torch.bincount(tokens[:, 0] * 5 + second, minlength=20).float()
+    expected = torch.zeros(20)
+    for a in range(4):
+        if a < 2:
+            expected[a * 5 : a * 5 + 4] = p[0, a] * p[1 + a]
+        else:
+            expected[a * 5 + 4] = p[0, a]
+    return counts, expected
+
+
+def test_sampled_tree_verification_preserves_target_distribution():
+    """Each node's pick drawn from its own distribution: the emitted pairs follow p(first) p(second | first)."""
+    counts, expected = _tree_pairs(greedy_nodes=False)
+    keep = expected > 0
+    assert counts[~keep].sum() == 0
+    assert _chi2(counts[keep], expected[keep]) < 27.88  # chi-square, 10 cells - 1 = 9 dof, p = 0.001
+
+
+def test_tree_negative_control_is_rejected_by_the_same_test():
+    counts, expected = _tree_pairs(greedy_nodes=True)
+    keep = expected > 0
+    assert _chi2(counts[keep], expected[keep]) > 27.88

@@ -299,7 +299,8 @@ def run_bench(args: argparse.Namespace) -> int:
     spec_engines = []
     if drafter is not None:
         schedules = args.schedules.split(",") if args.schedules else [args.schedule]  # None: drafter's default
-        spec_engines = [Engine(target, drafter, args.num_draft_tokens, requested) for requested in schedules]
+        spec_engines = [Engine(target, drafter, args.num_draft_tokens, requested, getattr(args, "branches", None))
+                        for requested in schedules]
     rival_ref = getattr(args, "rival", None)
     rival_engines = []  # another drafter (its own defaults) taking the same turns, for a comparison within one run
     if rival_ref:

@@ -67,6 +67,26 @@ class KVCache:
         """Mark `counts` more tokens as held per row. counts: [B]"""
         self.lengths += counts
 
+    def keep_path(self, start: torch.Tensor, picked: torch.Tensor, count: torch.Tensor) -> None:
+        """After a draft tree's verification (specmtp.tree): move the accepted drafts' K/V down to the slots their
+        positions name. start: [B] the root's slot; picked: [B, N] slot offsets from it (the inputs' indices) of
+        the accepted drafts, root-down; count: [B] how many. Slot start + picked[b, i] moves to start + 1 + i."""
+        b_idx, src, dst = [], [], []
+        for b, (s0, row, c) in enumerate(zip(start.tolist(), picked.tolist(), count.tolist(), strict=True)):
+            for i in range(c):
+                if row[i] != i + 1:
+                    b_idx.append(b)
+                    src.append(s0 + row[i])
+                    dst.append(s0 + 1 + i)
+        if not src:  # a chain, or the tree's first branch all the way: already in place
+            return
+        bi, si, di = torch.tensor(b_idx), torch.tensor(src), torch.tensor(dst)
+        seen: set[int] = set()
+        for t in (*self.k, *self.v):
+            if id(t) not in seen:  # KV-shared layers alias their source's tensors
+                seen.add(id(t))
+                t[bi, :, di] = t[bi, :, si]  # the right side is gathered before anything is written
+
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget everything at or past `lengths` per row (rejected drafts). lengths: [B]"""
         self.lengths.copy_(torch.minimum(self.lengths, lengths))

@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the preset's shipped MTP drafter behind n-gram lookup (ngram+)")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="default: the drafter's config, else 4")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the drafter's config, else constant")
+    p.add_argument("--branches", type=int, default=None,
+                   help="candidates per draft-tree node for MTP drafters (1: chains; default: the drafter's config)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="target weights")
     p.add_argument("--weights", default="dense", choices=["dense", "q8", "q4", "native"],
                    help="target weights: dense (--dtype), or quantized at load with specmtp's CPU kernels")
@@ -100,7 +102,8 @@ def _engine(args: argparse.Namespace):
     if args.drafter == "none":
         args.drafter = None
     drafter = load_drafter(args.drafter, dtype=args.drafter_dtype, weights=args.weights) if args.drafter else None
-    return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule)
+    return Engine(target, drafter, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
+                  branches=args.branches)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

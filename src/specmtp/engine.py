@@ -21,7 +21,8 @@ from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.sampling import SamplingParams, probabilities, sample
 from specmtp.schedule import Schedule, make_schedule
-from specmtp.verify import verify_greedy, verify_sampled
+from specmtp.tree import depths, input_parents, is_chain
+from specmtp.verify import verify_greedy, verify_sampled, verify_tree
 
 MAX_DRAFT = 32
 
@@ -36,7 +37,7 @@ class Stats:
     row_steps: int = 0  # sum over verify passes of rows still generating
     drafted: int = 0
     accepted: int = 0
-    drafted_at: list[int] = field(default_factory=list)  # per draft position
+    drafted_at: list[int] = field(default_factory=list)  # per draft position (a tree's depth)
     accepted_at: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)  # N chosen per step
     prefill_s: float = 0.0
@@ -56,15 +57,18 @@ class Stats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
-    def record(self, n: int, num_drafts: torch.Tensor, num_accepted: torch.Tensor, active: list[bool]) -> None:
+    def record(self, n: int, num_drafts: torch.Tensor, num_accepted: torch.Tensor, active: list[bool],
+               nodes: torch.Tensor | None = None) -> None:
+        """num_drafts: [B] drafts deep per row (a tree's depth); nodes: [B] drafts verified (a tree's size)."""
         while len(self.drafted_at) < n:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
-        for nd, na, live in zip(num_drafts.tolist(), num_accepted.tolist(), active, strict=True):
+        nodes = num_drafts if nodes is None else nodes
+        for nd, nn, na, live in zip(num_drafts.tolist(), nodes.tolist(), num_accepted.tolist(), active, strict=True):
             if not live:
                 continue
             self.row_steps += 1
-            self.drafted += nd
+            self.drafted += nn
             self.accepted += na
             for i in range(nd):
                 self.drafted_at[i] += 1
@@ -117,12 +121,17 @@ class Engine:
         drafter: Drafter | None = None,
         num_draft_tokens: int | None = None,
         schedule: str | None = None,
+        branches: int | None = None,
     ) -> None:
-        """num_draft_tokens / schedule: None takes the drafter's own recommendation, else 4 / constant."""
+        """num_draft_tokens / schedule / branches: None takes the drafter's own recommendation, else 4 / constant /
+        1. branches > 1 lets a drafter that can draft trees propose that many candidates per node (tree.py), up
+        to num_draft_tokens nodes a round."""
         self.target = target
         self.drafter = drafter
         if drafter is not None:
             drafter.check_compatible(target)
+            if branches is not None:
+                drafter.set_branches(branches)
             num_draft_tokens = num_draft_tokens if num_draft_tokens is not None else (
                 drafter.default_num_draft_tokens or 4)
             schedule = schedule or drafter.default_schedule
@@ -277,21 +286,36 @@ class Engine:
             remaining = max(b - len(r.tokens) for r, b in zip(rows, budgets, strict=True) if not r.done)
             n = min(schedule.next(), max_n, remaining - 1) if self.drafter is not None else 0
             t0 = time.perf_counter()
+            parents, steps = None, None
             if n > 0:
                 proposal = self.drafter.propose(ctx, n, schedule.price)
                 n_eff = int(proposal.num.max())  # drop trailing positions that no row filled
                 drafts, num_drafts = proposal.tokens[:, :n_eff], proposal.num
                 q = proposal.probs[:, :n_eff] if proposal.probs is not None else None
+                if proposal.parents is not None and n_eff > 0 and not is_chain(proposal.parents[:, :n_eff]):
+                    parents = proposal.parents[:, :n_eff]  # [B, n] a draft tree
+                steps = proposal.steps
             else:
                 n_eff, q = 0, None
                 drafts, num_drafts = torch.zeros(bsz, 0, dtype=torch.long), torch.zeros(bsz, dtype=torch.long)
             t1 = time.perf_counter()
             pending = torch.tensor([s[-1] for s in sequences])[:, None]  # [B, 1]
             inputs = torch.cat([pending, drafts], dim=1)  # [B, n+1]
-            positions = cache.lengths[:, None] + torch.arange(n_eff + 1)  # [B, n+1]
-            hidden, tapped = model.features(inputs, positions, cache, taps)  # [B, n+1, H], [B, n+1, taps, H]
+            tree = input_parents(parents) if parents is not None else None  # [B, n+1]
+            # each input at the position of its depth (a chain's: consecutive), in slots from the row's length on
+            positions = cache.lengths[:, None] + (depths(tree) if tree is not None else torch.arange(n_eff + 1))
+            reach = num_drafts  # [B] how deep each row's drafts go
+            if tree is not None:
+                valid = torch.arange(n_eff) < num_drafts[:, None]
+                reach = torch.where(valid, positions[:, 1:] - positions[:, :1], 0).amax(1)
+            hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
             logits = model.logits(hidden)  # [B, n+1, V]
-            if sampling.greedy:
+            path = None  # [B, n] a tree's accepted nodes, root-down
+            if parents is not None:
+                choice = logits.argmax(-1) if sampling.greedy else sample(
+                    probabilities(logits.flatten(0, 1), sampling), generator).view(bsz, -1)  # [B, n+1]
+                out, num_accepted, path = verify_tree(choice, drafts, parents, num_drafts)
+            elif sampling.greedy:
                 out, num_accepted = verify_greedy(logits, drafts, num_drafts)
             else:
                 p = probabilities(logits, sampling)
@@ -302,18 +326,23 @@ class Engine:
             # (their slots are rewritten in place), so they never outgrow the cache.
             live = torch.tensor(active)
             num_accepted = torch.where(live, num_accepted, 0)
+            last = num_accepted  # [B] input index of each row's last accepted token (or the root)
+            if path is not None:  # move the accepted path's K/V to the slots of their positions
+                cache.keep_path(cache.lengths, path + 1, num_accepted)
+                last = torch.where(num_accepted > 0, path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0]
+                                   + 1, 0)
             cache.advance(torch.where(live, num_accepted + 1, 0))
-            ctx.hidden = hidden[batch, num_accepted]  # hidden that predicted each row's new last token
-            ctx.taps = tapped[batch, num_accepted] if taps else None
+            ctx.hidden = hidden[batch, last]  # hidden that predicted each row's new last token
+            ctx.taps = tapped[batch, last] if taps else None
             if self.drafter is not None and n > 0:
-                self.drafter.accept(num_accepted)
+                self.drafter.accept(num_accepted, path)
             t2 = time.perf_counter()
             stats.target_forwards += 1
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
             stats.draft_lengths.append(n_eff)
-            stats.record(n_eff, num_drafts, num_accepted, active)
-            schedule.update(n_eff, num_accepted[live], t1 - t0, t2 - t1)
+            stats.record(n_eff, reach, num_accepted, active, nodes=num_drafts)
+            schedule.update(n_eff, num_accepted[live], t1 - t0, t2 - t1, steps)
             deltas = []
             for b, r in enumerate(rows):
                 if active[b]:

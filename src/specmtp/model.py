@@ -25,6 +25,7 @@ from specmtp import quant
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
 from specmtp.linear import Linear, fast_paths, linear
+from specmtp.tree import ancestors
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,14 +75,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(
-    positions: torch.Tensor, start: int, end: int, window: int | None
+    positions: torch.Tensor, start: int, end: int, window: int | None, tree: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Boolean mask [B, 1, T, end-start]: query at position p sees key slots s with s <= p (and s > p - window)."""
+    """Boolean mask [B, 1, T, end-start]: query at position p sees key slots s with s <= p (and s > p - window).
+    With a draft tree (`tree` [B, T] the tokens' parents, specmtp.tree), token i sits in slot positions[:, 0] + i
+    and sees the slots before the root's and its ancestors' slots (by their positions, within the window)."""
     slots = torch.arange(start, end, device=positions.device)  # [S]
     q = positions[:, None, :, None]  # [B, 1, T, 1]
-    mask = slots <= q
+    if tree is None:
+        key_pos = slots
+        mask = key_pos <= q
+    else:
+        t = positions.shape[1]
+        rel = slots - positions[:, :1]  # [B, S] slot's index among the tree's tokens
+        in_tree = (rel >= 0) & (rel < t)
+        j = rel.clamp(0, t - 1)
+        key_pos = torch.where(in_tree, positions.gather(1, j), slots)[:, None, None, :]  # [B, 1, 1, S]
+        anc = ancestors(tree).gather(2, j[:, None, :].expand(-1, t, -1))  # [B, T, S]
+        mask = (key_pos <= q) & (~in_tree[:, None, :] | anc)[:, None]
     if window is not None:
-        mask = mask & (slots > q - window)
+        mask = mask & (key_pos > q - window)
     return mask
 
 
@@ -210,8 +223,9 @@ class Layer(nn.Module):
         start: int,  # first cache slot attended to
         end: int,  # one past the last cache slot attended to
         cache: KVCache,
+        tree: torch.Tensor | None = None,  # [B, T] a draft tree's parents (specmtp.tree); None: a causal run
     ) -> torch.Tensor:  # [B, T, H]
-        return self.wo(self.attend_qkv(self.wqkv(h), positions, rope, mask, start, end, cache))
+        return self.wo(self.attend_qkv(self.wqkv(h), positions, rope, mask, start, end, cache, tree))
 
     def attend_qkv(
         self,
@@ -222,6 +236,7 @@ class Layer(nn.Module):
         start: int,
         end: int,
         cache: KVCache,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [B, T, Hq D] before the output projection
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         b, t, _ = qkv.shape
@@ -232,7 +247,10 @@ class Layer(nn.Module):
             # one row: RoPE, cache write and attention in one kernel call (quant.attend), a verify pass's tokens
             # each over exactly what a one-token step reads (quantized layers, and dense fp32 ones on a CPU)
             return quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index],
-                                cache.v[self.index], cfg.num_heads, self.window, cfg.attn_scale)
+                                cache.v[self.index], cfg.num_heads, self.window, cfg.attn_scale,
+                                None if tree is None else tree[0].contiguous())
+        # a tree's tokens fill consecutive slots from the root's, whatever their positions
+        slots = positions if tree is None else positions[:, :1] + torch.arange(t, device=positions.device)
         if self.own_kv and not cfg.qk_norm and not self.values_are_keys:  # Llama, Qwen2: one RoPE call for q and k
             qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(b, t, cfg.num_heads + self.kv_heads, d),
                             cos, sin)
@@ -240,8 +258,8 @@ class Layer(nn.Module):
             v = qkv[..., self.q_size + self.kv_size :].view(b, t, self.kv_heads, d)
             if cfg.v_norm:
                 v = rms_norm_plain(v, eps)
-            cache.write(self.index, positions, k, v)
-            return self._attend(q, positions, mask, start, end, cache)
+            cache.write(self.index, slots, k, v)
+            return self._attend(q, positions, mask, start, end, cache, tree is not None)
         q = qkv[..., : self.q_size].view(b, t, cfg.num_heads, d)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm, eps)
@@ -253,8 +271,8 @@ class Layer(nn.Module):
                 k = rms_norm(k, self.k_norm, eps)
             if cfg.v_norm:
                 v = rms_norm_plain(v, eps)
-            cache.write(self.index, positions, apply_rope(k, cos, sin), v)
-        return self._attend(q, positions, mask, start, end, cache)
+            cache.write(self.index, slots, apply_rope(k, cos, sin), v)
+        return self._attend(q, positions, mask, start, end, cache, tree is not None)
 
     def _attend(
         self,
@@ -264,6 +282,7 @@ class Layer(nn.Module):
         start: int,
         end: int,
         cache: KVCache,
+        masked: bool = False,  # only the mask says what each query sees (a draft tree), not its position
     ) -> torch.Tensor:  # [B, T, Hq D] before the output projection
         cfg = self.cfg
         b, t = q.shape[:2]
@@ -271,7 +290,7 @@ class Layer(nn.Module):
         values = cache.v[self.source][:, :, start:end]  # [B, Hkv, S, D]
         q = q.transpose(1, 2)  # [B, Hq, T, D]
         gqa = cfg.num_heads != keys.shape[1]
-        if self.batch_invariant and 1 < t <= INVARIANT_MAX_T:
+        if self.batch_invariant and 1 < t <= INVARIANT_MAX_T and not masked:
             # One query at a time over exactly the slots a one-token step would read: a verified token's attention
             # is then computed as in target-only decoding, bit for bit (a multi-query SDPA blocks differently).
             outs = []
@@ -303,15 +322,16 @@ class Layer(nn.Module):
         end: int,
         cache: KVCache,
         ple: torch.Tensor | None = None,  # [B, T, P] this layer's per-layer input (Gemma 4)
+        tree: torch.Tensor | None = None,  # [B, T] a draft tree's parents (specmtp.tree); None: a causal run
     ) -> torch.Tensor:  # [B, T, H]
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         if self.fused:  # quantized plain layer: norms, SwiGLU and residual adds run inside the kernel calls
             qkv = quant.qlinear(x, self.wqkv.qweight, self.wqkv.bias, "rms_norm", self.attn_norm, eps)
-            out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache)
+            out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache, tree)
             x = quant.qlinear(out, self.wo.qweight, self.wo.bias, residual=x)
             gate_up = quant.qlinear(x, self.w_gate_up.qweight, None, "rms_norm", self.mlp_norm, eps)
             return quant.qlinear(gate_up, self.w_down.qweight, None, "swiglu", residual=x)
-        out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache)
+        out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache, tree)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.attn_post_norm, eps)
         x = x + out
@@ -396,15 +416,20 @@ class Transformer(nn.Module):
         positions: torch.Tensor,  # [B, T] absolute positions, contiguous per row
         cache: KVCache,
         taps: tuple[int, ...] = (),  # layers whose outputs (the residual stream after them) are returned too
+        tree: torch.Tensor | None = None,  # [B, T] a draft tree's parents (specmtp.tree); None: a causal run
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # final-normed hidden [B, T, H], taps [B, T, len(taps), H]
         """The forward pass, with the residual stream after each layer in `taps` (ascending) kept: the lower
-        layers' features a drafter fuses with the final hidden state (EAGLE-3's multi-layer features)."""
+        layers' features a drafter fuses with the final hidden state (EAGLE-3's multi-layer features).
+        With a tree, positions are the tokens' depths from the root's position (positions[:, 0]), and token i
+        is cached in slot positions[:, 0] + i."""
         cfg = self.cfg
         if not taps_valid(taps, cfg.num_layers):
             raise ValueError(f"taps must be ascending layer indices below {cfg.num_layers}, got {taps}")
         kept: list[torch.Tensor] = []
         # One host read of the position range per forward (free on CPU) bounds the cache slots read.
         lo, hi = int(positions.min()), int(positions.max()) + 1
+        if tree is not None:  # the tree's slots run past its deepest position
+            hi = int(positions[:, 0].max()) + tokens.shape[1]
         if hi > cache.capacity:
             raise ValueError(f"position {hi - 1} is past the KV cache capacity {cache.capacity}")
         ropes = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions) for kind in set(cfg.layer_types)}
@@ -417,7 +442,8 @@ class Transformer(nn.Module):
             for j, last in enumerate((*taps, cfg.num_layers - 1)):  # layers first..last in one call each
                 if last >= first:
                     quant.run_stack(self.stack[first : last + 1], x, lo, ropes, kv[first : last + 1],
-                                    cache.capacity, cfg.rms_norm_eps, cfg.attn_scale)
+                                    cache.capacity, cfg.rms_norm_eps, cfg.attn_scale,
+                                    None if tree is None else tree[0].contiguous())
                 if j < len(taps):
                     kept.append(x[None].clone())  # x is updated in place by the next call
                 first = last + 1
@@ -427,12 +453,12 @@ class Transformer(nn.Module):
             window = cfg.sliding_window if kind == SLIDING else None
             start = max(0, lo - window + 1) if window is not None else 0
             # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path)
-            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window)
+            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window, tree)
             views[kind] = (rope, mask, start)
         ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         for i, layer in enumerate(self.layers):
             rope, mask, start = views[layer.kind]
-            x = layer(x, positions, rope, mask, start, hi, cache, None if ple is None else ple[:, :, i])
+            x = layer(x, positions, rope, mask, start, hi, cache, None if ple is None else ple[:, :, i], tree)
             if i in taps:
                 kept.append(x)
         return rms_norm(x, self.norm, cfg.rms_norm_eps), _stacked_taps(kept)

@@ -214,7 +214,7 @@ def qlinear(
 
 def attend(
     qkv: torch.Tensor,  # [1, T, (Hq + 2 Hkv) D] fp32 contiguous: q, k, v of one row's new tokens (rotated in place)
-    pos0: int,  # position of the first of them (they are contiguous)
+    pos0: int,  # slot (and position) of the first of them; they fill slots pos0 .. pos0 + T - 1
     cos: torch.Tensor,  # [1, T, 1, D] fp32 contiguous
     sin: torch.Tensor,
     k_cache: torch.Tensor,  # [1, Hkv, S, D] fp32 contiguous: the layer's cache (written at pos0 .. pos0 + T - 1)
@@ -222,14 +222,16 @@ def attend(
     heads: int,
     window: int | None,
     scale: float,
+    parents: torch.Tensor | None = None,  # [T] int64 contiguous: a draft tree (token 0 its root), None: a chain
 ) -> torch.Tensor:  # [1, T, Hq D]
     """Attention of one row's new tokens in the kernels' batch-invariant way: RoPE, cache write, and each query
-    over exactly the slots a one-token step at its position reads (quantized mode's Llama/Qwen2 layers)."""
+    over exactly the slots a one-token step at its position reads (quantized mode's Llama/Qwen2 layers). In a tree,
+    token i sits at position pos0 + depth(i) (cos/sin at it) and sees the slots before pos0 and its ancestors."""
     _, t, width = qkv.shape
     _, kv_heads, slots, d = k_cache.shape
     out = torch.empty(1, t, heads * d, dtype=torch.float32)
     _qkernels.attend(qkv.data_ptr(), t, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                     v_cache.data_ptr(), slots, pos0, window or 0, scale, out.data_ptr())
+                     v_cache.data_ptr(), slots, pos0, window or 0, scale, out.data_ptr(), _ptr(parents))
     return out
 
 
@@ -267,19 +269,20 @@ def _ptr(t: torch.Tensor | None) -> int:
 def run_stack(
     desc: torch.Tensor,  # [L, LAYER_FIELDS] from stack_descriptor
     x: torch.Tensor,  # [T, H] fp32 contiguous: one row's new tokens, updated in place through every layer
-    pos0: int,  # position of the first token (they are contiguous)
+    pos0: int,  # slot (and position) of the first token; they fill slots pos0 .. pos0 + T - 1
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> cos, sin [.., T, .., D] fp32 contiguous
     kv: torch.Tensor,  # [L, 2] int64: each layer's K and V cache pointers, [Hkv, S, D] fp32 (KVCache.pointers)
     slots: int,  # S
     eps: float,
     scale: float,
+    parents: torch.Tensor | None = None,  # [T] int64 contiguous: a draft tree (as `attend`), None: a chain
 ) -> None:
     """All layers of the stack in one kernel call: the same kernel calls the per-layer path makes, in C."""
     full = rope.get("full_attention") or rope["sliding_attention"]
     sliding = rope.get("sliding_attention") or full
     t, h = x.shape
     _qkernels.layers(desc.data_ptr(), desc.shape[0], x.data_ptr(), t, h, pos0, full[0].data_ptr(), full[1].data_ptr(),
-                     sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale)
+                     sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents))
 
 
 def set_threads(n: int) -> None:

@@ -41,8 +41,10 @@ class Schedule(ABC):
     def next(self) -> int:
         """Number of tokens to draft this step."""
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:  # noqa: B027
-        """Report a finished step: drafts per row, accepted per row [B], and its measured times."""
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,  # noqa: B027
+               steps: int | None = None) -> None:
+        """Report a finished step: drafts per row (a tree's nodes), accepted per row [B], its measured times, and
+        the drafter passes it took (None: one per draft)."""
 
 
 class Constant(Schedule):
@@ -64,7 +66,8 @@ class Heuristic(Schedule):
     def next(self) -> int:
         return self.n
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,
+               steps: int | None = None) -> None:
         if n == 0:
             return
         self.n = self.n + 2 if bool((num_accepted >= n).all()) else max(1, self.n - 1)
@@ -134,7 +137,9 @@ class Adaptive(Schedule):
     def measured_price(self) -> Price:
         """One more verified token and one more draft step, in expected accepted tokens (see the module doc)."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return Price(verify=self.verify_slope() * rate, draft=(self.draft_cost or 0.0) * rate)
+        table = self.verify_cost
+        curve = tuple(self._interpolate(table, t) * rate for t in range(1, self.max_n + 2)) if len(table) > 1 else ()
+        return Price(verify=self.verify_slope() * rate, draft=(self.draft_cost or 0.0) * rate, verify_curve=curve)
 
     def best(self) -> int:
         verify = self.verify_cost
@@ -154,14 +159,15 @@ class Adaptive(Schedule):
         self.n = best
         return best
 
-    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float) -> None:
+    def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,
+               steps: int | None = None) -> None:
         self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
         if len(num_accepted):
             self.tokens = self.decay * self.tokens + float(num_accepted.float().mean()) + 1
             self.seconds = self.decay * self.seconds + draft_s + verify_s
         if n == 0:
             return
-        self.draft_samples.append(draft_s / n)
+        self.draft_samples.append(draft_s / (steps or n))
         for i in range(1, self.max_n + 1):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay

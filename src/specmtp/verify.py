@@ -11,6 +11,13 @@ Each verify pass therefore emits a + 1 tokens per row: the accepted drafts, then
 token. With q the exact distribution each draft was sampled from (one-hot for a greedy or n-gram
 drafter), the emitted tokens are distributed exactly as target-only sampling (Leviathan et al. 2023,
 Chen et al. 2023). Both functions have fixed output shapes: tokens [B, N+1] and counts [B].
+
+A draft tree (specmtp.tree) offers several candidates per position. The target picks its own token at every
+node (its argmax, or a sample of its distribution there); starting at the root, a child is *accepted* when its
+token is the one the target picked at its parent, and the walk goes on from it; the target's pick at the last
+accepted node is the bonus/recovered token. Each emitted token is then the target's own pick given the tokens
+before it, whatever the tree held, so the output is distributed as target-only decoding (with sampling, every
+node's pick is an independent draw; the tree is chosen before the target's distributions are seen).
 """
 
 from __future__ import annotations
@@ -64,3 +71,31 @@ def verify_sampled(
     tokens = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
     tokens[rows, num_accepted] = extra
     return tokens, num_accepted
+
+
+def verify_tree(
+    choice: torch.Tensor,  # [B, N+1] the target's pick at the root (input 0) and at each draft node
+    drafts: torch.Tensor,  # [B, N] tokens of the tree's nodes
+    parents: torch.Tensor,  # [B, N] index of each node's parent node (-1: the root), parents[b, j] < j
+    num_drafts: torch.Tensor,  # [B] valid nodes per row (the first num_drafts[b])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # tokens [B, N+1], num_accepted [B], path [B, N]
+    """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]; path[b, : num_accepted[b]] are the accepted
+    nodes, root-down. Of siblings with the same token only the first can be accepted."""
+    b, n = drafts.shape
+    rows = torch.arange(b, device=drafts.device)
+    valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]
+    match = (drafts == choice.gather(1, parents + 1)) & valid  # [B, N] the target picked this node at its parent
+    accepted = torch.zeros(b, n + 1, dtype=torch.bool, device=drafts.device)  # by input index: the root is 0
+    accepted[:, 0] = True
+    taken = torch.zeros_like(accepted)  # an input already has an accepted child
+    for j in range(n):  # parents come first
+        up = parents[:, j] + 1
+        accepted[:, j + 1] = match[:, j] & accepted[rows, up] & ~taken[rows, up]
+        taken[rows, up] |= accepted[:, j + 1]
+    num_accepted = accepted[:, 1:].sum(1)  # [B]
+    index = torch.arange(n, device=drafts.device)
+    path = torch.where(accepted[:, 1:], index, n + index).argsort(1)  # accepted nodes first, in index order
+    last = torch.where(num_accepted > 0, path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1, 0)
+    tokens = torch.cat([drafts.gather(1, path), drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
+    tokens[rows, num_accepted] = choice[rows, last]
+    return tokens, num_accepted, path

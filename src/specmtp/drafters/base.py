@@ -3,8 +3,10 @@
 Life cycle for one batch of prompts:
     drafter.begin(ctx)               after the target's prefill
     loop: p = drafter.propose(ctx, n, price)   up to n drafts per row (and the q they were sampled from);
-                                                a calibrated drafter stops a row early (confidence.py)
-          drafter.accept(num_accepted)  how many of them the target kept, per row; roll back own state
+                                                a calibrated drafter stops a row early (confidence.py), and
+                                                a branching one may propose a tree of up to n nodes (tree.py)
+          drafter.accept(num_accepted, path)  how many of them the target kept, per row (and which, in a
+                                              tree); roll back own state
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from specmtp.cache import KVCache
-from specmtp.drafters.confidence import FREE, Calibration, Chain, Price, prob_keys
+from specmtp.drafters.confidence import FREE, Calibration, Chain, Price, TreeRound, prob_keys
+from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.model import Transformer
 from specmtp.sampling import SamplingParams, probabilities, sample
@@ -37,6 +40,8 @@ class Proposal:
     tokens: torch.Tensor  # [B, N] drafted tokens (padding beyond num[b] is ignored)
     num: torch.Tensor  # [B] valid drafts per row, each <= N
     probs: torch.Tensor | None = None  # [B, N, V] distributions the drafts were sampled from; None = one-hot
+    parents: torch.Tensor | None = None  # [B, N] a draft tree (tree.py): each draft's parent, -1 the root; None: chains
+    steps: int | None = None  # drafter forward passes it took (None: one per draft position)
 
 
 def pick_draft(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -55,9 +60,15 @@ class Drafter(ABC):
     default_num_draft_tokens: int | None = None  # what the drafter's own config recommends, if anything
     default_schedule: str | None = None
     calibrated: bool = False  # scores its drafts and honours propose's price
-    chain: Chain | None = None  # a calibrated drafter's last round
+    chain: Chain | TreeRound | None = None  # a calibrated drafter's last round
     calibration: Calibration | None = None  # what its scores are worth; kept across requests
     taps: tuple[int, ...] = ()  # target layers whose outputs it reads besides the final hidden state (ctx.taps)
+    branches: int = 1  # candidate children per node where the drafter drafts trees (RecurrentDrafter); 1: chains
+
+    def set_branches(self, k: int) -> None:
+        if k < 1:
+            raise SpecMTPError(f"branches must be >= 1, got {k}")
+        self.branches = k
 
     def check_compatible(self, target: LoadedModel) -> None:  # noqa: B027
         """Raise SpecMTPError if this drafter cannot draft for the target (and bind to it if it must)."""
@@ -71,11 +82,12 @@ class Drafter(ABC):
         """Up to `n` drafts per row, continuing ctx.sequences. A calibrated drafter stops a row once the
         estimated probability that all its drafts are accepted is no longer worth `price` (free: n a row)."""
 
-    def accept(self, num_accepted: torch.Tensor) -> None:
-        """num_accepted: [B] drafts the target kept from the last proposal. Subclasses with state of their own
-        extend this (and call it: it is how a calibrated drafter learns what its scores are worth)."""
+    def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        """num_accepted: [B] drafts the target kept from the last proposal; path: [B, N] which, root-down, when it
+        was a tree (None: the first num_accepted). Subclasses with state of their own extend this (and call it:
+        it is how a calibrated drafter learns what its scores are worth)."""
         if self.chain is not None:
-            self.chain.observe(num_accepted)
+            self.chain.observe(num_accepted, path)
             self.chain = None
 
     def forget(self, rows: list[int]) -> None:
@@ -99,7 +111,12 @@ def stacked(drafts: list[torch.Tensor], probs: list[torch.Tensor], num: torch.Te
 
 class RecurrentDrafter(Drafter):
     """A drafter that steps on (last token, a hidden state) at the round's fixed position, feeding its own output
-    back as the next hidden state: specmtp's MTP drafters and the Gemma 4 assistant."""
+    back as the next hidden state: specmtp's MTP drafters and the Gemma 4 assistant.
+
+    With `branches` > 1 and greedy decoding it drafts a tree of up to n nodes: a node's candidate children are
+    its step's `branches` most likely tokens, and since every step of a round queries from the same position with
+    no cache of its own, the nodes of one depth are drafted side by side in one step (TreeRound keeps the likeliest
+    nodes, and under a price only those worth verifying)."""
 
     calibrated = True
     vocab: torch.Tensor | None = None  # [K] token ids of step's logit columns (a reduced head); None: all of them
@@ -107,13 +124,16 @@ class RecurrentDrafter(Drafter):
     @abstractmethod
     def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
              ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """token [B] at positions [B] (not yet cached), hidden [B, Ht] -> logits [B, K], next hidden [B, Ht]."""
+        """token [B, W] (W branches per row) at positions [B] (not yet cached), hidden [B, W, Ht] ->
+        logits [B, W, K], next hidden [B, W, Ht]."""
 
     def first_state(self, ctx: DraftContext) -> torch.Tensor:
         """The hidden state a round's first step reads: the target's [B, Ht] (a drafter with taps fuses them in)."""
         return ctx.hidden
 
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
+        if self.branches > 1 and ctx.sampling.greedy:
+            return self.propose_tree(ctx, n, price)
         bsz = len(ctx.sequences)
         token = torch.tensor([s[-1] for s in ctx.sequences])  # [B]
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B] fixed for the whole round
@@ -122,7 +142,8 @@ class RecurrentDrafter(Drafter):
         drafts, probs = [], []
         chain = self.new_chain(bsz, price)
         while len(drafts) < n and chain.worth_drafting():
-            logits, hidden = self.step(token, hidden, positions, ctx)  # [B, K]
+            logits, hidden = self.step(token[:, None], hidden[:, None], positions, ctx)  # [B, 1, K], [B, 1, Ht]
+            logits, hidden = logits[:, 0], hidden[:, 0]
             pick, q, conf = pick_draft(logits, ctx)  # q: [B, K], the distribution actually sampled from
             chain.push(prob_keys(conf))
             if q is not None:
@@ -132,3 +153,34 @@ class RecurrentDrafter(Drafter):
             token = pick if self.vocab is None else self.vocab[pick]
             drafts.append(token)
         return stacked(drafts, probs, chain.num)
+
+    def propose_tree(self, ctx: DraftContext, n: int, price: Price) -> Proposal:
+        """A tree of up to n nodes per row: each depth, the round's best unexpanded nodes (at most `branches`
+        per row) are stepped side by side and their children scored; TreeRound keeps the nodes worth verifying."""
+        bsz = len(ctx.sequences)
+        positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B]
+        if self.calibration is None:
+            self.calibration = Calibration.for_probabilities()
+        tree = self.chain = TreeRound(self.calibration, bsz, price, n)
+        token = torch.tensor([s[-1] for s in ctx.sequences])[:, None]  # [B, 1] the roots
+        hidden = self.first_state(ctx)[:, None]  # [B, 1, Ht]
+        expand = [[-1] for _ in range(bsz)]  # per row: the nodes stepped now (-1: the root)
+        steps = 0
+        while True:
+            logits, out = self.step(token, hidden, positions, ctx)  # [B, W, K], [B, W, Ht]
+            steps += 1
+            conf, pick = torch.softmax(logits.float(), -1).topk(self.branches, -1)  # [B, W, branches]
+            if self.vocab is not None:
+                pick = self.vocab[pick]
+            tree.grow(expand, pick, conf, out)
+            expand = tree.next_expansion(self.branches)
+            if not any(expand):
+                break
+            width = max(map(len, expand))
+            token = torch.zeros(bsz, width, dtype=torch.long)
+            hidden = out.new_zeros(bsz, width, out.shape[-1])
+            for b, nodes in enumerate(expand):  # padding branches step on token 0 and are ignored
+                for w, node in enumerate(nodes):
+                    token[b, w], hidden[b, w] = tree.token[b][node], tree.feed[b][node]
+        tokens, parents, num = tree.selected(steps)
+        return Proposal(tokens, num, None, parents, steps)

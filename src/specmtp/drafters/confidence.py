@@ -30,6 +30,7 @@ class Price:
 
     verify: float = 0.0  # the verify pass's growth by one token
     draft: float = 0.0  # one draft step
+    verify_curve: tuple[float, ...] = ()  # a whole verify pass of T tokens at index T - 1 (empty: not measured)
 
     @property
     def free(self) -> bool:
@@ -70,6 +71,16 @@ class Calibration:
         rate = self.rate(torch.arange(len(self.prior)))  # [K]
         worth = (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)  # [B, K]
         return (worth * (weight / weight.sum()).float()).sum(-1)
+
+    def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
+        """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
+        self.reached *= self.decay
+        self.hits *= self.decay
+        for row in rows:
+            for k, hit in row:
+                k = min(k, len(self.prior) - 1)
+                self.reached[k] += 1
+                self.hits[k] += hit
 
     def observe(self, keys: list[list[int]], accepted: list[int]) -> None:
         """Per row: the keys of the drafts it proposed, and how many the target accepted (-1: not verified)."""
@@ -118,6 +129,117 @@ class Chain:
         for b in rows:
             self.keys[b] = []
 
-    def observe(self, num_accepted: torch.Tensor) -> None:
+    def observe(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        """num_accepted: [B]; path is for trees (a chain's accepted drafts are its first ones)."""
         self.calibration.observe(self.keys, [a if keys else -1 for a, keys in zip(num_accepted.tolist(), self.keys,
                                                                                    strict=True)])
+
+
+class TreeRound:
+    """One round of tree drafting for a batch (tree.py): the candidate nodes each row's steps produced, which to
+    step next, and which to propose. A node's `alive` is the estimated probability that the target accepts it
+    and its ancestors (the product of their calibrated rates); it is proposed when alive is at or above the
+    verify price and among the row's n best (a child is never likelier than its parent, so the best n form a
+    tree), and stepped (to score its children) when it is among the best n and the expected worth of its next
+    draft exceeds the draft price. Siblings are distinct tokens (a step's top-k)."""
+
+    def __init__(self, calibration: Calibration, batch_size: int, price: Price, n: int) -> None:
+        self.calibration, self.price, self.n = calibration, price, n
+        # candidates below this are never proposed: the verify price, unless whole passes' costs are known (then
+        # selected() weighs each tree size against its pass)
+        self.floor = 0.0 if price.verify_curve else price.verify
+        self.token: list[list[int]] = [[] for _ in range(batch_size)]  # per row, per candidate node
+        self.parent: list[list[int]] = [[] for _ in range(batch_size)]  # -1: a child of the root
+        self.alive: list[list[float]] = [[] for _ in range(batch_size)]
+        self.key: list[list[int]] = [[] for _ in range(batch_size)]
+        self.feed: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]  # [Ht] the state stepping it reads
+        self.stepped: list[set[int]] = [set() for _ in range(batch_size)]
+        self.proposed: list[list[int]] = [[] for _ in range(batch_size)]  # selected(): candidate index per draft
+
+    def grow(self, stepped: list[list[int]], pick: torch.Tensor, conf: torch.Tensor, out: torch.Tensor) -> None:
+        """The nodes just stepped per row (-1: the root), their steps' top tokens pick [B, W, k] with the drafter's
+        probabilities conf [B, W, k], and the hidden states out [B, W, Ht] their children's steps read."""
+        keys, picks = prob_keys(conf.flatten()).view(conf.shape), pick.tolist()
+        rates = self.calibration.rate(keys.flatten()).view(conf.shape).tolist()
+        for b, nodes in enumerate(stepped):
+            for w, node in enumerate(nodes):
+                self.stepped[b].add(node)
+                base = 1.0 if node < 0 else self.alive[b][node]
+                for c, tok in enumerate(picks[b][w]):
+                    alive = base * rates[b][w][c]
+                    if alive < self.floor:  # never worth verifying, nor are its descendants
+                        continue
+                    self.token[b].append(tok)
+                    self.parent[b].append(node)
+                    self.alive[b].append(alive)
+                    self.key[b].append(int(keys[b, w, c]))
+                    self.feed[b].append(out[b, w])
+
+    def _best(self, b: int) -> list[int]:
+        """Row b's n likeliest candidates (ties: the earlier, so parents before children)."""
+        order = sorted(range(len(self.alive[b])), key=lambda i: (-self.alive[b][i], i))
+        return order[: self.n]
+
+    def next_expansion(self, width: int) -> list[list[int]]:
+        """Per row, up to `width` of its best candidates to step next (none once no step is worth its price)."""
+        out = []
+        for b in range(len(self.token)):
+            todo = [i for i in self._best(b) if i not in self.stepped[b]][:width]
+            if todo and not self.price.free:
+                alive = torch.tensor([self.alive[b][i] for i in todo])
+                gain = float(self.calibration.expected_gain(alive, self.price.verify).sum())
+                todo = todo if gain >= self.price.draft else []
+            out.append(todo)
+        return out
+
+    def size(self, steps: int) -> int:
+        """Nodes per row worth verifying: with the costs of whole verify passes known, the count m that maximizes
+        expected tokens per cost, (rows + the rows' m likeliest alive) / (the steps' drafting + a pass of m + 1
+        tokens); else n (the floor has already dropped what is not worth its price)."""
+        curve = self.price.verify_curve
+        if not curve:
+            return self.n
+        alive = [sorted(a, reverse=True) for a in self.alive]
+        sunk = steps * self.price.draft
+
+        def worth(m: int) -> float:
+            return sum(1.0 + sum(a[:m]) for a in alive) / (sunk + curve[min(m, len(curve) - 1)])
+
+        return max(range(self.n + 1), key=worth)
+
+    def selected(self, steps: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The proposal after `steps` drafter passes: tokens [B, N], parents [B, N] (draft indices, -1 the root),
+        num [B]; each row's nodes by depth, likeliest first."""
+        rows = []
+        size = self.size(steps)
+        for b in range(len(self.token)):
+            best = set(self._best(b)[:size])
+            depth: dict[int, int] = {}
+            for i in sorted(best):  # parents come before their children in candidate order
+                depth[i] = 0 if self.parent[b][i] < 0 else depth[self.parent[b][i]] + 1
+            order = sorted(best, key=lambda i: (depth[i], -self.alive[b][i], i))
+            self.proposed[b] = order
+            rows.append(order)
+        width = max(map(len, rows), default=0)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        parents = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, order in enumerate(rows):
+            index = {node: j for j, node in enumerate(order)}
+            for j, node in enumerate(order):
+                tokens[b, j] = self.token[b][node]
+                parents[b, j] = index.get(self.parent[b][node], -1)
+        return tokens, parents, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+    def forget(self, rows: list[int]) -> None:
+        for b in rows:
+            self.proposed[b] = []
+
+    def observe(self, num_accepted: torch.Tensor, path: torch.Tensor | None) -> None:
+        """Every proposed node whose parent the target accepted (or the root) was reached: a hit if accepted."""
+        seen = []
+        for b, order in enumerate(self.proposed):
+            a = int(num_accepted[b])
+            accepted = {order[j] for j in (path[b, :a].tolist() if path is not None else range(a))}
+            seen.append([(self.key[b][i], i in accepted) for i in order
+                         if self.parent[b][i] < 0 or self.parent[b][i] in accepted])
+        self.calibration.observe_nodes(seen)

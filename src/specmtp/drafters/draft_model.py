@@ -73,8 +73,8 @@ class DraftModelDrafter(Drafter):
         self.seen = [length + max(len(drafts) - 1, 0) for length in self.ctx_len]
         return stacked(drafts, probs, chain.num)
 
-    def accept(self, num_accepted: torch.Tensor) -> None:
-        super().accept(num_accepted)
+    def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        super().accept(num_accepted, path)  # its proposals are chains
         # Valid drafter KV: the context plus the accepted drafts it has itself consumed (at most n - 1).
         self.seen = [min(s, c + int(a)) for s, c, a in zip(self.seen, self.ctx_len, num_accepted.tolist(),
                                                           strict=True)]

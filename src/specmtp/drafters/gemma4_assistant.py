@@ -292,11 +292,13 @@ class Gemma4AssistantDrafter(RecurrentDrafter):
     @torch.inference_mode()
     def step(
         self,
-        token: torch.Tensor,  # [B] last token, at position `positions`, not in the target cache
-        hidden: torch.Tensor,  # [B, Ht] target (or previous step's projected) hidden state
+        token: torch.Tensor,  # [B, W] last tokens of W branches per row, at the row's position, not in the cache
+        hidden: torch.Tensor,  # [B, W, Ht] target (or previous step's projected) hidden states
         positions: torch.Tensor,  # [B]
         ctx: DraftContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, V], next hidden [B, Ht]
-        embeds = ctx.target.embed_tokens(token[:, None])  # [B, 1, Ht]
-        h, x = self.module(embeds, hidden[:, None], positions[:, None], ctx.cache, int(positions.max()))
-        return self.module.logits(x[:, 0]), h[:, 0]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, W, V], next hidden [B, W, Ht]
+        embeds = ctx.target.embed_tokens(token)  # [B, W, Ht]
+        where = positions[:, None].expand(token.shape)  # [B, W] every branch queries from the round's position
+        h, x = self.module(embeds, hidden, where, ctx.cache, int(positions.max()))
+        b, w, _ = x.shape
+        return self.module.logits(x.reshape(b * w, -1)).reshape(b, w, -1), h

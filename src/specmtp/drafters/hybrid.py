@@ -34,9 +34,14 @@ class LookupFirst(Drafter):
         self.default_schedule = inner.default_schedule
         self.calibrated = inner.calibrated
         self.taps = inner.taps
+        self.branches = inner.branches
         self.calibration = Calibration([0.7] * MAX_COPY)  # key: a copied token's position in its copy
         self.copied: list[bool] = []  # per row: the last proposal was copied (the inner drafter's was not used)
         self.inner_ran = False
+
+    def set_branches(self, k: int) -> None:
+        self.inner.set_branches(k)
+        self.branches = self.inner.branches
 
     def check_compatible(self, target: LoadedModel) -> None:
         self.inner.check_compatible(target)
@@ -53,18 +58,24 @@ class LookupFirst(Drafter):
         copies = [c[: int(m)] for c, m in zip(copies, chain.num, strict=True)]
         self.copied = [len(c) > 0 for c in copies]
         self.inner_ran = not all(self.copied)
+        parents, steps = None, None
         if self.inner_ran:
             proposal = self.inner.propose(ctx, n, price)
             self.inner.forget([b for b, c in enumerate(self.copied) if c])
             tokens, num, probs = proposal.tokens.clone(), proposal.num.clone(), proposal.probs
+            parents, steps = proposal.parents, proposal.steps
             if tokens.shape[1] < n:  # the inner drafter stopped early; copies may be longer
                 tokens = torch.nn.functional.pad(tokens, (0, n - tokens.shape[1]))
                 if probs is not None:
                     probs = torch.nn.functional.pad(probs, (0, 0, 0, n - probs.shape[1]))
+                if parents is not None:
+                    parents = torch.nn.functional.pad(parents, (0, n - parents.shape[1]), value=-1)
         else:
             tokens, num, probs = torch.zeros(bsz, n, dtype=torch.long), torch.zeros(bsz, dtype=torch.long), None
         if probs is not None:
             probs = probs.clone()  # [B, N, V]
+        if parents is not None:
+            parents = parents.clone()  # [B, N] the inner drafter's trees; copies are chains
         for b, c in enumerate(copies):
             if not c:
                 continue
@@ -74,9 +85,11 @@ class LookupFirst(Drafter):
             if probs is not None:  # a copied draft is certain: one-hot q
                 probs[b] = 0.0
                 probs[b, torch.arange(len(c)), tokens[b, : len(c)]] = 1.0
-        return Proposal(tokens, num, probs)
+            if parents is not None:
+                parents[b] = torch.arange(n) - 1
+        return Proposal(tokens, num, probs, parents, steps)
 
-    def accept(self, num_accepted: torch.Tensor) -> None:
+    def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
         super().accept(num_accepted)  # the copies' calibration (rows that did not copy drafted no copied token)
         if self.inner_ran:  # rows that copied accepted none of the inner drafter's own tokens
-            self.inner.accept(torch.where(torch.tensor(self.copied), 0, num_accepted))
+            self.inner.accept(torch.where(torch.tensor(self.copied), 0, num_accepted), path)

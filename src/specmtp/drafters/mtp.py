@@ -258,6 +258,7 @@ class MTPDrafter(RecurrentDrafter):
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self.default_num_draft_tokens = int(gen["num_assistant_tokens"]) if "num_assistant_tokens" in gen else None
         self.default_schedule = gen.get("specmtp_schedule")
+        self.branches = int(gen.get("specmtp_branches", 1))  # candidate children per draft-tree node (1: chains)
         self.head = None  # [K, Ht] target head rows of the draft vocabulary (dense or quantized)
         self.vocab: torch.Tensor | None = None  # [K] their token ids (None: identity)
         self.quantized = False
@@ -316,8 +317,10 @@ class MTPDrafter(RecurrentDrafter):
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-             ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, K], next hidden [B, Ht]
-        """token [B] at positions [B] (not yet cached), hidden [B, Ht] -> draft-vocabulary logits, next hidden."""
-        embeds = ctx.target.embed_tokens(token[:, None])  # [B, 1, Ht]
-        h = self.module(embeds, hidden[:, None], positions[:, None], ctx.cache, int(positions.max()))[:, 0]
+             ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, W, K], next hidden [B, W, Ht]
+        """token [B, W] (W branches per row) at the row's positions [B] (not yet cached), hidden [B, W, Ht] ->
+        draft-vocabulary logits, next hidden. The branches are queries side by side: one pass over the weights."""
+        embeds = ctx.target.embed_tokens(token)  # [B, W, Ht]
+        where = positions[:, None].expand(token.shape)  # [B, W]
+        h = self.module(embeds, hidden, where, ctx.cache, int(positions.max()))
         return linear(h, self.head), h

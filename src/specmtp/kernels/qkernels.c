@@ -566,7 +566,11 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
 /* attention of one sequence's new tokens (quantized mode, Llama/Qwen2 layers): RoPE on q and k, K/V written  */
 /* into the cache, then each query over exactly the slots a one-token step at its position reads. Every      */
 /* (token, head) is computed by the same code whatever the number of tokens or threads: batch-invariant.      */
+/* A draft tree: token i sits in slot pos0 + i at position pos0 + depth(i) and sees the slots before pos0 and  */
+/* its ancestors' slots (and its own), in ascending position: a chain's slots, in a chain's order, so a token */
+/* of the accepted path is computed bit for bit as a one-token step at its position would compute it.       */
 
+#define MAX_TREE 64
 typedef struct {
     float *qkv;            /* [T, (Hq + 2 Hkv) D]: q and k are rotated in place */
     const float *cos, *sin;  /* [T, D] */
@@ -575,6 +579,8 @@ typedef struct {
     float *scores;         /* [threads, S] scratch */
     int64_t t, hq, hkv, d, s, pos0, window;  /* window 0: none */
     float scale;
+    const int32_t *depth;  /* [T] each token's position - pos0 */
+    const int32_t *path;   /* [T, MAX_TREE] row i: the tokens (indices) token i sees, root first, itself last */
 } attn_args;
 
 static void rope_row(float *x, const float *cos, const float *sin, int64_t d) {
@@ -624,31 +630,39 @@ static void attend_part(const void *arg, int part, int parts) {
     const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
     for (int64_t idx = i0; idx < i1; idx++) {
         const int64_t i = idx / a->hq, h = idx % a->hq, g = h / group;
-        const int64_t p = a->pos0 + i, lo = a->window && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+        const int64_t p = a->pos0 + a->depth[i], lo = a->window && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+        const int32_t *path = a->path + i * MAX_TREE;
+        /* visible slots in ascending position: [lo, pos0), then the path's tokens from depth lo - pos0 on */
+        const int64_t pre = lo < a->pos0 ? a->pos0 - lo : 0, skip = lo > a->pos0 ? lo - a->pos0 : 0;
+        const int64_t n = pre + a->depth[i] + 1 - skip;
+#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
         const float *q = a->qkv + i * stride + h * d;
         const float *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
         float m = -INFINITY;
-        for (int64_t j = lo; j <= p; j++) {
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t slot = SLOT(j);
 #ifdef SPECMTP_X86
-            const float x = (vec ? dot_avx2(q, k + j * d, d) : dot_scalar(q, k + j * d, d)) * a->scale;
+            const float x = (vec ? dot_avx2(q, k + slot * d, d) : dot_scalar(q, k + slot * d, d)) * a->scale;
 #else
-            const float x = dot_scalar(q, k + j * d, d) * a->scale;
+            const float x = dot_scalar(q, k + slot * d, d) * a->scale;
 #endif
-            sc[j - lo] = x;
+            sc[j] = x;
             m = x > m ? x : m;
         }
         float *o = a->out + i * a->hq * d + h * d, sum = 0.0f;
         memset(o, 0, sizeof(float) * (size_t)d);
-        for (int64_t j = lo; j <= p; j++) {
-            const float w = expf(sc[j - lo] - m);
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t slot = SLOT(j);
+            const float w = expf(sc[j] - m);
             sum += w;
 #ifdef SPECMTP_X86
             if (vec)
-                axpy_avx2(o, w, v + j * d, d);
+                axpy_avx2(o, w, v + slot * d, d);
             else
 #endif
-                axpy_scalar(o, w, v + j * d, d);
+                axpy_scalar(o, w, v + slot * d, d);
         }
+#undef SLOT
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < d; j++) o[j] *= inv;
     }
@@ -731,8 +745,25 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
 static float *attn_scratch = NULL;
 static int64_t attn_cap = 0;
 
-/* One row's T new tokens at positions pos0 .. pos0 + T - 1: rotate q and k in qkv, write k and v into the layer's
- * cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
+/* Each token's depth and path (attn_args) from its parent: parents[i] < i the parent's index, -1 for token 0;
+ * parents NULL: a chain. 0, or -1 when the tokens do not form a tree rooted at token 0. */
+static int32_t tree_depth[MAX_TREE], tree_path[MAX_TREE * MAX_TREE];
+
+static int tree_paths(const int64_t *parents, int64_t t) {
+    if (t > MAX_TREE) return -1;
+    for (int64_t i = 0; i < t; i++) {
+        const int64_t up = parents ? parents[i] : i - 1;
+        if (i == 0 ? up != -1 : up < 0 || up >= i) return -1;
+        tree_depth[i] = i == 0 ? 0 : tree_depth[up] + 1;
+        if (i) memcpy(tree_path + i * MAX_TREE, tree_path + up * MAX_TREE, sizeof(int32_t) * (size_t)tree_depth[i]);
+        tree_path[i * MAX_TREE + tree_depth[i]] = (int32_t)i;
+    }
+    return 0;
+}
+
+/* One row's T new tokens in slots pos0 .. pos0 + T - 1, a chain (parents NULL: at positions pos0 .. pos0 + T - 1)
+ * or a tree (token i at position pos0 + depth(i)): rotate q and k in qkv (cos/sin at their positions), write k and
+ * v into the layer's cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
 static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos, const float *sin,
                       float *kc, float *vc, int64_t s, int64_t pos0, int64_t window, float scale, float *out) {
     if (!pool_started) pool_start(pool_size);
@@ -745,7 +776,8 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
             return -1;
         }
     }
-    attn_args a = {qkv, cos, sin, kc, vc, out, attn_scratch, t, hq, hkv, d, s, pos0, window, scale};
+    attn_args a = {qkv, cos, sin, kc, vc, out, attn_scratch, t, hq, hkv, d, s, pos0, window, scale, tree_depth,
+                   tree_path};
     const int64_t stride = (hq + 2 * hkv) * d;
     for (int64_t i = 0; i < t; i++) {  /* rotate q and k, write k and v at the token's slot */
         float *row = qkv + i * stride;
@@ -778,6 +810,7 @@ static int mat_gemm(const int64_t *f, int m, const float *x, int64_t t, int64_t 
 static float *stack_buf = NULL;
 static int64_t stack_cap = 0;
 
+/* (attend_run's tree, tree_paths, set by the caller) */
 static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, int64_t h, int64_t pos0,
                      const float *const rope[2][2], const int64_t *kv, int64_t s, float eps, float scale) {
     int64_t w_qkv = 0, w_att = 0, w_gu = 0;
@@ -846,14 +879,18 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    unsigned long long qkv, cos, sin, kc, vc, out;
+    unsigned long long qkv, cos, sin, kc, vc, out, parents = 0;
     long long t, hq, hkv, d, s, pos0, window;
     float scale;
-    if (!PyArg_ParseTuple(args, "KLLLLKKKKLLLfK", &qkv, &t, &hq, &hkv, &d, &cos, &sin, &kc, &vc, &s, &pos0, &window,
-                          &scale, &out))
+    if (!PyArg_ParseTuple(args, "KLLLLKKKKLLLfK|K", &qkv, &t, &hq, &hkv, &d, &cos, &sin, &kc, &vc, &s, &pos0, &window,
+                          &scale, &out, &parents))
         return NULL;
     if (hkv < 1 || hq % hkv || d % 2 || pos0 < 0 || pos0 + t > s) {
         PyErr_SetString(PyExc_ValueError, "attend: bad shapes (heads, head dim or positions past the cache)");
+        return NULL;
+    }
+    if (tree_paths((const int64_t *)parents, t)) {
+        PyErr_SetString(PyExc_ValueError, "attend: over 64 tokens, or parents that are not a tree rooted at token 0");
         return NULL;
     }
     if (attend_run((float *)qkv, t, hq, hkv, d, (const float *)cos, (const float *)sin, (float *)kc, (float *)vc, s,
@@ -863,14 +900,18 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_layers(PyObject *self, PyObject *args) {
-    unsigned long long desc, x, cos0, sin0, cos1, sin1, kv;
+    unsigned long long desc, x, cos0, sin0, cos1, sin1, kv, parents = 0;
     long long layers, t, h, pos0, s;
     float eps, scale;
-    if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
-                          &s, &eps, &scale))
+    if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff|K", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
+                          &s, &eps, &scale, &parents))
         return NULL;
     if (pos0 < 0 || pos0 + t > s || h % QK) {
         PyErr_SetString(PyExc_ValueError, "layers: positions past the cache, or a width not a multiple of 32");
+        return NULL;
+    }
+    if (tree_paths((const int64_t *)parents, t)) {
+        PyErr_SetString(PyExc_ValueError, "layers: over 64 tokens, or parents that are not a tree rooted at token 0");
         return NULL;
     }
     const float *const rope[2][2] = {{(const float *)cos0, (const float *)sin0}, {(const float *)cos1, (const float *)sin1}};
@@ -932,9 +973,11 @@ static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N[, pre, norm, eps, res]): y[T,N] = pre(x)[T,K] @ W[N,K]^T + res"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out): one row's new tokens"},
+     "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out[, parents]): one row's new "
+     "tokens (a chain, or a tree: parents int64 [T])"},
     {"layers", py_layers, METH_VARARGS,
-     "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale): L plain layers over x [T, H] in place"},
+     "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
+     "in place (a chain, or a tree)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T (+ bias), fp32"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},

@@ -1,0 +1,68 @@
+"""Draft trees: the target's tree pass, verification and cache compaction, and exact speculative output."""
+
+import pytest
+import torch
+
+from specmtp.loader import load_model
+from specmtp.quant import dense_kernel, quantize_model
+from specmtp.tree import ancestors, chain_parents, depths, input_parents
+from specmtp.verify import verify_greedy, verify_tree
+
+TREE = torch.tensor([[-1, 0, 0, 1, 1, 2, 4]])  # inputs' parents: the root, two children, ...
+PATH = [0, 1, 4, 6]  # root -> 1 -> 4 -> 6
+
+
+def test_tree_helpers():
+    assert depths(TREE).tolist() == [[0, 1, 1, 2, 2, 2, 3]]
+    anc = ancestors(TREE)[0]
+    assert anc[6].nonzero().flatten().tolist() == [0, 1, 4, 6]
+    assert anc[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert input_parents(chain_parents(2, 3)).tolist() == [[-1, 0, 1, 2]] * 2
+
+
+@pytest.mark.parametrize("family,weights", [("llama", "dense"), ("qwen2", "dense"), ("llama", "q4"),
+                                            ("gemma3", "dense"), ("gemma3", "q4")])
+def test_a_tree_pass_gives_each_path_what_token_by_token_steps_give(tiny_dir, family, weights):
+    """Every node of a tree pass gets the logits a one-token step along its path gets, and after keep_path the
+    cache holds the path's K/V where those steps put them: bit for bit where specmtp's attention kernel serves the
+    row (Llama/Qwen2), to rounding elsewhere."""
+    exact = family != "gemma3" and (weights == "q4" or dense_kernel())
+    target = load_model(str(tiny_dir(family)))
+    model = target.model
+    if weights == "q4":
+        quantize_model(model, "q4")
+    g = torch.Generator().manual_seed(0)
+    prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
+    caches = [model.new_cache(1, 64) for _ in range(2)]
+    for c in caches:
+        model(prompt, torch.arange(40)[None], c)
+    tree_logits = model.logits(model.features(block, 40 + depths(TREE), caches[0], (), TREE)[0])
+    caches[0].keep_path(torch.tensor([40]), torch.tensor([PATH[1:]]), torch.tensor([3]))
+    step_logits = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + d]]), caches[1]))
+                             for d, i in enumerate(PATH)], dim=1)
+    check = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert check(tree_logits[:, PATH], step_logits)
+    for k0, k1 in zip(caches[0].k, caches[1].k, strict=True):
+        assert check(k0[:, :, :44], k1[:, :, :44])
+
+
+def test_verify_tree_walks_the_targets_picks():
+    drafts = torch.tensor([[5, 6, 7, 8, 9, 3]])  # nodes 0..5 (inputs 1..6) of TREE
+    parents = TREE[:, 1:] - 1
+    # the target picks 6 at the root (node 1), 9 after node 1 (node 4's parent is... )
+    choice = torch.tensor([[6, 0, 3, 0, 0, 0, 4]])  # by input: root picks 6 -> node 1 (input 2); input 2 picks 3
+    tokens, num, path = verify_tree(choice, drafts, parents, torch.tensor([6]))
+    # node 1 (token 6) accepted; its child node 4 (input 5, token 9)? input 2 picked 3, node 4 is 9: rejected
+    assert num.tolist() == [1] and path[0, :1].tolist() == [1] and tokens[0, :2].tolist() == [6, 3]
+    chain = chain_parents(1, 3)
+    logits = torch.nn.functional.one_hot(torch.tensor([[4, 5, 9, 2]]), 10).float()
+    d = torch.tensor([[4, 5, 1]])
+    t1, n1 = verify_greedy(logits, d, torch.tensor([3]))
+    t2, n2, p2 = verify_tree(logits.argmax(-1), d, chain, torch.tensor([3]))
+    assert n1.tolist() == n2.tolist() == [2] and t1[0, :3].tolist() == t2[0, :3].tolist() == [4, 5, 9]
+
+
+def test_verify_tree_accepts_one_of_equal_siblings():
+    drafts, parents = torch.tensor([[4, 4, 7]]), torch.tensor([[-1, -1, 1]])
+    tokens, num, path = verify_tree(torch.tensor([[4, 9, 7, 0]]), drafts, parents, torch.tensor([3]))
+    assert num.tolist() == [1] and path[0, 0].item() == 0 and tokens[0, :2].tolist() == [4, 9]
