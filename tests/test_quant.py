@@ -290,7 +290,7 @@ def test_quantizing_in_slices_equals_quantizing_at_once(fmt, monkeypatch):
 
 
 # ---- the dense fp32 kernel for decode-sized products (linear.SMALL_ROWS rows or fewer) -------------------------
-@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 12])
 @pytest.mark.parametrize("n,k", [(200, 352), (203, 353)])  # whole tiles; a partial last tile and a ragged tail
 def test_dense_kernel_matches_matmul(tokens, n, k, path):
     g = torch.Generator().manual_seed(tokens * n)
@@ -303,9 +303,9 @@ def test_dense_kernel_matches_matmul(tokens, n, k, path):
 def test_dense_kernel_is_batch_invariant(path):
     """A verify pass of T tokens computes bit for bit what T one-token steps would."""
     g = torch.Generator().manual_seed(4)
-    w, x = torch.randn(1030, 576, generator=g), torch.randn(8, 576, generator=g)  # large enough to use every thread
-    alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(8)])
-    for t in (2, 3, 4, 5, 7, 8):  # tiles of 2 and (with AVX-512) of 4 tokens, spare ones included
+    w, x = torch.randn(1030, 576, generator=g), torch.randn(13, 576, generator=g)  # large enough to use every thread
+    alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(13)])
+    for t in (2, 3, 4, 5, 7, 8, 9, 12, 13):  # tiles of 2 and (with AVX-512) of 4 and 8 tokens, spare ones included
         assert torch.equal(sgemm(x[:t], w, None), alone[:t]), t
 
 
@@ -313,7 +313,7 @@ def test_dense_kernel_vector_paths_agree_bit_for_bit():
     if not (supported("avx2") and supported("vnni")):
         pytest.skip("needs both x86 vector paths")
     g = torch.Generator().manual_seed(6)
-    w, x, bias = torch.randn(203, 353, generator=g), torch.randn(7, 353, generator=g), torch.randn(203, generator=g)
+    w, x, bias = torch.randn(203, 353, generator=g), torch.randn(11, 353, generator=g), torch.randn(203, generator=g)
     _qkernels.set_isa("avx2")
     try:
         y = sgemm(x, w, bias)

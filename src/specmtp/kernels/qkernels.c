@@ -431,7 +431,8 @@ static void run_parallel(const gemm_args *a) { run_parts(gemm_part, a, a->n * a-
 /* ---------------------------------------------------------------------------------------------------------- */
 /* dense fp32 GEMV / small GEMM: y[t, n] = sum_k x[t, k] W[n, k] (+ bias) on the weights as torch holds them.  */
 /* Decoding reads every weight once per token, so a step and a verify pass of a few tokens both stream W once: */
-/* rows in tiles of 4, each tile's rows read from cache for every token. Each (token, row) dot runs the same   */
+/* rows in tiles of 4, each tile's rows read from cache for every token (with AVX-512, 5 to 8 tokens take the  */
+/* tile's rows in pairs, each pair streamed once for all of them). Each (token, row) dot runs the same         */
 /* operations in the same order whatever T, the tile's other rows or the thread split: batch-invariant.        */
 
 typedef struct {
@@ -517,6 +518,37 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile4_avx5
             out[4 * u + r] = s;
         }
 }
+
+/* 2 rows x 8 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, 8 token chunks and the rows' chunks,
+   so a verify pass of 5 to 8 tokens streams each weight chunk from memory once and uses it for all its tokens (two
+   4-token passes would stream it, then recompute from cache with the memory idle). The same FMAs and reduction per
+   (row, token) as sdot_tile_avx2: the same bits. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8_avx512(
+    const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next) {
+    __m256 acc[2][8];
+    for (int r = 0; r < 2; r++)
+        for (int u = 0; u < 8; u++) acc[r][u] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)
+            for (int r = 0; r < 2; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(w[0] + i), w1 = _mm256_loadu_ps(w[1] + i);
+        for (int u = 0; u < 8; u++) {
+            const __m256 v = _mm256_loadu_ps(x[u] + i);
+            acc[0][u] = _mm256_fmadd_ps(w0, v, acc[0][u]);
+            acc[1][u] = _mm256_fmadd_ps(w1, v, acc[1][u]);
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int u = 0; u < 8; u++) {
+            float l[8];
+            _mm256_storeu_ps(l, acc[r][u]);
+            float s = 0.0f;
+            for (int j = 0; j < 8; j++) s += l[j];
+            for (int64_t m = i; m < k; m++) s += w[r][m] * x[u][m];
+            out[2 * u + r] = s;
+        }
+}
 #endif
 
 static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row tiles */
@@ -531,6 +563,19 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
         for (int r = 0; r < 4; r++) next[r] = a->w + (n0 + 4 + r < a->n ? n0 + 4 + r : n0) * a->k;
         int64_t t = 0;
 #ifdef SPECMTP_X86
+        for (; isa == ISA_VNNI && t + 5 <= a->t; t += 8) {  /* 5 to 8 tokens at a time (spares: t again) */
+            const float *x[8];
+            for (int u = 0; u < 8; u++) x[u] = a->x + (t + u < a->t ? t + u : t) * a->k;
+            for (int half = 0; half < 2; half++) {  /* rows n0, n0 + 1, then n0 + 2, n0 + 3 */
+                const float *const *pf = t == 0 && tile + 1 < t1 ? next + 2 * half : NULL;
+                float out[16];
+                sdot_tile8_avx512(w + 2 * half, x, a->k, out, pf);
+                for (int u = 0; u < 8 && t + u < a->t; u++)
+                    for (int r = 0; r < 2 && n0 + 2 * half + r < a->n; r++)
+                        a->y[(t + u) * a->n + n0 + 2 * half + r] =
+                            out[2 * u + r] + (a->bias ? a->bias[n0 + 2 * half + r] : 0.0f);
+            }
+        }
         for (; isa == ISA_VNNI && t + 3 <= a->t; t += 4) {  /* 3 or 4 tokens at a time (a spare one: t again) */
             const float *x[4], *const *pf = t == 0 && tile + 1 < t1 ? next : NULL;
             for (int u = 0; u < 4; u++) x[u] = a->x + (t + u < a->t ? t + u : t) * a->k;
