@@ -155,6 +155,18 @@ def test_greedy_speculative_equals_target_only_and_transformers(models, assistan
         assert out[0, len(ids):].tolist()[: len(want)] == want
 
 
+def test_tree_drafting_keeps_greedy_output(models, assistant_dir):
+    """The assistant drafts trees too (--branches): its branches step side by side through the masked head, and
+    a Gemma 4 target verifies them through the attention mask (KV-shared layers included)."""
+    target, reference, _, _ = models
+    spec = Engine(target, load_drafter(str(assistant_dir)), num_draft_tokens=5, schedule="constant", branches=3)
+    for ids, want in reference.values():
+        assert spec.generate([ids], max_new_tokens=20)[0].tokens == want
+        assert spec.stats.drafted > 0
+    ids = [ids for ids, _ in reference.values()]
+    assert [c.tokens for c in spec.generate(ids, max_new_tokens=20)] == [want for _, want in reference.values()]
+
+
 def test_batch_and_sampling_run(target_dir, assistant_dir):
     target = load_model(str(target_dir))
     spec = Engine(target, load_drafter(str(assistant_dir)))

@@ -330,7 +330,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 best = (sched, res)
         sched, res = best
         summary.update({
-            "drafter": args.drafter, "schedule": sched, "num_draft_tokens": num_draft,
+            "drafter": args.drafter, "schedule": sched, "num_draft_tokens": num_draft, "branches": drafter.branches,
             "tau": round(res["tau"], 4), "acceptance_by_position": res["acceptance_by_position"],
             "spec_tok_s": round(res["tok_s"], 3),
             "speedup_vs_target_only": round(res["tok_s"] / base["tok_s"], 3),
