@@ -48,12 +48,17 @@ def test_a_tree_pass_gives_each_path_what_token_by_token_steps_give(tiny_dir, fa
 
 def test_verify_tree_walks_the_targets_picks():
     drafts = torch.tensor([[5, 6, 7, 8, 9, 3]])  # nodes 0..5 (inputs 1..6) of TREE
-    parents = TREE[:, 1:] - 1
-    # the target picks 6 at the root (node 1), 9 after node 1 (node 4's parent is... )
-    choice = torch.tensor([[6, 0, 3, 0, 0, 0, 4]])  # by input: root picks 6 -> node 1 (input 2); input 2 picks 3
+    parents = TREE[:, 1:] - 1  # [-1, -1, 0, 0, 1, 3]
+    # by input: the root picks 6 (node 1, the second child); node 1 picks 3, but its only child (node 4) is 9
+    choice = torch.tensor([[6, 0, 3, 0, 0, 0, 4]])
     tokens, num, path = verify_tree(choice, drafts, parents, torch.tensor([6]))
-    # node 1 (token 6) accepted; its child node 4 (input 5, token 9)? input 2 picked 3, node 4 is 9: rejected
     assert num.tolist() == [1] and path[0, :1].tolist() == [1] and tokens[0, :2].tolist() == [6, 3]
+    # node 0 (token 5) picked at the root, node 3 (token 8) after it, node 5 (token 3) after that, then 7 (bonus)
+    tokens, num, path = verify_tree(torch.tensor([[5, 8, 0, 0, 3, 0, 7]]), drafts, parents, torch.tensor([6]))
+    assert num.tolist() == [3] and path[0, :3].tolist() == [0, 3, 5] and tokens[0, :4].tolist() == [5, 8, 3, 7]
+    # the same tree with node 5 not valid (num_drafts 5): the walk stops at node 3, whose pick (3) is the bonus
+    tokens, num, path = verify_tree(torch.tensor([[5, 8, 0, 0, 3, 0, 7]]), drafts, parents, torch.tensor([5]))
+    assert num.tolist() == [2] and tokens[0, :3].tolist() == [5, 8, 3]
     chain = chain_parents(1, 3)
     logits = torch.nn.functional.one_hot(torch.tensor([[4, 5, 9, 2]]), 10).float()
     d = torch.tensor([[4, 5, 1]])

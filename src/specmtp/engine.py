@@ -21,7 +21,7 @@ from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.sampling import SamplingParams, probabilities, sample
 from specmtp.schedule import Schedule, make_schedule
-from specmtp.tree import depths, input_parents, is_chain
+from specmtp.tree import depths, input_parents, is_chain, last_input
 from specmtp.verify import verify_greedy, verify_sampled, verify_tree
 
 MAX_DRAFT = 32
@@ -302,12 +302,12 @@ class Engine:
             pending = torch.tensor([s[-1] for s in sequences])[:, None]  # [B, 1]
             inputs = torch.cat([pending, drafts], dim=1)  # [B, n+1]
             tree = input_parents(parents) if parents is not None else None  # [B, n+1]
-            # each input at the position of its depth (a chain's: consecutive), in slots from the row's length on
-            positions = cache.lengths[:, None] + (depths(tree) if tree is not None else torch.arange(n_eff + 1))
+            depth = depths(tree) if tree is not None else torch.arange(n_eff + 1)  # [B, n+1] (a chain's: [n+1])
+            # each input at the position of its depth, in consecutive slots from the row's length on
+            positions = cache.lengths[:, None] + depth  # [B, n+1]
             reach = num_drafts  # [B] how deep each row's drafts go
             if tree is not None:
-                valid = torch.arange(n_eff) < num_drafts[:, None]
-                reach = torch.where(valid, positions[:, 1:] - positions[:, :1], 0).amax(1)
+                reach = torch.where(torch.arange(n_eff) < num_drafts[:, None], depth[:, 1:], 0).amax(1)
             hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
             logits = model.logits(hidden)  # [B, n+1, V]
             path = None  # [B, n] a tree's accepted nodes, root-down
@@ -329,8 +329,7 @@ class Engine:
             last = num_accepted  # [B] input index of each row's last accepted token (or the root)
             if path is not None:  # move the accepted path's K/V to the slots of their positions
                 cache.keep_path(cache.lengths, path + 1, num_accepted)
-                last = torch.where(num_accepted > 0, path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0]
-                                   + 1, 0)
+                last = last_input(path, num_accepted)
             cache.advance(torch.where(live, num_accepted + 1, 0))
             ctx.hidden = hidden[batch, last]  # hidden that predicted each row's new last token
             ctx.taps = tapped[batch, last] if taps else None

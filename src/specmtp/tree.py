@@ -47,6 +47,13 @@ def ancestors(tree: torch.Tensor) -> torch.Tensor:
     return anc
 
 
+def last_input(path: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+    """Accepted drafts root-down path [B, N] (draft indices), how many num_accepted [B] -> the input index of each
+    row's last accepted token [B] (0: the root, when none was accepted)."""
+    deepest = path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1
+    return torch.where(num_accepted > 0, deepest, 0)
+
+
 def is_chain(parents: torch.Tensor) -> bool:
     """parents [B, N]: does every row hold a chain?"""
     return bool((parents == torch.arange(parents.shape[1]) - 1).all())

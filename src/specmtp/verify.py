@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from specmtp.tree import last_input
+
 
 def verify_greedy(
     target_logits: torch.Tensor,  # [B, N+1, V] logits at the last context token and at each draft
@@ -95,7 +97,6 @@ def verify_tree(
     num_accepted = accepted[:, 1:].sum(1)  # [B]
     index = torch.arange(n, device=drafts.device)
     path = torch.where(accepted[:, 1:], index, n + index).argsort(1)  # accepted nodes first, in index order
-    last = torch.where(num_accepted > 0, path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1, 0)
     tokens = torch.cat([drafts.gather(1, path), drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
-    tokens[rows, num_accepted] = choice[rows, last]
+    tokens[rows, num_accepted] = choice[rows, last_input(path, num_accepted)]
     return tokens, num_accepted, path
