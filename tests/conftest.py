@@ -108,3 +108,14 @@ def tiny_dir(tmp_path_factory):
         return made[key]
 
     return get
+
+
+def prefilled_pair(model) -> tuple[list, torch.Tensor]:
+    """Two 64-slot caches holding the same seeded 40-token prompt, and a seeded 7-token block [1, 7] to continue it:
+    one cache for a many-token pass, one for token-by-token steps."""
+    g = torch.Generator().manual_seed(0)
+    prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
+    caches = [model.new_cache(1, 64) for _ in range(2)]
+    for c in caches:
+        model(prompt, torch.arange(40)[None], c)
+    return caches, block

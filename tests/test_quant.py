@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prefilled_pair
 
 from specmtp import Engine, load_model
 from specmtp.drafters import DraftModelDrafter, NgramDrafter
@@ -152,11 +153,7 @@ def test_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_dir, family
         assert all(layer.fused_attention for layer in model.layers)
     else:
         quantize_model(model, "q4")
-    g = torch.Generator().manual_seed(0)
-    prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
-    caches = [model.new_cache(1, 64) for _ in range(2)]
-    for c in caches:
-        model(prompt, torch.arange(40)[None], c)
+    caches, block = prefilled_pair(model)
     together = model.logits(model(block, torch.arange(40, 47)[None], caches[0]))
     alone = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + i]]), caches[1]))
                        for i in range(7)], dim=1)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import prefilled_pair
 
 from specmtp.loader import load_model
 from specmtp.quant import dense_kernel, quantize_model
@@ -31,11 +32,7 @@ def test_a_tree_pass_gives_each_path_what_token_by_token_steps_give(tiny_dir, fa
     model = target.model
     if weights == "q4":
         quantize_model(model, "q4")
-    g = torch.Generator().manual_seed(0)
-    prompt, block = torch.randint(0, 256, (1, 40), generator=g), torch.randint(0, 256, (1, 7), generator=g)
-    caches = [model.new_cache(1, 64) for _ in range(2)]
-    for c in caches:
-        model(prompt, torch.arange(40)[None], c)
+    caches, block = prefilled_pair(model)
     tree_logits = model.logits(model.features(block, 40 + depths(TREE), caches[0], (), TREE)[0])
     caches[0].keep_path(torch.tensor([40]), torch.tensor([PATH[1:]]), torch.tensor([3]))
     step_logits = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + d]]), caches[1]))

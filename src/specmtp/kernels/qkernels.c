@@ -454,6 +454,18 @@ static float sdot_scalar(const float *w, const float *x, int64_t k) {
 }
 
 #ifdef SPECMTP_X86
+/* One (row, token) sum: its 8 lanes added in order, then the products past the last whole chunk (from i on). Every
+   tile ends each of its sums this way, so they all give the same bits. */
+__attribute__((target("avx2,fma"))) static inline float lane_sum(__m256 acc, const float *w, const float *x,
+                                                                  int64_t i, int64_t k) {
+    float l[8];
+    _mm256_storeu_ps(l, acc);
+    float s = 0.0f;
+    for (int j = 0; j < 8; j++) s += l[j];
+    for (int64_t m = i; m < k; m++) s += w[m] * x[m];
+    return s;
+}
+
 /* 4 rows x 2 tokens: one 8-lane accumulator per (row, token), each weight chunk loaded once for both tokens */
 __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *const *w, const float *x0,
                                                                const float *x1, int64_t k, float *out,
@@ -472,20 +484,8 @@ __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *cons
         }
     }
     for (int r = 0; r < 4; r++) {
-        float l0[8], l1[8];
-        _mm256_storeu_ps(l0, a0[r]);
-        _mm256_storeu_ps(l1, a1[r]);
-        float s0 = 0.0f, s1 = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            s0 += l0[j];
-            s1 += l1[j];
-        }
-        for (int64_t m = i; m < k; m++) {
-            s0 += w[r][m] * x0[m];
-            s1 += w[r][m] * x1[m];
-        }
-        out[r] = s0;
-        out[4 + r] = s1;
+        out[r] = lane_sum(a0[r], w[r], x0, i, k);
+        out[4 + r] = lane_sum(a1[r], w[r], x1, i, k);
     }
 }
 
@@ -509,14 +509,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile4_avx5
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int u = 0; u < 4; u++) {
-            float l[8];
-            _mm256_storeu_ps(l, acc[r][u]);
-            float s = 0.0f;
-            for (int j = 0; j < 8; j++) s += l[j];
-            for (int64_t m = i; m < k; m++) s += w[r][m] * x[u][m];
-            out[4 * u + r] = s;
-        }
+        for (int u = 0; u < 4; u++) out[4 * u + r] = lane_sum(acc[r][u], w[r], x[u], i, k);
 }
 
 /* 2 rows x 8 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, 8 token chunks and the rows' chunks,
@@ -540,14 +533,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8_avx5
         }
     }
     for (int r = 0; r < 2; r++)
-        for (int u = 0; u < 8; u++) {
-            float l[8];
-            _mm256_storeu_ps(l, acc[r][u]);
-            float s = 0.0f;
-            for (int j = 0; j < 8; j++) s += l[j];
-            for (int64_t m = i; m < k; m++) s += w[r][m] * x[u][m];
-            out[2 * u + r] = s;
-        }
+        for (int u = 0; u < 8; u++) out[2 * u + r] = lane_sum(acc[r][u], w[r], x[u], i, k);
 }
 #endif
 
