@@ -9,7 +9,9 @@ drafts' calibrated rates. Two prices, in accepted tokens, come from the adaptive
 the hardware (see schedule.py): verifying one more token, and computing one more draft. `Chain` proposes a
 draft only while alive stays at or above the verify price (it adds alive tokens to the expectation and
 costs the price), and computes the next draft only if its expected worth, over the drafter's usual scores,
-exceeds the draft price; with both prices 0 every row drafts n tokens.
+exceeds the draft price; with both prices 0 every row drafts n tokens. `TreeRound` does the same for a draft
+tree (tree.py), where every node is scored and a child's alive is its parent's times its own rate; it also weighs
+whole tree sizes against the measured cost of verify passes by width, which is not linear on a CPU.
 
 Lossless with sampling: the stop depends only on the drafter's own scores and on past outcomes, never on
 the target's distribution at the drafted positions, so verification sees an ordinary proposal.
@@ -138,10 +140,11 @@ class Chain:
 class TreeRound:
     """One round of tree drafting for a batch (tree.py): the candidate nodes each row's steps produced, which to
     step next, and which to propose. A node's `alive` is the estimated probability that the target accepts it
-    and its ancestors (the product of their calibrated rates); it is proposed when alive is at or above the
-    verify price and among the row's n best (a child is never likelier than its parent, so the best n form a
-    tree), and stepped (to score its children) when it is among the best n and the expected worth of its next
-    draft exceeds the draft price. Siblings are distinct tokens (a step's top-k)."""
+    and its ancestors (the product of their calibrated rates); it is proposed when it is among the row's m best
+    (a child is never likelier than its parent, so the best m form a tree), m chosen against the measured cost of
+    whole verify passes where the price carries them (size()), else n with alive at or above the verify price;
+    it is stepped (to score its children) when it is among the best n and the expected worth of its next draft
+    exceeds the draft price. Siblings are distinct tokens (a step's top-k)."""
 
     def __init__(self, calibration: Calibration, batch_size: int, price: Price, n: int) -> None:
         self.calibration, self.price, self.n = calibration, price, n
