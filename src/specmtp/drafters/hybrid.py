@@ -22,6 +22,7 @@ from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.drafters.confidence import FREE, Calibration, Price
 from specmtp.drafters.ngram import lookup
 from specmtp.loader import LoadedModel
+from specmtp.tree import chain_parents
 
 MAX_COPY = 32  # copied tokens are scored by position; later positions share the last key
 
@@ -86,7 +87,7 @@ class LookupFirst(Drafter):
                 probs[b] = 0.0
                 probs[b, torch.arange(len(c)), tokens[b, : len(c)]] = 1.0
             if parents is not None:
-                parents[b] = torch.arange(n) - 1
+                parents[b] = chain_parents(1, n)[0]
         return Proposal(tokens, num, probs, parents, steps)
 
     def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
