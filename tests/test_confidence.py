@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
-from specmtp.drafters.confidence import FREE, Calibration, Chain, Price, prob_keys
+from specmtp.drafters.confidence import BINS, FREE, Calibration, Chain, Price, TreeRound, prob_keys
 from specmtp.drafters.hybrid import LookupFirst
 from specmtp.sampling import SamplingParams
 from specmtp.schedule import Adaptive
@@ -118,3 +118,20 @@ def test_adaptive_with_a_calibrated_drafter_allows_its_maximum_and_prices_from_m
         plain.update(3, torch.tensor([1]), 0.015, 0.12)
     plain.next()
     assert plain.price == FREE
+
+
+def test_a_seeded_copy_competes_for_tree_nodes_and_merges_with_the_drafters_equal_candidates():
+    drafter_cal, copy_cal = Calibration([0.5] * BINS), Calibration([0.9, 0.9, 0.9])
+    tree = TreeRound(drafter_cal, 1, FREE, 4)
+    tree.seed([[5, 6, 7]], copy_cal)  # alive 0.9, 0.81, 0.729; never stepped on their own
+    assert tree.next_expansion(3) == [[]]
+    keys = torch.full((1, 1, 2), BINS - 1)  # the root's step: 5 (= the copy's first) and 9
+    tree.grow([[-1]], torch.tensor([[[5, 9]]]), torch.full((1, 1, 2), 0.99), torch.zeros(1, 1, 4))
+    assert len(tree.token[0]) == 4 and tree.token[0] == [5, 6, 7, 9]  # 5 merged into the copy's node
+    assert tree.marks[0][0] == [(copy_cal, 0), (drafter_cal, int(keys[0, 0, 0]))]
+    assert tree.next_expansion(3) == [[0, 3]]  # the merged node has the step's state now; 6 and 7 do not
+    tokens, parents, num = tree.selected()
+    assert num.tolist() == [4] and tokens[0].tolist() == [5, 9, 6, 7] and parents[0].tolist() == [-1, -1, 0, 2]
+    tree.observe(torch.tensor([2]), torch.tensor([[0, 2, 0, 0]]))  # 5, 6 accepted; 7 reached, rejected
+    assert copy_cal.reached.tolist() == [1, 1, 1] and copy_cal.hits.tolist() == [1, 1, 0]
+    assert drafter_cal.reached.sum() == 2 and drafter_cal.hits.sum() == 1  # 5 hit, 9 reached and missed

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specmtp import Engine, SamplingParams, load_drafter, load_model
-from specmtp.drafters import MTPDrafter
+from specmtp.drafters import LookupFirst, MTPDrafter
 from specmtp.drafters.base import DraftContext
 from specmtp.errors import SpecMTPError
 from specmtp.quant import quantize_model
@@ -125,6 +125,22 @@ def test_tree_drafting_output_identical_to_target_only(target, trained, tiny_dir
             assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
         assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
     assert any(trees) and any(off_first)
+
+
+def test_copies_join_the_drafters_trees_and_keep_output_identical(target, trained):
+    """ngram+ over a tree-drafting drafter (greedy): the copy's chain competes for the tree's nodes beside the
+    drafter's candidates; output stays exact, and both sources' nodes are proposed and calibrated."""
+    base = Engine(target).generate(PROMPTS, max_new_tokens=24)
+    drafter = LookupFirst(load_drafter(str(trained[0])), min_match=1)
+    drafter.set_branches(3)
+    for n, schedule in ((6, "constant"), (6, "adaptive")):
+        spec = Engine(target, drafter, n, schedule)
+        for prompt, ref in zip(PROMPTS, base, strict=True):
+            assert spec.generate([prompt], max_new_tokens=24)[0].tokens == ref.tokens
+        assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=24)] == [c.tokens for c in base]
+    assert drafter.calibration.reached.sum() > 0  # copied nodes were proposed and reached
+    assert drafter.inner.calibration.reached.sum() > 0
+    assert not any(drafter.copied)  # never the copy alone: one tree
 
 
 def test_sampled_drafting_returns_q_of_the_sampled_tokens(target, trained):

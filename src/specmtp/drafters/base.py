@@ -154,14 +154,19 @@ class RecurrentDrafter(Drafter):
             drafts.append(token)
         return stacked(drafts, probs, chain.num)
 
-    def propose_tree(self, ctx: DraftContext, n: int, price: Price) -> Proposal:
+    def propose_tree(self, ctx: DraftContext, n: int, price: Price,
+                     seeds: tuple[list[list[int]], Calibration] | None = None) -> Proposal:
         """A tree of up to n nodes per row: each depth, the round's best unexpanded nodes (at most `branches`
-        per row) are stepped side by side and their children scored; TreeRound keeps the nodes worth verifying."""
+        per row) are stepped side by side and their children scored; TreeRound keeps the nodes worth verifying.
+        seeds: per row a chain from another source (a copy from the context) and the calibration of its
+        positions; it competes for the n nodes, and merges where the steps propose the same tokens."""
         bsz = len(ctx.sequences)
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B]
         if self.calibration is None:
             self.calibration = Calibration.for_probabilities()
         tree = self.chain = TreeRound(self.calibration, bsz, price, n)
+        if seeds is not None:
+            tree.seed(*seeds)
         token = torch.tensor([s[-1] for s in ctx.sequences])[:, None]  # [B, 1] the roots
         hidden = self.first_state(ctx)[:, None]  # [B, 1, Ht]
         expand = [[-1] for _ in range(bsz)]  # per row: the nodes stepped now (-1: the root)

@@ -154,10 +154,46 @@ class TreeRound:
         self.token: list[list[int]] = [[] for _ in range(batch_size)]  # per row, per candidate node
         self.parent: list[list[int]] = [[] for _ in range(batch_size)]  # -1: a child of the root
         self.alive: list[list[float]] = [[] for _ in range(batch_size)]
-        self.key: list[list[int]] = [[] for _ in range(batch_size)]
-        self.feed: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]  # [Ht] the state stepping it reads
+        # per node, the (calibration, key) of every source that proposed it (a drafter's step, a copy)
+        self.marks: list[list[list[tuple[Calibration, int]]]] = [[] for _ in range(batch_size)]
+        self.feed: list[list[torch.Tensor | None]] = [[] for _ in range(batch_size)]  # [Ht] stepping it reads
         self.stepped: list[set[int]] = [set() for _ in range(batch_size)]
+        self.index: list[dict[tuple[int, int], int]] = [{} for _ in range(batch_size)]  # (parent, token) -> node
         self.proposed: list[list[int]] = [[] for _ in range(batch_size)]  # selected(): candidate index per draft
+
+    def _add(self, b: int, parent: int, token: int, rate: float, mark: tuple[Calibration, int],
+             feed: torch.Tensor | None) -> int | None:
+        """A candidate child of `parent` (-1: the root) in row b; a token its parent already has merges into that
+        node (the likelier estimate, both sources' marks). Returns the node, None when it is below the floor."""
+        alive = (1.0 if parent < 0 else self.alive[b][parent]) * rate
+        node = self.index[b].get((parent, token))
+        if node is not None:
+            self.alive[b][node] = max(self.alive[b][node], alive)
+            self.marks[b][node].append(mark)
+            if self.feed[b][node] is None:
+                self.feed[b][node] = feed
+            return node
+        if alive < self.floor:  # never worth verifying, nor are its descendants
+            return None
+        self.index[b][(parent, token)] = len(self.token[b])
+        self.token[b].append(token)
+        self.parent[b].append(parent)
+        self.alive[b].append(alive)
+        self.marks[b].append([mark])
+        self.feed[b].append(feed)
+        return len(self.token[b]) - 1
+
+    def seed(self, chains: list[list[int]], calibration: Calibration) -> None:
+        """Per row, a chain of drafts below the root from another source (a copy from the context); its k-th
+        token's rate is `calibration`'s for key k. Such nodes are never stepped unless a drafter step proposes
+        them too (then they merge, and the step's state is theirs)."""
+        for b, chain in enumerate(chains):
+            rates = calibration.rate(torch.arange(len(chain))).tolist()
+            node = -1
+            for k, tok in enumerate(chain):
+                node = self._add(b, node, tok, rates[k], (calibration, k), None)
+                if node is None:
+                    break
 
     def grow(self, stepped: list[list[int]], pick: torch.Tensor, conf: torch.Tensor, out: torch.Tensor) -> None:
         """The nodes just stepped per row (-1: the root), their steps' top tokens pick [B, W, k] with the drafter's
@@ -167,16 +203,8 @@ class TreeRound:
         for b, nodes in enumerate(stepped):
             for w, node in enumerate(nodes):
                 self.stepped[b].add(node)
-                base = 1.0 if node < 0 else self.alive[b][node]
                 for c, tok in enumerate(picks[b][w]):
-                    alive = base * rates[b][w][c]
-                    if alive < self.floor:  # never worth verifying, nor are its descendants
-                        continue
-                    self.token[b].append(tok)
-                    self.parent[b].append(node)
-                    self.alive[b].append(alive)
-                    self.key[b].append(int(keys[b, w, c]))
-                    self.feed[b].append(out[b, w])
+                    self._add(b, node, tok, rates[b][w][c], (self.calibration, int(keys[b, w, c])), out[b, w])
 
     def _best(self, b: int) -> list[int]:
         """Row b's n likeliest candidates (ties: the earlier, so parents before children)."""
@@ -187,7 +215,7 @@ class TreeRound:
         """Per row, up to `width` of its best candidates to step next (none once no step is worth its price)."""
         out = []
         for b in range(len(self.token)):
-            todo = [i for i in self._best(b) if i not in self.stepped[b]][:width]
+            todo = [i for i in self._best(b) if i not in self.stepped[b] and self.feed[b][i] is not None][:width]
             if todo and not self.price.free:
                 alive = torch.tensor([self.alive[b][i] for i in todo])
                 gain = float(self.calibration.expected_gain(alive, self.price.verify).sum())
@@ -239,10 +267,15 @@ class TreeRound:
 
     def observe(self, num_accepted: torch.Tensor, path: torch.Tensor | None) -> None:
         """Every proposed node whose parent the target accepted (or the root) was reached: a hit if accepted."""
-        seen = []
+        cals = {id(self.calibration): self.calibration}  # each source's calibration learns from its own marks
+        seen = {id(self.calibration): [[] for _ in self.proposed]}  # per calibration, per row: (key, accepted)
         for b, order in enumerate(self.proposed):
             a = int(num_accepted[b])
             accepted = {order[j] for j in (path[b, :a].tolist() if path is not None else range(a))}
-            seen.append([(self.key[b][i], i in accepted) for i in order
-                         if self.parent[b][i] < 0 or self.parent[b][i] in accepted])
-        self.calibration.observe_nodes(seen)
+            for i in order:
+                if self.parent[b][i] < 0 or self.parent[b][i] in accepted:
+                    for cal, key in self.marks[b][i]:
+                        cals.setdefault(id(cal), cal)
+                        seen.setdefault(id(cal), [[] for _ in self.proposed])[b].append((key, i in accepted))
+        for k, cal in cals.items():
+            cal.observe_nodes(seen[k])

@@ -10,6 +10,12 @@ Under a price (confidence.py) a copy is cut where it stops being worth verifying
 calibrated on how often copies' k-th tokens were accepted; a row whose copy is cut to nothing asks the wrapped
 drafter instead.
 
+Under greedy decoding with a drafter that drafts trees (RecurrentDrafter, `branches` > 1) the two sources are not
+alternatives but one tree: the copy is a chain of candidate nodes beside the drafter's, each scored by its
+calibrated rate, and the tree round keeps whichever nodes are likeliest (a copied token the drafter also proposes
+is one node). A copy that goes wrong early then still leaves the drafter's candidates, and new text still gets
+the copy's long reach where it repeats. `merge=False` keeps the alternatives (to measure the difference).
+
 Lossless with sampling: the choice of source depends on the context only, and a copied draft is deterministic,
 so its q is one-hot (the wrapped drafter's rows keep their own q).
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from specmtp.drafters.base import DraftContext, Drafter, Proposal
+from specmtp.drafters.base import DraftContext, Drafter, Proposal, RecurrentDrafter
 from specmtp.drafters.confidence import FREE, Calibration, Price
 from specmtp.drafters.ngram import lookup
 from specmtp.loader import LoadedModel
@@ -28,8 +34,9 @@ MAX_COPY = 32  # copied tokens are scored by position; later positions share the
 
 
 class LookupFirst(Drafter):
-    def __init__(self, inner: Drafter, min_match: int = 2, max_ngram: int = 4) -> None:
+    def __init__(self, inner: Drafter, min_match: int = 2, max_ngram: int = 4, merge: bool = True) -> None:
         self.inner, self.min_match, self.max_ngram = inner, min_match, max_ngram
+        self.merge = merge  # copies join a tree-drafting inner drafter's trees (greedy), instead of replacing them
         self.name = f"ngram+{inner.name}"
         self.default_num_draft_tokens = inner.default_num_draft_tokens
         self.default_schedule = inner.default_schedule
@@ -53,6 +60,10 @@ class LookupFirst(Drafter):
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         copies = [lookup(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
         bsz = len(copies)
+        inner = self.inner
+        if self.merge and isinstance(inner, RecurrentDrafter) and inner.branches > 1 and ctx.sampling.greedy:
+            self.chain, self.copied, self.inner_ran = None, [False] * bsz, True  # one tree: the inner round's
+            return inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration))
         chain = self.new_chain(bsz, price)
         for k in range(max(map(len, copies), default=0)):  # cut each copy where it is no longer worth verifying
             chain.push(torch.full((bsz,), k), torch.tensor([k < len(c) for c in copies]))
