@@ -84,19 +84,22 @@ def verify_tree(
     """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]; path[b, : num_accepted[b]] are the accepted
     nodes, root-down. Of siblings with the same token only the first can be accepted."""
     b, n = drafts.shape
+    picks, tokens_l, parents_l, nums = choice.tolist(), drafts.tolist(), parents.tolist(), num_drafts.tolist()
+    order, counts = [], []  # per row: accepted nodes root-down, then the others in index order
+    for pick, toks, par, num in zip(picks, tokens_l, parents_l, nums, strict=True):  # a walk of a few nodes
+        walk, node = [], -1  # node: the last accepted draft (-1: the root)
+        while True:
+            want = pick[node + 1]
+            node = next((j for j in range(num) if par[j] == node and toks[j] == want), None)
+            if node is None:
+                break
+            walk.append(node)
+        kept = set(walk)
+        order.append(walk + [j for j in range(n) if j not in kept])
+        counts.append(len(walk))
     rows = torch.arange(b, device=drafts.device)
-    valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]
-    match = (drafts == choice.gather(1, parents + 1)) & valid  # [B, N] the target picked this node at its parent
-    accepted = torch.zeros(b, n + 1, dtype=torch.bool, device=drafts.device)  # by input index: the root is 0
-    accepted[:, 0] = True
-    taken = torch.zeros_like(accepted)  # an input already has an accepted child
-    for j in range(n):  # parents come first
-        up = parents[:, j] + 1
-        accepted[:, j + 1] = match[:, j] & accepted[rows, up] & ~taken[rows, up]
-        taken[rows, up] |= accepted[:, j + 1]
-    num_accepted = accepted[:, 1:].sum(1)  # [B]
-    index = torch.arange(n, device=drafts.device)
-    path = torch.where(accepted[:, 1:], index, n + index).argsort(1)  # accepted nodes first, in index order
+    num_accepted = torch.tensor(counts, dtype=torch.long, device=drafts.device)  # [B]
+    path = torch.tensor(order, dtype=torch.long, device=drafts.device).view(b, n)  # [B, N]
     tokens = torch.cat([drafts.gather(1, path), drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
     tokens[rows, num_accepted] = choice[rows, last_input(path, num_accepted)]
     return tokens, num_accepted, path
