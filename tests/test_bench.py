@@ -25,6 +25,9 @@ def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
     rival = summary["rival"]  # the other drafter took the same turns
     assert rival["drafter"] == "ngram" and rival["greedy_identical"] and rival["tau"] >= 1.0
     assert summary["speedup_vs_rival"] == round(summary["spec_tok_s"] / rival["tok_s"], 3)
+    assert set(rival["by_kind"]) == {"code", "chat"} and rival["by_kind"]["code"]["prompts"] == 2
+    for kind, ratio in summary["speedup_vs_rival_by_kind"].items():
+        assert ratio == round(kinds[kind]["tok_s"] / rival["by_kind"][kind]["tok_s"], 3)
     assert "specmtp spec (ngram, " in "\n".join(out)
 
 

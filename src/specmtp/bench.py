@@ -350,9 +350,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if rival is not None:
         rival["greedy_identical"] = rival["tokens"] == base["tokens"]
         rows.append((f"specmtp spec ({rival_ref}, {rival_engines[0].schedule_name})", rival))
-        summary["rival"] = {"drafter": rival_ref, **_brief(rival, base)}
+        summary["rival"] = {"drafter": rival_ref, **_brief(rival, base), "by_kind": by_kind(prompts, base, rival)}
         if "spec_tok_s" in summary:
             summary["speedup_vs_rival"] = round(summary["spec_tok_s"] / summary["rival"]["tok_s"], 3)
+            summary["speedup_vs_rival_by_kind"] = {
+                kind: round(v["tok_s"] / summary["rival"]["by_kind"][kind]["tok_s"], 3)
+                for kind, v in summary["by_kind"].items()}
     if args.compare_hf:
         eos = target.tokenizer.eos_token_ids
         hf = run_hf(target.path, ids, max_new, eos)
