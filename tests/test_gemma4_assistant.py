@@ -216,3 +216,27 @@ def test_training_a_gemma4_target_makes_an_assistant_that_learns(trained):
         assert learnt[0] > fresh[0] + 0.25 and learnt[2] > 2 * fresh[2], (learnt, fresh)
     order = drafter.module.masked_head.token_ordering
     assert sorted(order.tolist()) == list(range(target.config.vocab_size))  # a permutation: every token drafted
+
+
+def test_branches_stepped_side_by_side_see_the_sliding_window_of_one_step(target_dir, assistant_dir):
+    """W branches in one step read the target's KV as W single steps do, the sliding layers' last W + 1 slots
+    included, also where the layers run batch-invariant (quantized weights: one query at a time for own KV)."""
+    target = load_model(str(target_dir))
+    drafter = load_drafter(str(assistant_dir))
+    drafter.check_compatible(target)
+    for layer in drafter.module.layers:
+        layer.batch_invariant = True
+    m = target.model
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(6))  # 12 > the window of 5
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        hidden = m(ids, torch.arange(12)[None], cache)[:, -1]  # [1, H]
+        cache.lengths.fill_(12)
+        ctx = DraftContext([ids[0].tolist() + [7]], hidden, m, cache, SamplingParams(), None)
+        tokens = torch.tensor([[7, 9, 11]])
+        states = hidden[:, None] + 0.1 * torch.randn(1, 3, hidden.shape[-1], generator=torch.Generator().manual_seed(1))
+        _, out = drafter.step(tokens, states, torch.tensor([12]), ctx)  # [1, 3, Ht] next hidden states
+        for w in range(3):
+            _, one_out = drafter.step(tokens[:, w : w + 1], states[:, w : w + 1], torch.tensor([12]), ctx)
+            torch.testing.assert_close(out[:, w], one_out[:, 0], atol=1e-5, rtol=1e-5)  # (a masked head's columns
+            # depend on the branch, so the next hidden states are compared)

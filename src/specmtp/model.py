@@ -290,9 +290,10 @@ class Layer(nn.Module):
         values = cache.v[self.source][:, :, start:end]  # [B, Hkv, S, D]
         q = q.transpose(1, 2)  # [B, Hq, T, D]
         gqa = cfg.num_heads != keys.shape[1]
-        if self.batch_invariant and 1 < t <= INVARIANT_MAX_T and not masked:
+        if self.batch_invariant and 1 < t <= INVARIANT_MAX_T and not masked and self.own_kv:
             # One query at a time over exactly the slots a one-token step would read: a verified token's attention
             # is then computed as in target-only decoding, bit for bit (a multi-query SDPA blocks differently).
+            # (A drafter's layers, reading another model's KV, need no such exactness: their mask says it all.)
             outs = []
             for i in range(t):
                 pos = positions[:, i]
