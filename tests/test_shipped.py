@@ -47,7 +47,9 @@ def test_shipped_drafter_is_exact_on_its_target(name):
     except SpecMTPError as e:
         pytest.skip(str(e))
     target = load_model(TARGETS[name], progress=False)
-    prompts = [target.tokenizer.encode_chat("Write a Python function that reverses a string.")]
+    text = "Write a Python function that reverses a string."
+    tok = target.tokenizer
+    prompts = [tok.encode_chat(text) if tok.has_chat_template else tok.encode(text)]
     plain = Engine(target).generate(prompts, max_new_tokens=32)[0].tokens
     engine = Engine(target, load_drafter(name, progress=False))
     assert engine.generate(prompts, max_new_tokens=32)[0].tokens == plain

