@@ -4,7 +4,7 @@ A row whose last `min_match`..`max_ngram` tokens occurred earlier in its own seq
 followed that occurrence (prompt lookup, as `ngram.lookup`); the other rows get the wrapped drafter's proposal.
 Text that copies (code naming its variables again, a quoted prompt, a list that repeats its pattern) is drafted
 for free and often further ahead than a small model drafter reaches, while the model drafter covers new text.
-With a batch of one row the model drafter is not run at all when the lookup hits.
+With a batch of one row drafting chains, the model drafter is not run at all when the lookup hits.
 
 Under a price (confidence.py) a copy is cut where it stops being worth verifying: its k-th token is scored by k,
 calibrated on how often copies' k-th tokens were accepted; a row whose copy is cut to nothing asks the wrapped
@@ -60,10 +60,9 @@ class LookupFirst(Drafter):
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
         copies = [lookup(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
         bsz = len(copies)
-        inner = self.inner
-        if self.merge and isinstance(inner, RecurrentDrafter) and inner.branches > 1 and ctx.sampling.greedy:
+        if self.merge and isinstance(self.inner, RecurrentDrafter) and self.inner.branches > 1 and ctx.sampling.greedy:
             self.chain, self.copied, self.inner_ran = None, [False] * bsz, True  # one tree: the inner round's
-            return inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration))
+            return self.inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration))
         chain = self.new_chain(bsz, price)
         for k in range(max(map(len, copies), default=0)):  # cut each copy where it is no longer worth verifying
             chain.push(torch.full((bsz,), k), torch.tensor([k < len(c) for c in copies]))
