@@ -73,14 +73,15 @@ def test_training_learns(target, trained):
     assert learnt[2] > fresh[2]
 
 
+@pytest.mark.parametrize("branches", [1, None])  # chains, and the trees a trained drafter's config asks for
 @pytest.mark.parametrize("n", [1, 3, 6])
-def test_greedy_output_identical_to_target_only(target, trained, n):
+def test_greedy_output_identical_to_target_only(target, trained, n, branches):
     drafter = load_drafter(str(trained[0]))
     assert isinstance(drafter, MTPDrafter)
     base = Engine(target).generate(PROMPTS, max_new_tokens=20)
     accepted = 0
     for schedule in ("constant", "heuristic", "adaptive"):
-        spec = Engine(target, drafter, n, schedule)
+        spec = Engine(target, drafter, n, schedule, branches)
         for prompt, ref in zip(PROMPTS, base, strict=True):  # one at a time and as a batch of 3
             assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
             accepted += spec.stats.accepted
@@ -181,7 +182,10 @@ def test_save_load_round_trip(target, trained, tmp_path):
     for name, saved in drafter.module.state_dict().items():  # bf16 on disk: equal to rounding
         assert torch.allclose(saved.float(), state[name].float(), rtol=1e-2, atol=1e-2), name
     drafter.check_compatible(target)  # binds to its target (and then computes with q8 weights)
-    assert json.loads((out / "generation_config.json").read_text())["num_assistant_tokens"] >= 1
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["num_assistant_tokens"] >= 1
+    assert gen["specmtp_branches"] == 3  # as the shipped drafters: trees under greedy decoding
+    assert load_drafter(str(out)).branches == 3
     assert drafter.default_schedule == "adaptive"
 
 
