@@ -267,15 +267,15 @@ class TreeRound:
 
     def observe(self, num_accepted: torch.Tensor, path: torch.Tensor | None) -> None:
         """Every proposed node whose parent the target accepted (or the root) was reached: a hit if accepted."""
-        cals = {id(self.calibration): self.calibration}  # each source's calibration learns from its own marks
-        seen = {id(self.calibration): [[] for _ in self.proposed]}  # per calibration, per row: (key, accepted)
+        # each source's calibration learns from its own marks: per calibration, per row, (key, accepted)
+        seen: dict[int, tuple[Calibration, list[list[tuple[int, bool]]]]] = {
+            id(self.calibration): (self.calibration, [[] for _ in self.proposed])}
         for b, order in enumerate(self.proposed):
             a = int(num_accepted[b])
             accepted = {order[j] for j in (path[b, :a].tolist() if path is not None else range(a))}
             for i in order:
                 if self.parent[b][i] < 0 or self.parent[b][i] in accepted:
                     for cal, key in self.marks[b][i]:
-                        cals.setdefault(id(cal), cal)
-                        seen.setdefault(id(cal), [[] for _ in self.proposed])[b].append((key, i in accepted))
-        for k, cal in cals.items():
-            cal.observe_nodes(seen[k])
+                        seen.setdefault(id(cal), (cal, [[] for _ in self.proposed]))[1][b].append((key, i in accepted))
+        for cal, rows in seen.values():
+            cal.observe_nodes(rows)
