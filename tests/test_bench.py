@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specmtp.bench import run_bench
 from specmtp.cli import build_parser
+from specmtp.errors import SpecMTPError
 
 
 def test_bench_reports_tau_and_speed_by_prompt_kind(tiny_dir, tmp_path, capsys):
@@ -53,3 +56,31 @@ def test_engines_take_turns_prompt_by_prompt():
     assert [c[:2] for c in calls if c[2] == 16] == [("base", 1), ("spec", 1), ("spec", 2), ("base", 2),
                                                    ("base", 3), ("spec", 3)]
     assert a["tokens"] == b["tokens"] == [[1, 1], [2, 2], [3, 3]] and a["tok_s"] == 6 / 1.5
+
+
+def test_bench_repeat_reports_every_round_and_pools_them(tiny_dir, tmp_path, capsys):
+    """--repeat N: all prompts N times over, each round's speedup and tau reported, the headline pooling them."""
+    prompts = tmp_path / "p.jsonl"
+    rows = [("code", "def f(x): return x + x + x + x"), ("chat", "hello world, hello")]
+    prompts.write_text("".join(json.dumps({"kind": k, "prompt": p}) + "\n" for k, p in rows))
+    base = ["bench", "--model", str(tiny_dir("llama")), "--drafter", "ngram", "--prompts", str(prompts),
+            "--max-new-tokens", "10", "--rival", "ngram+ngram"]
+    assert run_bench(build_parser().parse_args(base)) == 0
+    once = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert once["repeats"] == 1 and "rounds" not in once
+    assert run_bench(build_parser().parse_args([*base, "--repeat", "3"])) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["repeats"] == 3 and len(summary["rounds"]) == 3
+    assert summary["new_tokens"] == 3 * once["new_tokens"] and summary["greedy_identical"]
+    for r in summary["rounds"]:
+        assert r["speedup_vs_target_only"] == round(r["spec_tok_s"] / r["target_only_tok_s"], 3)
+        assert r["tau"] == once["tau"] and r["speedup_vs_rival"] > 0  # the same greedy drafts every round
+    speedups = sorted(r["speedup_vs_target_only"] for r in summary["rounds"])
+    assert (summary["speedup_min"], summary["speedup_median"], summary["speedup_max"]) == tuple(speedups)
+    assert summary["by_kind"]["code"]["prompts"] == 1 and summary["by_kind"]["chat"]["prompts"] == 1
+    assert summary["by_kind"]["code"]["tau"] == once["by_kind"]["code"]["tau"]
+    assert any(line.startswith("speedup over target-only: min") for line in out)
+    args = build_parser().parse_args([*base, "--repeat", "0"])
+    with pytest.raises(SpecMTPError, match="--repeat must be at least 1"):
+        run_bench(args)

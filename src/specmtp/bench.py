@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -69,18 +70,24 @@ def _encode_all(target: LoadedModel, prompts: list[dict]) -> list[list[int]]:
     return [tok.encode_chat(p["prompt"]) if tok.has_chat_template else tok.encode(p["prompt"]) for p in prompts]
 
 
-def run_ours(engines: list[Engine], ids: list[list[int]], max_new: int) -> list[dict]:
+def run_ours(engines: list[Engine], ids: list[list[int]], max_new: int, repeats: int = 1) -> list[dict]:
     """Each engine on every prompt, interleaved: prompt by prompt, every engine in turn (the order reversed on every
     other prompt), so that a machine whose speed drifts during the run (this one's memory bandwidth moves by tens
-    of percent between minutes) slows all of them alike and their ratios stay fair. One result per engine."""
+    of percent between minutes) slows all of them alike and their ratios stay fair. With `repeats` > 1 the whole
+    round runs that many times (the engines keep what their schedules measured); each result pools them and keeps
+    each round's own figures under "rounds". One result per engine."""
     for engine in engines:
         engine.generate([ids[0]], max_new_tokens=min(8, max_new))  # warm-up
     tallies = [_Tally() for _ in engines]
-    for i, p in enumerate(tqdm(ids, desc="specmtp", leave=False)):
-        order = range(len(engines)) if i % 2 == 0 else reversed(range(len(engines)))
-        for e in order:
-            out = engines[e].generate([p], max_new_tokens=max_new)[0]
-            tallies[e].add(out.tokens, engines[e].stats)
+    for r in range(repeats):
+        desc = "specmtp" if repeats == 1 else f"specmtp {r + 1}/{repeats}"
+        for i, p in enumerate(tqdm(ids, desc=desc, leave=False)):
+            order = range(len(engines)) if i % 2 == 0 else reversed(range(len(engines)))
+            for e in order:
+                out = engines[e].generate([p], max_new_tokens=max_new)[0]
+                tallies[e].add(out.tokens, engines[e].stats)
+        for t in tallies:
+            t.end_round()
     return [t.result() for t in tallies]
 
 
@@ -95,6 +102,8 @@ class _Tally:
         self.by_pos_a: list[int] = []
         self.by_pos_d: list[int] = []
         self.per_prompt: list[tuple] = []  # (new tokens, seconds, accepted drafts, verify passes) of each prompt
+        self.rounds: list[dict] = []  # per round of all prompts (bench --repeat): its own tok/s and tau
+        self._mark = 0  # per_prompt entries before the current round
 
     def add(self, tokens: list[int], s: Stats) -> None:
         self.per_prompt.append((len(tokens), s.total_s, s.accepted, s.row_steps))
@@ -114,6 +123,14 @@ class _Tally:
             self.by_pos_a[i] += a
             self.by_pos_d[i] += d
 
+    def end_round(self) -> None:
+        rows = self.per_prompt[self._mark :]
+        self._mark = len(self.per_prompt)
+        new, seconds = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        accepted, steps = sum(r[2] for r in rows), sum(r[3] for r in rows)
+        self.rounds.append({"tok_s": new / seconds if seconds else 0.0,
+                            "tau": (accepted + steps) / steps if steps else 1.0})
+
     def result(self) -> dict:
         new, lengths, steps = sum(len(t) for t in self.tokens), self.lengths, self.row_steps
         return {
@@ -127,7 +144,7 @@ class _Tally:
             "draft_length_counts": [lengths.count(n) for n in range(max(lengths, default=-1) + 1)],  # steps by length
             "draft_ms_per_token": 1000 * self.draft_s / sum(lengths) if sum(lengths) else 0.0,
             "verify_ms_per_pass": 1000 * self.verify_s / self.forwards if self.forwards else 0.0,
-            "per_prompt": self.per_prompt,
+            "per_prompt": self.per_prompt, "rounds": self.rounds,
         }
 
 
@@ -140,18 +157,38 @@ def _brief(res: dict, base: dict) -> dict:
 
 
 def by_kind(prompts: list[dict], base: dict, spec: dict) -> dict[str, dict]:
-    """tau, tok/s and speedup over target-only for each prompt kind (the 'kind' field), from per-prompt stats."""
+    """tau, tok/s and speedup over target-only for each prompt kind (the 'kind' field), from per-prompt stats (of
+    every round, with bench --repeat: entry j is prompt j mod len(prompts))."""
     out = {}
+    n = len(prompts)
     for kind in sorted({p.get("kind", "all") for p in prompts}):
-        idx = [i for i, p in enumerate(prompts) if p.get("kind", "all") == kind]
+        idx = [j for j in range(len(spec["per_prompt"])) if prompts[j % n].get("kind", "all") == kind]
         b = [base["per_prompt"][i] for i in idx]
         s = [spec["per_prompt"][i] for i in idx]
         steps = sum(r[3] for r in s)
         tok_s = sum(r[0] for r in s) / sum(r[1] for r in s)
-        out[kind] = {"prompts": len(idx), "tau": round((sum(r[2] for r in s) + steps) / steps, 4) if steps else 1.0,
+        out[kind] = {"prompts": sum(1 for j in idx if j < n),
+                     "tau": round((sum(r[2] for r in s) + steps) / steps, 4) if steps else 1.0,
                      "tok_s": round(tok_s, 3),
                      "speedup_vs_target_only": round(tok_s / (sum(r[0] for r in b) / sum(r[1] for r in b)), 3)}
     return out
+
+
+def rounds_summary(base: dict, spec: dict, rival: dict | None = None) -> dict:
+    """bench --repeat: each round's target-only and speculative tok/s, speedup and tau (and the rival's), and the
+    speedups' spread: how much a single run of this machine can be trusted."""
+    rounds = []
+    for i, (b, s) in enumerate(zip(base["rounds"], spec["rounds"], strict=True)):
+        row = {"target_only_tok_s": round(b["tok_s"], 3), "spec_tok_s": round(s["tok_s"], 3),
+               "speedup_vs_target_only": round(s["tok_s"] / b["tok_s"], 3), "tau": round(s["tau"], 4)}
+        if rival is not None:
+            r = rival["rounds"][i]
+            row.update({"rival_tok_s": round(r["tok_s"], 3), "speedup_vs_rival": round(s["tok_s"] / r["tok_s"], 3)})
+        rounds.append(row)
+    speedups = sorted(r["speedup_vs_target_only"] for r in rounds)
+    taus = sorted(r["tau"] for r in rounds)
+    return {"rounds": rounds, "speedup_min": speedups[0], "speedup_median": statistics.median(speedups),
+            "speedup_max": speedups[-1], "tau_min": taus[0], "tau_max": taus[-1]}
 
 
 class _CallTimer:
@@ -285,6 +322,9 @@ def run_bench(args: argparse.Namespace) -> int:
         target_dir, assistant_dir = make_gemma4_pair(args.synthetic, layers=args.layers)
         args.model, args.drafter = str(target_dir), str(assistant_dir)
 
+    repeats = getattr(args, "repeat", 1)
+    if repeats < 1:
+        raise SpecMTPError(f"--repeat must be at least 1, got {repeats}")
     prompts = load_prompts(args.prompts, args.kind, args.limit)
     t0 = time.perf_counter()
     target = load_model(args.model, dtype=args.dtype, weights=args.weights)
@@ -305,7 +345,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rival_engines = []  # another drafter (its own defaults) taking the same turns, for a comparison within one run
     if rival_ref:
         rival_engines = [Engine(target, load_drafter(rival_ref, dtype=args.drafter_dtype, weights=args.weights))]
-    base, *results = run_ours([Engine(target), *spec_engines, *rival_engines], ids, max_new)
+    base, *results = run_ours([Engine(target), *spec_engines, *rival_engines], ids, max_new, repeats)
     specs, rival = results[: len(spec_engines)], (results[-1] if rival_engines else None)
     rows.append(("specmtp target-only", base))
     summary: dict = {
@@ -317,6 +357,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "decode_vs_bandwidth_bound": round((base["seconds"] / base["new_tokens"]) / (wbytes / bandwidth), 3),
         "achieved_weight_gb_s": round(wbytes * base["tok_s"] / 1e9, 2),
         "order": "interleaved by prompt",  # target-only and each schedule take turns on every prompt
+        "repeats": repeats,  # rounds of all prompts (the figures pool them)
     }
     if drafter is not None:
         best = None
@@ -347,6 +388,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "schedules": per_schedule,
             "by_kind": by_kind(prompts, base, res),
         })
+        if repeats > 1:
+            summary.update(rounds_summary(base, res, rival))
     if rival is not None:
         rival["greedy_identical"] = rival["tokens"] == base["tokens"]
         rows.append((f"specmtp spec ({rival_ref}, {rival_engines[0].schedule_name})", rival))
@@ -403,6 +446,13 @@ def run_bench(args: argparse.Namespace) -> int:
                         "target_only_vs_llamacpp": round(base["tok_s"] / llama["tok_s"], 3),
                         "speedup_vs_llamacpp": round(best / llama["tok_s"], 3)})
     _print_table(rows, base["tok_s"])
+    if "rounds" in summary:
+        print(f"{'round':<7} {'target-only tok/s':>18} {'spec tok/s':>11} {'speedup':>8} {'tau':>6}")
+        for i, r in enumerate(summary["rounds"]):
+            print(f"{i + 1:<7} {r['target_only_tok_s']:>18.2f} {r['spec_tok_s']:>11.2f} "
+                  f"{r['speedup_vs_target_only']:>8.3f} {r['tau']:>6.2f}")
+        print(f"speedup over target-only: min {summary['speedup_min']:.3f}, median {summary['speedup_median']:.3f}, "
+              f"max {summary['speedup_max']:.3f}")
     print(json.dumps(summary))
     return 0
 

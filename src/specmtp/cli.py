@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--schedules", default=None, help="comma list of schedules to run (default: --schedule)")
     b.add_argument("--rival", default=None, metavar="DRAFTER",
                    help="another drafter (e.g. a draft model) run in the same interleaved turns, reported beside")
+    b.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run every prompt N times over (all engines interleaved each time) and report each round's "
+                        "speedup and their spread; transformers and llama.cpp still run once")
     b.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
     b.add_argument("--synthetic", default=None, choices=["gemma4-e2b"],
                    help="bench a random model of this real shape and a random assistant for it (replaces --model "
