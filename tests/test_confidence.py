@@ -135,3 +135,23 @@ def test_a_seeded_copy_competes_for_tree_nodes_and_merges_with_the_drafters_equa
     tree.observe(torch.tensor([2]), torch.tensor([[0, 2, 0, 0]]))  # 5, 6 accepted; 7 reached, rejected
     assert copy_cal.reached.tolist() == [1, 1, 1] and copy_cal.hits.tolist() == [1, 1, 0]
     assert drafter_cal.reached.sum() == 2 and drafter_cal.hits.sum() == 1  # 5 hit, 9 reached and missed
+
+
+def test_a_tree_step_is_worth_its_likeliest_child_not_an_average_one():
+    """A step's children differ by rank (its first candidate is accepted far more often than its third), so the
+    decision to step a node weighs each rank's usual keys: an average child would undervalue the step."""
+    cal = Calibration([(i + 0.5) / BINS for i in range(BINS)], decay=1.0)  # key k rated (k + 0.5) / BINS
+    alive = torch.tensor([0.5])
+    assert cal.step_gain(alive, 0.05).tolist() == cal.expected_gain(alive, 0.05).tolist()  # no tree step seen yet
+    conf = torch.tensor([[[0.93, 0.03, 0.02], [0.0, 0.0, 0.0]], [[0.91, 0.04, 0.01], [0.92, 0.02, 0.01]]])
+    pick = torch.arange(12).view(2, 2, 3)
+    for _ in range(100):  # row 0 steps one node (its second branch is padding), row 1 two
+        tree = TreeRound(cal, 2, Price(verify=0.05, draft=0.2), 6)
+        tree.grow([[-1], [-1, -1]], pick, conf, torch.zeros(2, 2, 4))
+    assert cal.produced.shape == (3, BINS) and cal.produced.sum(-1).tolist() == [300, 300, 300]
+    assert cal.produced[0, 18].item() == 300 and cal.produced[1:, :1].sum().item() == 600
+    # the first child, rated 0.925, is worth 0.5 * 0.925 - 0.05 = 0.41; the other two (0.025) nothing
+    assert cal.step_gain(alive, 0.05).item() == pytest.approx(0.4125, abs=0.005)
+    assert cal.expected_gain(alive, 0.05).item() < 0.3  # one average child of the same steps
+    # the unlikely children fell below the verify price (never proposed); each row's likely ones are worth a step
+    assert tree.token == [[0], [6, 9]] and tree.next_expansion(3) == [[0], [0, 1]]

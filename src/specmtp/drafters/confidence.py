@@ -55,6 +55,9 @@ class Calibration:
         self.strength, self.decay = strength, decay
         self.reached = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts verified
         self.hits = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts accepted
+        # [R, K] decayed keys of the children a tree step produced, by rank among its siblings (0: the likeliest);
+        # None until a tree step is seen
+        self.produced: torch.Tensor | None = None
 
     @classmethod
     def for_probabilities(cls) -> Calibration:
@@ -73,6 +76,28 @@ class Calibration:
         rate = self.rate(torch.arange(len(self.prior)))  # [K]
         worth = (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)  # [B, K]
         return (worth * (weight / weight.sum()).float()).sum(-1)
+
+    def note_produced(self, keys: torch.Tensor) -> None:
+        """keys: [N, R] the keys of the R children each of N stepped tree nodes just produced, likeliest first."""
+        counts = torch.zeros(keys.shape[1], len(self.prior), dtype=torch.float64)
+        counts.scatter_add_(1, keys.clamp(0, len(self.prior) - 1).T.long(),
+                            torch.ones(keys.shape[1], keys.shape[0], dtype=torch.float64))
+        if self.produced is None or self.produced.shape != counts.shape:
+            self.produced = counts
+        else:
+            self.produced = self.produced * self.decay + counts
+
+    def step_gain(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
+        """alive: [B] -> [B] expected net worth of stepping a tree node: what its children, each its own rank's usual
+        key, add (alive x rate) beyond the verify price, where proposed. The likeliest child is worth far more than
+        an average draft (a step's third candidate is rarely accepted), so this is not `expected_gain` (one average
+        child); before any tree step was seen, it is."""
+        if self.produced is None:
+            return self.expected_gain(alive, verify_price)
+        weight = self.produced + 1.0 / len(self.prior)  # [R, K]
+        rate = self.rate(torch.arange(len(self.prior)))  # [K]
+        worth = (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)  # [B, K]
+        return worth @ (weight / weight.sum(-1, keepdim=True)).float().sum(0)
 
     def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
         """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
@@ -200,6 +225,8 @@ class TreeRound:
         probabilities conf [B, W, k], and the hidden states out [B, W, Ht] their children's steps read."""
         keys, picks = prob_keys(conf.flatten()).view(conf.shape), pick.tolist()
         rates = self.calibration.rate(keys.flatten()).view(conf.shape).tolist()
+        real = torch.tensor([[w < len(nodes) for w in range(conf.shape[1])] for nodes in stepped])  # [B, W]
+        self.calibration.note_produced(keys[real])  # padding branches produce nothing
         for b, nodes in enumerate(stepped):
             for w, node in enumerate(nodes):
                 self.stepped[b].add(node)
@@ -218,7 +245,7 @@ class TreeRound:
             todo = [i for i in self._best(b) if i not in self.stepped[b] and self.feed[b][i] is not None][:width]
             if todo and not self.price.free:
                 alive = torch.tensor([self.alive[b][i] for i in todo])
-                gain = float(self.calibration.expected_gain(alive, self.price.verify).sum())
+                gain = float(self.calibration.step_gain(alive, self.price.verify).sum())
                 todo = todo if gain >= self.price.draft else []
             out.append(todo)
         return out
