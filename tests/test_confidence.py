@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
-from specmtp.drafters.confidence import BINS, FREE, Calibration, Chain, Price, TreeRound, prob_keys
+from specmtp.drafters.confidence import BINS, FREE, Calibration, Chain, Price, TreeRound, monotone, prob_keys
 from specmtp.drafters.hybrid import LookupFirst
 from specmtp.sampling import SamplingParams
 from specmtp.schedule import Adaptive
@@ -155,3 +155,19 @@ def test_a_tree_step_is_worth_its_likeliest_child_not_an_average_one():
     assert cal.expected_gain(alive, 0.05).item() < 0.3  # one average child of the same steps
     # the unlikely children fell below the verify price (never proposed); each row's likely ones are worth a step
     assert tree.token == [[0], [6, 9]] and tree.next_expansion(3) == [[0], [0, 1]]
+
+
+def test_verify_costs_are_fitted_non_decreasing_and_price_a_steps_children_where_the_tree_stands():
+    """A few noisy samples per width: a wider pass never costs less (pooled adjacent violators), and a step's
+    children pay the pass's growth from the size worth verifying now, not one slope over every width."""
+    assert monotone((1.5, 1.5, 1.6, 1.6, 1.78, 1.72, 1.64, 1.83)) == pytest.approx(
+        (1.5, 1.5, 1.6, 1.6, 1.7133, 1.7133, 1.7133, 1.83), abs=1e-3)
+    assert monotone(()) == () and monotone((3.0, 1.0)) == (2.0, 2.0)
+    flat_then_steep = (1.0, 1.0, 1.01, 1.01, 1.02, 1.02, 1.03, 1.03, 1.6, 1.6, 1.61, 1.61, 1.62)  # an 8-token tile
+    tree = TreeRound(Calibration.for_probabilities(), 1, Price(verify=0.05, draft=0.1, verify_curve=flat_then_steep),
+                     12)
+    tree.grow([[-1]], torch.tensor([[[4, 5, 6]]]), torch.tensor([[[0.9, 0.3, 0.1]]]), torch.zeros(1, 1, 4))
+    m = tree.size(1)
+    assert m == 3  # all three candidates: the pass barely grows
+    assert tree._child_price(1, 3) == pytest.approx((flat_then_steep[6] - flat_then_steep[3]) / 3)  # inside the tile
+    assert TreeRound(Calibration.for_probabilities(), 1, Price(verify=0.05), 4)._child_price(0, 3) == 0.05  # no curve

@@ -178,7 +178,7 @@ class RecurrentDrafter(Drafter):
             if self.vocab is not None:
                 pick = self.vocab[pick]
             tree.grow(expand, pick, conf, out)
-            expand = tree.next_expansion(self.branches)
+            expand = tree.next_expansion(self.branches, steps)
             if not any(expand):
                 break
             width = max(map(len, expand))

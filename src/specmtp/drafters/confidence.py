@@ -11,7 +11,9 @@ draft only while alive stays at or above the verify price (it adds alive tokens 
 costs the price), and computes the next draft only if its expected worth, over the drafter's usual scores,
 exceeds the draft price; with both prices 0 every row drafts n tokens. `TreeRound` does the same for a draft
 tree (tree.py), where every node is scored and a child's alive is its parent's times its own rate; it also weighs
-whole tree sizes against the measured cost of verify passes by width, which is not linear on a CPU.
+whole tree sizes against the measured cost of verify passes by width, which is not linear on a CPU (fitted
+non-decreasing), and steps a node when its children, each valued by what its rank among the step's candidates usually
+scores and charged the pass's growth where the tree stands, are worth a drafter step.
 
 Lossless with sampling: the stop depends only on the drafter's own scores and on past outcomes, never on
 the target's distribution at the drafted positions, so verification sees an ordinary proposal.
@@ -40,6 +42,20 @@ class Price:
 
 
 FREE = Price()
+
+
+def monotone(costs: tuple[float, ...]) -> tuple[float, ...]:
+    """The closest non-decreasing sequence (least squares: pool adjacent violators). Verify passes are measured by
+    width from a few noisy samples each, and a wider pass never costs less; a cheap outlier at one width would
+    otherwise make it look like a bargain, a dear one make the widths around it look free."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for c in costs:
+        blocks.append([c, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return tuple(v for total, count in blocks for v in [total / count] * int(count))
 
 
 def prob_keys(conf: torch.Tensor) -> torch.Tensor:
@@ -176,6 +192,7 @@ class TreeRound:
         # candidates below this are never proposed: the verify price, unless whole passes' costs are known (then
         # selected() weighs each tree size against its pass)
         self.floor = 0.0 if price.verify_curve else price.verify
+        self.curve = monotone(price.verify_curve)  # a whole pass's cost by width (tokens - 1), never decreasing
         self.token: list[list[int]] = [[] for _ in range(batch_size)]  # per row, per candidate node
         self.parent: list[list[int]] = [[] for _ in range(batch_size)]  # -1: a child of the root
         self.alive: list[list[float]] = [[] for _ in range(batch_size)]
@@ -238,14 +255,26 @@ class TreeRound:
         order = sorted(range(len(self.alive[b])), key=lambda i: (-self.alive[b][i], i))
         return order[: self.n]
 
-    def next_expansion(self, width: int) -> list[list[int]]:
+    def _child_price(self, steps: int, width: int) -> float:
+        """What verifying one more node costs where the tree stands: the measured pass cost's growth from the size
+        worth verifying now to that plus a step's children (the pass is flat up to a kernel tile and steep past
+        it, so one slope over all widths misprices both); the fitted slope before the costs are known."""
+        curve = self.curve
+        if not curve:
+            return self.price.verify
+        m = min(self.size(steps), len(curve) - 1)
+        k = max(1, min(width, len(curve) - 1 - m))
+        return max(0.0, (curve[min(m + k, len(curve) - 1)] - curve[m]) / k)
+
+    def next_expansion(self, width: int, steps: int = 0) -> list[list[int]]:
         """Per row, up to `width` of its best candidates to step next (none once no step is worth its price)."""
         out = []
+        verify = self._child_price(steps, width) if not self.price.free else 0.0
         for b in range(len(self.token)):
             todo = [i for i in self._best(b) if i not in self.stepped[b] and self.feed[b][i] is not None][:width]
             if todo and not self.price.free:
                 alive = torch.tensor([self.alive[b][i] for i in todo])
-                gain = float(self.calibration.step_gain(alive, self.price.verify).sum())
+                gain = float(self.calibration.step_gain(alive, verify).sum())
                 todo = todo if gain >= self.price.draft else []
             out.append(todo)
         return out
@@ -254,7 +283,7 @@ class TreeRound:
         """Nodes per row worth verifying: with the costs of whole verify passes known, the count m that maximizes
         expected tokens per cost, (rows + the rows' m likeliest alive) / (the steps' drafting + a pass of m + 1
         tokens); else n (the floor has already dropped what is not worth its price)."""
-        curve = self.price.verify_curve
+        curve = self.curve
         if not curve:
             return self.n
         alive = [sorted(a, reverse=True) for a in self.alive]
