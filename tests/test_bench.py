@@ -68,10 +68,11 @@ def test_bench_repeat_reports_every_round_and_pools_them(tiny_dir, tmp_path, cap
     assert run_bench(build_parser().parse_args(base)) == 0
     once = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert once["repeats"] == 1 and "rounds" not in once
-    assert run_bench(build_parser().parse_args([*base, "--repeat", "3"])) == 0
+    assert run_bench(build_parser().parse_args([*base, "--repeat", "3", "--compare-hf"])) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
     assert summary["repeats"] == 3 and len(summary["rounds"]) == 3
+    assert summary["greedy_identical_to_hf"]  # transformers' one round against each of ours
     assert summary["new_tokens"] == 3 * once["new_tokens"] and summary["greedy_identical"]
     for r in summary["rounds"]:
         assert r["speedup_vs_target_only"] == round(r["spec_tok_s"] / r["target_only_tok_s"], 3)
