@@ -170,4 +170,9 @@ def test_verify_costs_are_fitted_non_decreasing_and_price_a_steps_children_where
     m = tree.size(1)
     assert m == 3  # all three candidates: the pass barely grows
     assert tree._child_price(1, 3) == pytest.approx((flat_then_steep[6] - flat_then_steep[3]) / 3)  # inside the tile
+    full = TreeRound(Calibration.for_probabilities(), 1, Price(verify=0.05, draft=0.1, verify_curve=flat_then_steep),
+                     12)
+    full.grow([[-1, -1, -1]], torch.arange(9).view(1, 3, 3), torch.full((1, 3, 3), 0.9), torch.zeros(1, 3, 4))
+    assert full.size(1) == 7  # 9 likely candidates, but the 8th and 9th would start a second tile
+    assert full._child_price(1, 3) == pytest.approx((flat_then_steep[10] - flat_then_steep[7]) / 3)  # past it: dear
     assert TreeRound(Calibration.for_probabilities(), 1, Price(verify=0.05), 4)._child_price(0, 3) == 0.05  # no curve
