@@ -29,7 +29,7 @@ from collections import deque
 
 import torch
 
-from specmtp.drafters.confidence import FREE, Price
+from specmtp.drafters.confidence import FREE, Price, monotone
 from specmtp.errors import SpecMTPError
 
 
@@ -138,7 +138,9 @@ class Adaptive(Schedule):
         """One more verified token and one more draft step, in expected accepted tokens (see the module doc)."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         table = self.verify_cost
-        curve = tuple(self._interpolate(table, t) * rate for t in range(1, self.max_n + 2)) if len(table) > 1 else ()
+        # fitted non-decreasing: a few noisy samples per width, and a wider pass never costs less
+        widths = range(1, self.max_n + 2)
+        curve = monotone(tuple(self._interpolate(table, t) * rate for t in widths)) if len(table) > 1 else ()
         return Price(verify=self.verify_slope() * rate, draft=(self.draft_cost or 0.0) * rate, verify_curve=curve)
 
     def best(self) -> int:

@@ -34,7 +34,8 @@ class Price:
 
     verify: float = 0.0  # the verify pass's growth by one token
     draft: float = 0.0  # one draft step
-    verify_curve: tuple[float, ...] = ()  # a whole verify pass of T tokens at index T - 1 (empty: not measured)
+    verify_curve: tuple[float, ...] = ()  # a whole verify pass of T tokens at index T - 1, fitted non-decreasing
+    # (schedule.Adaptive; empty: not measured)
 
     @property
     def free(self) -> bool:
@@ -84,14 +85,17 @@ class Calibration:
         k = keys.clamp(0, len(self.prior) - 1)
         return ((self.hits[k] + self.strength * self.prior[k]) / (self.reached[k] + self.strength)).float()
 
+    def _worth(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
+        """alive: [B] -> [B, K] what a draft of each key adds beyond the verify price, where it is proposed at all."""
+        rate = self.rate(torch.arange(len(self.prior)))  # [K]
+        return (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)
+
     def expected_gain(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
         """alive: [B] -> [B] expected net worth of computing a row's next draft: over the keys drafts usually
         get (the verified drafts' key frequencies; the prior's keys alike before any), what proposing it
         adds (alive x rate) beyond the verify price, when it is proposed at all."""
         weight = self.reached + 1.0 / len(self.prior)  # [K]
-        rate = self.rate(torch.arange(len(self.prior)))  # [K]
-        worth = (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)  # [B, K]
-        return (worth * (weight / weight.sum()).float()).sum(-1)
+        return self._worth(alive, verify_price) @ (weight / weight.sum()).float()
 
     def note_produced(self, keys: torch.Tensor) -> None:
         """keys: [N, R] the keys of the R children each of N stepped tree nodes just produced, likeliest first."""
@@ -111,9 +115,7 @@ class Calibration:
         if self.produced is None:
             return self.expected_gain(alive, verify_price)
         weight = self.produced + 1.0 / len(self.prior)  # [R, K]
-        rate = self.rate(torch.arange(len(self.prior)))  # [K]
-        worth = (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)  # [B, K]
-        return worth @ (weight / weight.sum(-1, keepdim=True)).float().sum(0)
+        return self._worth(alive, verify_price) @ (weight / weight.sum(-1, keepdim=True)).float().sum(0)
 
     def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
         """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
@@ -192,7 +194,6 @@ class TreeRound:
         # candidates below this are never proposed: the verify price, unless whole passes' costs are known (then
         # selected() weighs each tree size against its pass)
         self.floor = 0.0 if price.verify_curve else price.verify
-        self.curve = monotone(price.verify_curve)  # a whole pass's cost by width (tokens - 1), never decreasing
         self.token: list[list[int]] = [[] for _ in range(batch_size)]  # per row, per candidate node
         self.parent: list[list[int]] = [[] for _ in range(batch_size)]  # -1: a child of the root
         self.alive: list[list[float]] = [[] for _ in range(batch_size)]
@@ -259,7 +260,7 @@ class TreeRound:
         """What verifying one more node costs where the tree stands: the measured pass cost's growth from the size
         worth verifying now to that plus a step's children (the pass is flat up to a kernel tile and steep past
         it, so one slope over all widths misprices both); the fitted slope before the costs are known."""
-        curve = self.curve
+        curve = self.price.verify_curve
         if not curve:
             return self.price.verify
         m = min(self.size(steps), len(curve) - 1)
@@ -283,7 +284,7 @@ class TreeRound:
         """Nodes per row worth verifying: with the costs of whole verify passes known, the count m that maximizes
         expected tokens per cost, (rows + the rows' m likeliest alive) / (the steps' drafting + a pass of m + 1
         tokens); else n (the floor has already dropped what is not worth its price)."""
-        curve = self.curve
+        curve = self.price.verify_curve
         if not curve:
             return self.n
         alive = [sorted(a, reverse=True) for a in self.alive]
