@@ -113,6 +113,11 @@ def test_adaptive_with_a_calibrated_drafter_allows_its_maximum_and_prices_from_m
     assert s.verify_slope() == pytest.approx(0.01)
     rate = s.tokens / s.seconds
     assert s.price.verify == pytest.approx(0.01 * rate) and s.price.draft == pytest.approx(0.005 * rate)
+    for _ in range(3):  # a noisy cheap sample at 4 tokens: the price's table stays non-decreasing around it
+        s.update(3, torch.tensor([1]), 0.015, 0.09)
+    s.next()
+    curve = s.price.verify_curve
+    assert all(a <= b for a, b in zip(curve, curve[1:], strict=False)) and curve[3] < 0.12 * rate
     plain = Adaptive(3, max_n=10)  # an uncalibrated drafter: one N for all rows, no price
     for _ in range(3):
         plain.update(3, torch.tensor([1]), 0.015, 0.12)
