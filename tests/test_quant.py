@@ -319,6 +319,26 @@ def test_dense_kernel_vector_paths_agree_bit_for_bit():
     assert torch.equal(sgemm(x, w, bias), y)
 
 
+def test_dense_kernel_tiles_agree_bit_for_bit():
+    """1 to 4 tokens go through the narrow tiles or the 8-token one (spare tokens), whichever runs faster at the
+    time (measured per weight shape): both give the same bits, so the choice never changes an output."""
+    if not supported("vnni"):
+        pytest.skip("the 8-token tile needs AVX-512")
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(1030, 353, generator=g), torch.randn(4, 353, generator=g)  # every thread; a ragged tail
+    out = {}
+    try:
+        for mode in ("narrow", "wide", "measured"):
+            _qkernels.sgemm_tiles(mode)
+            out[mode] = [sgemm(x[:t], w, None) for t in (1, 2, 3, 4) for _ in range(20)]
+    finally:
+        _qkernels.sgemm_tiles("measured")
+    for t in range(4 * 20):
+        assert torch.equal(out["narrow"][t], out["wide"][t]) and torch.equal(out["narrow"][t], out["measured"][t])
+    with pytest.raises(ValueError, match="unknown tile mode"):
+        _qkernels.sgemm_tiles("fast")
+
+
 def test_linear_gives_torch_its_threads_back_for_large_products():
     from specmtp import linear as L
 

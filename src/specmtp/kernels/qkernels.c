@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__aarch64__)
@@ -432,13 +433,15 @@ static void run_parallel(const gemm_args *a) { run_parts(gemm_part, a, a->n * a-
 /* dense fp32 GEMV / small GEMM: y[t, n] = sum_k x[t, k] W[n, k] (+ bias) on the weights as torch holds them.  */
 /* Decoding reads every weight once per token, so a step and a verify pass of a few tokens both stream W once: */
 /* rows in tiles of 4, each tile's rows read from cache for every token (with AVX-512, 5 to 8 tokens take the  */
-/* tile's rows in pairs, each pair streamed once for all of them). Each (token, row) dot runs the same         */
-/* operations in the same order whatever T, the tile's other rows or the thread split: batch-invariant.        */
+/* tile's rows in pairs, each pair streamed once for all of them; 1 to 4 tokens take the narrow tiles or that  */
+/* one, whichever streams faster at the time: py_sgemm). Each (token, row) dot runs the same operations in the */
+/* same order whatever T, the tile, the tile's other rows or the thread split: batch-invariant.               */
 
 typedef struct {
     const float *x, *w, *bias;
     float *y;
     int64_t t, k, n;
+    int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first) */
 } sgemm_args;
 
 /* the vector paths' order, without fused multiply-adds (so not their bits; linear.py uses it only in tests) */
@@ -478,7 +481,8 @@ __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *cons
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
         const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
         for (int r = 0; r < 4; r++) {
-            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            __m256 wv = _mm256_loadu_ps(w[r] + i);
+            __asm__("" : "+x"(wv));  /* in a register: folded into both FMAs, it would be loaded twice */
             a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
             a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
         }
@@ -512,6 +516,33 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile4_avx5
         for (int u = 0; u < 4; u++) out[4 * u + r] = lane_sum(acc[r][u], w[r], x[u], i, k);
 }
 
+/* One row's 8 token sums at once, each in lane_sum's order: the accumulators transposed so that vector j holds every
+   token's lane j, added from lane 0 to lane 7 (after 0.0f, where lane_sum starts), then each token's products past
+   the last whole chunk. The same additions in the same order as lane_sum: the same bits. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static inline void lane_sums8(const __m256 *a, const float *w,
+                                                                                  const float *const *x, int64_t i,
+                                                                                  int64_t k, float *s) {
+    const __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(a[4], a[5]), t5 = _mm256_unpackhi_ps(a[4], a[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(a[6], a[7]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);  /* lanes 0|4, 1|5 */
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);  /* lanes 2|6, 3|7 */
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    __m256 sum = _mm256_add_ps(_mm256_setzero_ps(), _mm256_permute2f128_ps(u0, u4, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u1, u5, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u2, u6, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u3, u7, 0x20));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u0, u4, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u1, u5, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u2, u6, 0x31));
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(u3, u7, 0x31));
+    _mm256_storeu_ps(s, sum);
+    for (int u = 0; u < 8; u++)
+        for (int64_t m = i; m < k; m++) s[u] += w[m] * x[u][m];
+}
+
 /* 2 rows x 8 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, 8 token chunks and the rows' chunks,
    so a verify pass of 5 to 8 tokens streams each weight chunk from memory once and uses it for all its tokens (two
    4-token passes would stream it, then recompute from cache with the memory idle). The same FMAs and reduction per
@@ -527,13 +558,18 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8_avx5
             for (int r = 0; r < 2; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
         const __m256 w0 = _mm256_loadu_ps(w[0] + i), w1 = _mm256_loadu_ps(w[1] + i);
         for (int u = 0; u < 8; u++) {
-            const __m256 v = _mm256_loadu_ps(x[u] + i);
+            __m256 v = _mm256_loadu_ps(x[u] + i);
+            __asm__("" : "+v"(v));  /* in a register: folded into both FMAs, it would be loaded twice (the loop is
+                                       then bound by loads, not by its multiply-adds) */
             acc[0][u] = _mm256_fmadd_ps(w0, v, acc[0][u]);
             acc[1][u] = _mm256_fmadd_ps(w1, v, acc[1][u]);
         }
     }
-    for (int r = 0; r < 2; r++)
-        for (int u = 0; u < 8; u++) out[2 * u + r] = lane_sum(acc[r][u], w[r], x[u], i, k);
+    for (int r = 0; r < 2; r++) {
+        float sums[8];
+        lane_sums8(acc[r], w[r], x, i, k, sums);
+        for (int u = 0; u < 8; u++) out[2 * u + r] = sums[u];
+    }
 }
 #endif
 
@@ -549,7 +585,7 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
         for (int r = 0; r < 4; r++) next[r] = a->w + (n0 + 4 + r < a->n ? n0 + 4 + r : n0) * a->k;
         int64_t t = 0;
 #ifdef SPECMTP_X86
-        for (; isa == ISA_VNNI && t + 5 <= a->t; t += 8) {  /* 5 to 8 tokens at a time (spares: t again) */
+        for (; isa == ISA_VNNI && t + (a->wide ? 1 : 5) <= a->t; t += 8) {  /* 5 to 8 tokens (spares: t again) */
             const float *x[8];
             for (int u = 0; u < 8; u++) x[u] = a->x + (t + u < a->t ? t + u : t) * a->k;
             for (int half = 0; half < 2; half++) {  /* rows n0, n0 + 1, then n0 + 2, n0 + 3 */
@@ -951,6 +987,36 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Which tile takes 1-2 and 3-4 tokens where the 8-token tile exists: the narrow ones (4 rows x 2 or 4 tokens) or
+   the 8-token tile with spare tokens. They give the same bits, not the same speed: on a 2-core Zen 4 the narrow
+   tiles stream weights faster while memory is fast (the 8-token tile is then bound by its multiply-adds) and slower
+   while it is slow (another tenant's traffic), by 10-25% either way, and that changes from minute to minute. So
+   the choice is measured as it runs: per weight shape and token class, a moving average of each tile's time per
+   weight, the one not in use timed every 16th call. */
+#define TUNE_SLOTS 64
+typedef struct {
+    int64_t n, k;
+    double cost[2][2];  /* [class: 1-2, 3-4 tokens][narrow, wide] seconds per weight; 0: not yet measured */
+    uint32_t calls[2];
+} tune_slot;
+static tune_slot tune[TUNE_SLOTS];
+static int tune_used = 0;
+static int tile_mode = -1;  /* -1: measured; 0: always narrow; 1: always wide (tests, benchmarks) */
+
+static tune_slot *tune_find(int64_t n, int64_t k) {
+    for (int i = 0; i < tune_used; i++)
+        if (tune[i].n == n && tune[i].k == k) return &tune[i];
+    if (tune_used == TUNE_SLOTS) return NULL;  /* more shapes than slots: the rest stay narrow */
+    tune[tune_used] = (tune_slot){.n = n, .k = k};
+    return &tune[tune_used++];
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static PyObject *py_sgemm(PyObject *self, PyObject *args) {
     unsigned long long x, w, bias, y;
     long long t, k, n;
@@ -959,8 +1025,24 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "T, K and N must be positive");
         return NULL;
     }
-    sgemm_args a = {(const float *)x, (const float *)w, bias ? (const float *)bias : NULL, (float *)y, t, k, n};
+    sgemm_args a = {(const float *)x, (const float *)w, bias ? (const float *)bias : NULL, (float *)y, t, k, n, 0};
+    tune_slot *slot = NULL;
+    const int cls = t > 2;
+    if (isa == ISA_VNNI && t <= 4) {
+        if (tile_mode >= 0)
+            a.wide = tile_mode;
+        else if ((slot = tune_find(n, k)) != NULL) {
+            const double *c = slot->cost[cls];
+            const int best = c[1] > 0 && c[0] > 0 && c[1] < c[0];
+            a.wide = c[0] == 0 ? 0 : c[1] == 0 ? 1 : ++slot->calls[cls] % 16 == 0 ? !best : best;
+        }
+    }
+    const double start = slot ? now_s() : 0.0;
     run_parts(sgemm_part, &a, n * k * t);  /* the GIL stays held: the pool serves one call at a time */
+    if (slot) {  /* an interrupted call counts at most 4x the average */
+        double *c = &slot->cost[cls][a.wide], dt = (now_s() - start) / (double)(n * k);
+        *c = *c == 0 ? dt : *c + ((dt < 4 * *c ? dt : 4 * *c) - *c) / 8;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1000,6 +1082,22 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(isa_names[isa]);
 }
 
+static PyObject *py_sgemm_tiles(PyObject *self, PyObject *args) {
+    const char *mode;
+    if (!PyArg_ParseTuple(args, "s", &mode)) return NULL;
+    if (strcmp(mode, "measured") == 0)
+        tile_mode = -1;
+    else if (strcmp(mode, "narrow") == 0)
+        tile_mode = 0;
+    else if (strcmp(mode, "wide") == 0)
+        tile_mode = 1;
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown tile mode %s (measured, narrow or wide)", mode);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N[, pre, norm, eps, res]): y[T,N] = pre(x)[T,K] @ W[N,K]^T + res"},
@@ -1010,6 +1108,8 @@ static PyMethodDef methods[] = {
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
      "in place (a chain, or a tree)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T (+ bias), fp32"},
+    {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
+     "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
