@@ -181,3 +181,16 @@ def test_verify_costs_are_fitted_non_decreasing_and_price_a_steps_children_where
     assert full.size(1) == 7  # 9 likely candidates, but the 8th and 9th would start a second tile
     assert full._child_price(1, 3) == pytest.approx((flat_then_steep[10] - flat_then_steep[7]) / 3)  # past it: dear
     assert TreeRound(Calibration.for_probabilities(), 1, Price(verify=0.05), 4)._child_price(0, 3) == 0.05  # no curve
+
+
+def test_calibration_tables_follow_observations():
+    """The per-key tables a round reads (kept between observations) are rebuilt after each observation."""
+    cal = Calibration.for_probabilities()
+    before, gain = cal.rate_list()[10], cal.expected_gain(torch.tensor([0.9]), 0.1).item()
+    cal.observe_nodes([[(10, False)] * 50])
+    assert cal.rate_list()[10] < before and cal.rates()[10].item() == cal.rate(torch.tensor([10])).item()
+    assert cal.expected_gain(torch.tensor([0.9]), 0.1).item() != gain
+    cal.note_produced(torch.tensor([[19, 1, 0]]))
+    first = cal.step_gain(torch.tensor([0.9]), 0.1).item()
+    cal.note_produced(torch.tensor([[0, 0, 0]] * 40))
+    assert cal.step_gain(torch.tensor([0.9]), 0.1).item() < first

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import prefilled_pair
 
+from specmtp.cache import KVCache
 from specmtp.loader import load_model
 from specmtp.quant import dense_kernel, quantize_model
 from specmtp.tree import ancestors, chain_parents, depths, input_parents
@@ -41,6 +42,20 @@ def test_a_tree_pass_gives_each_path_what_token_by_token_steps_give(tiny_dir, fa
     assert check(tree_logits[:, PATH], step_logits)
     for k0, k1 in zip(caches[0].k, caches[1].k, strict=True):
         assert check(k0[:, :, :44], k1[:, :, :44])
+
+
+@pytest.mark.parametrize("shapes", [[(2, 4)] * 3, [(2, 4), (1, 8), (2, 4)]])  # one block for all; a tensor each
+def test_keep_path_moves_the_accepted_slots_of_every_layer(shapes):
+    cache = KVCache(2, 16, shapes)
+    g = torch.Generator().manual_seed(0)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = [t.clone() for t in (*cache.k, *cache.v)]
+    # row 0: the root in slot 3, its accepted drafts in slots 3 + 2 and 3 + 4 -> slots 4 and 5; row 1: already in place
+    cache.keep_path(torch.tensor([3, 5]), torch.tensor([[2, 4], [1, 3]]), torch.tensor([2, 1]))
+    for t, t0 in zip((*cache.k, *cache.v), before, strict=True):
+        assert torch.equal(t[0, :, 4], t0[0, :, 5]) and torch.equal(t[0, :, 5], t0[0, :, 7])
+        assert torch.equal(t[0, :, :4], t0[0, :, :4]) and torch.equal(t[1], t0[1])
 
 
 def test_verify_tree_walks_the_targets_picks():

@@ -24,6 +24,13 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         sources = sources or list(range(len(shapes)))
+        own = [layer for layer in range(len(shapes)) if sources[layer] == layer]
+        # Layers of one shape share one block [own layers, 2, B, Hkv, S, D], so moving slots (keep_path) is one
+        # indexing op for all of them, not one per layer and K/V
+        self._block: torch.Tensor | None = None
+        if len({shapes[layer] for layer in own}) == 1:
+            heads, dim = shapes[own[0]]
+            self._block = torch.zeros(len(own), 2, batch_size, heads, capacity, dim, dtype=dtype, device=device)
         self.k: list[torch.Tensor] = []  # L x [B, Hkv, S, D]; a KV-shared layer aliases its source's tensor
         self.v: list[torch.Tensor] = []
         for layer, (heads, dim) in enumerate(shapes):
@@ -31,9 +38,12 @@ class KVCache:
             if src != layer:
                 self.k.append(self.k[src])
                 self.v.append(self.v[src])
-                continue
-            self.k.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
-            self.v.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
+            elif self._block is not None:
+                self.k.append(self._block[own.index(layer), 0])
+                self.v.append(self._block[own.index(layer), 1])
+            else:
+                self.k.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
+                self.v.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
         self.capacity = capacity
         self.batch_index = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
@@ -81,6 +91,9 @@ class KVCache:
         if not src:  # a chain, or the tree's first branch all the way: already in place
             return
         bi, si, di = torch.tensor(b_idx), torch.tensor(src), torch.tensor(dst)
+        if self._block is not None:
+            self._block[:, :, bi, :, di] = self._block[:, :, bi, :, si]
+            return
         seen: set[int] = set()
         for t in (*self.k, *self.v):
             if id(t) not in seen:  # KV-shared layers alias their source's tensors

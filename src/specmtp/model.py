@@ -164,6 +164,11 @@ class Layer(nn.Module):
     # a CPU with specmtp's kernels (quant.attend)
     fused = False  # ... and where its whole forward can run as four kernel calls and quant.attend
 
+    def attends_in_kernel(self, b: int, t: int, cache: KVCache) -> bool:
+        """Whether attention over t new tokens of b rows runs in quant.attend (which needs no mask)."""
+        return self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1 and (
+            self.wqkv.qweight is not None or fast_paths())
+
     def plain_layer(self) -> bool:
         """Pre-norm, SwiGLU MLP, nothing else (Llama, Qwen2): what the fused quantized forward computes."""
         cfg = self.cfg
@@ -242,8 +247,7 @@ class Layer(nn.Module):
         b, t, _ = qkv.shape
         d = self.head_dim
         cos, sin = rope
-        if self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1 and (
-                self.wqkv.qweight is not None or fast_paths()):
+        if self.attends_in_kernel(b, t, cache):
             # one row: RoPE, cache write and attention in one kernel call (quant.attend), a verify pass's tokens
             # each over exactly what a one-token step reads (quantized layers, and dense fp32 ones on a CPU)
             return quant.attend(qkv, int(positions[0, 0]), rope[0], rope[1], cache.k[self.index],
@@ -450,11 +454,14 @@ class Transformer(nn.Module):
                 first = last + 1
             return rms_norm(x[None], self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
         views = {}
+        masked = {layer.kind for layer in self.layers if not layer.attends_in_kernel(*tokens.shape, cache)}
         for kind, rope in ropes.items():
             window = cfg.sliding_window if kind == SLIDING else None
             start = max(0, lo - window + 1) if window is not None else 0
-            # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path)
-            mask = None if positions.shape == (1, 1) else attention_mask(positions, start, hi, window, tree)
+            # one row, one token: every slot in [start, hi) is visible, so no mask (a faster attention path); nor
+            # where every layer of the kind attends in the kernel, which reads the positions and the tree itself
+            needs_mask = positions.shape != (1, 1) and kind in masked
+            mask = attention_mask(positions, start, hi, window, tree) if needs_mask else None
             views[kind] = (rope, mask, start)
         ple = self.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         for i, layer in enumerate(self.layers):

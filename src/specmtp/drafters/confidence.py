@@ -75,6 +75,14 @@ class Calibration:
         # [R, K] decayed keys of the children a tree step produced, by rank among its siblings (0: the likeliest);
         # None until a tree step is seen
         self.produced: torch.Tensor | None = None
+        self._changed()
+
+    def _changed(self) -> None:
+        """The counts changed: drop the tables derived from them (rebuilt when next asked for)."""
+        self._rates: torch.Tensor | None = None  # [K] every key's rate
+        self._rate_list: list[float] | None = None  # the same as Python floats
+        self._usual: torch.Tensor | None = None  # [K] how often verified drafts get each key
+        self._children: torch.Tensor | None = None  # [K] a tree step's children's keys, each rank's, summed
 
     @classmethod
     def for_probabilities(cls) -> Calibration:
@@ -85,20 +93,34 @@ class Calibration:
         k = keys.clamp(0, len(self.prior) - 1)
         return ((self.hits[k] + self.strength * self.prior[k]) / (self.reached[k] + self.strength)).float()
 
+    def rates(self) -> torch.Tensor:
+        """[K] every key's rate (rate() of all keys), kept until the next observation."""
+        if self._rates is None:
+            self._rates = self.rate(torch.arange(len(self.prior)))
+        return self._rates
+
+    def rate_list(self) -> list[float]:
+        """rates() as Python floats (tree rounds look rates up one node at a time)."""
+        if self._rate_list is None:
+            self._rate_list = self.rates().tolist()
+        return self._rate_list
+
     def _worth(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
         """alive: [B] -> [B, K] what a draft of each key adds beyond the verify price, where it is proposed at all."""
-        rate = self.rate(torch.arange(len(self.prior)))  # [K]
-        return (alive[:, None] * rate[None, :] - verify_price).clamp(min=0)
+        return (alive[:, None] * self.rates()[None, :] - verify_price).clamp(min=0)
 
     def expected_gain(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
         """alive: [B] -> [B] expected net worth of computing a row's next draft: over the keys drafts usually
         get (the verified drafts' key frequencies; the prior's keys alike before any), what proposing it
         adds (alive x rate) beyond the verify price, when it is proposed at all."""
-        weight = self.reached + 1.0 / len(self.prior)  # [K]
-        return self._worth(alive, verify_price) @ (weight / weight.sum()).float()
+        if self._usual is None:
+            weight = self.reached + 1.0 / len(self.prior)  # [K]
+            self._usual = (weight / weight.sum()).float()
+        return self._worth(alive, verify_price) @ self._usual
 
     def note_produced(self, keys: torch.Tensor) -> None:
         """keys: [N, R] the keys of the R children each of N stepped tree nodes just produced, likeliest first."""
+        self._children = None
         counts = torch.zeros(keys.shape[1], len(self.prior), dtype=torch.float64)
         counts.scatter_add_(1, keys.clamp(0, len(self.prior) - 1).T.long(),
                             torch.ones(keys.shape[1], keys.shape[0], dtype=torch.float64))
@@ -114,11 +136,15 @@ class Calibration:
         child); before any tree step was seen, it is."""
         if self.produced is None:
             return self.expected_gain(alive, verify_price)
-        weight = self.produced + 1.0 / len(self.prior)  # [R, K]
-        return self._worth(alive, verify_price) @ (weight / weight.sum(-1, keepdim=True)).float().sum(0)
+
+        if self._children is None:
+            weight = self.produced + 1.0 / len(self.prior)  # [R, K]
+            self._children = (weight / weight.sum(-1, keepdim=True)).float().sum(0)
+        return self._worth(alive, verify_price) @ self._children
 
     def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
         """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
+        self._changed()
         self.reached *= self.decay
         self.hits *= self.decay
         for row in rows:
@@ -129,6 +155,7 @@ class Calibration:
 
     def observe(self, keys: list[list[int]], accepted: list[int]) -> None:
         """Per row: the keys of the drafts it proposed, and how many the target accepted (-1: not verified)."""
+        self._changed()
         self.reached *= self.decay
         self.hits *= self.decay
         for row, a in zip(keys, accepted, strict=True):
@@ -242,14 +269,14 @@ class TreeRound:
         """The nodes just stepped per row (-1: the root), their steps' top tokens pick [B, W, k] with the drafter's
         probabilities conf [B, W, k], and the hidden states out [B, W, Ht] their children's steps read."""
         keys, picks = prob_keys(conf.flatten()).view(conf.shape), pick.tolist()
-        rates = self.calibration.rate(keys.flatten()).view(conf.shape).tolist()
+        table, key_list = self.calibration.rate_list(), keys.tolist()
         real = torch.tensor([[w < len(nodes) for w in range(conf.shape[1])] for nodes in stepped])  # [B, W]
         self.calibration.note_produced(keys[real])  # padding branches produce nothing
         for b, nodes in enumerate(stepped):
             for w, node in enumerate(nodes):
                 self.stepped[b].add(node)
-                for c, tok in enumerate(picks[b][w]):
-                    self._add(b, node, tok, rates[b][w][c], (self.calibration, int(keys[b, w, c])), out[b, w])
+                for tok, key in zip(picks[b][w], key_list[b][w], strict=True):
+                    self._add(b, node, tok, table[key], (self.calibration, key), out[b, w])
 
     def _best(self, b: int) -> list[int]:
         """Row b's n likeliest candidates (ties: the earlier, so parents before children)."""
