@@ -481,8 +481,7 @@ __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *cons
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
         const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
         for (int r = 0; r < 4; r++) {
-            __m256 wv = _mm256_loadu_ps(w[r] + i);
-            __asm__("" : "+x"(wv));  /* in a register: folded into both FMAs, it would be loaded twice */
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
             a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
             a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
         }
