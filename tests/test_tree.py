@@ -56,6 +56,9 @@ def test_keep_path_moves_the_accepted_slots_of_every_layer(shapes):
     for t, t0 in zip((*cache.k, *cache.v), before, strict=True):
         assert torch.equal(t[0, :, 4], t0[0, :, 5]) and torch.equal(t[0, :, 5], t0[0, :, 7])
         assert torch.equal(t[0, :, :4], t0[0, :, :4]) and torch.equal(t[1], t0[1])
+    cache.row(1).keep_path(torch.tensor([5]), torch.tensor([[2]]), torch.tensor([1]))  # a row's view moves its slots
+    for t, t0 in zip((*cache.k, *cache.v), before, strict=True):
+        assert torch.equal(t[1, :, 6], t0[1, :, 7]) and torch.equal(t[0, :, 4], t0[0, :, 5])
 
 
 def test_verify_tree_walks_the_targets_picks():

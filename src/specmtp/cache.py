@@ -24,12 +24,12 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         sources = sources or list(range(len(shapes)))
-        own = [layer for layer in range(len(shapes)) if sources[layer] == layer]
+        own = {layer: i for i, layer in enumerate(j for j in range(len(shapes)) if sources[j] == j)}  # -> block index
         # Layers of one shape share one block [own layers, 2, B, Hkv, S, D], so moving slots (keep_path) is one
         # indexing op for all of them, not one per layer and K/V
         self._block: torch.Tensor | None = None
         if len({shapes[layer] for layer in own}) == 1:
-            heads, dim = shapes[own[0]]
+            heads, dim = shapes[next(iter(own))]
             self._block = torch.zeros(len(own), 2, batch_size, heads, capacity, dim, dtype=dtype, device=device)
         self.k: list[torch.Tensor] = []  # L x [B, Hkv, S, D]; a KV-shared layer aliases its source's tensor
         self.v: list[torch.Tensor] = []
@@ -39,8 +39,8 @@ class KVCache:
                 self.k.append(self.k[src])
                 self.v.append(self.v[src])
             elif self._block is not None:
-                self.k.append(self._block[own.index(layer), 0])
-                self.v.append(self._block[own.index(layer), 1])
+                self.k.append(self._block[own[layer], 0])
+                self.v.append(self._block[own[layer], 1])
             else:
                 self.k.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
                 self.v.append(torch.zeros(batch_size, heads, capacity, dim, dtype=dtype, device=device))
@@ -114,4 +114,5 @@ class KVCache:
         out.capacity = self.capacity
         out.batch_index = torch.zeros(1, 1, dtype=torch.long, device=self.lengths.device)
         out._pointers = None
+        out._block = self._block[:, :, b : b + 1] if self._block is not None else None  # the views' own block
         return out
