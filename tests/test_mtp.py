@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,7 +453,24 @@ def test_prompt_set_2_adds_chat_prompts_and_set_1_stays_as_it_was():
     assert not new_kinds(one) and len(new_kinds(two)) > 200
     assert two == build_prompts(1600, seed=1, prompt_set=2) and len(set(two)) == len(two)
     with pytest.raises(ValueError, match="prompt set"):
-        build_prompts(10, prompt_set=3)
+        build_prompts(10, prompt_set=4)
+
+
+def test_prompt_set_3_adds_programming_tasks_and_never_a_bench_prompt():
+    from specmtp.training.prompts import CODE_TASKS_3, build_prompts
+
+    bench = Path(__file__).parents[1] / ".." / "shared" / "prompts" / "bench.jsonl"
+    two, three = build_prompts(1600, seed=1, prompt_set=2), build_prompts(1600, seed=1, prompt_set=3)
+    assert three == build_prompts(1600, seed=1, prompt_set=3) and len(set(three)) == len(three)
+
+    def tasks(prompts):
+        return [p for p in prompts if any(task in p for task in CODE_TASKS_3)]
+
+    assert not tasks(two) and len(tasks(three)) > 200
+    if bench.is_file():
+        banned = {json.loads(line)["prompt"] for line in bench.read_text().splitlines() if line.strip()}
+        kept = build_prompts(1600, seed=1, prompt_set=3, exclude=bench)
+        assert not banned & set(kept)
 
 
 def test_teacher_forced_text_is_code_and_prose_after_a_request(target):

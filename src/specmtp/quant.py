@@ -249,7 +249,7 @@ def stack_descriptor(layers) -> torch.Tensor | None:
         mats = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
         norms = (layer.attn_norm, layer.mlp_norm)
         biases = [m.bias for m in mats[:2]]
-        if not layer.fused or any(t.dtype != torch.float32 or not t.is_contiguous()
+        if not layer.fused or not layer.own_kv or any(t.dtype != torch.float32 or not t.is_contiguous()
                                   for t in [*norms, *(b for b in biases if b is not None)]):
             return None
         f = [0] * LAYER_FIELDS
@@ -328,7 +328,8 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
         layer.batch_invariant = True  # attention too, so speculative output is bit-identical to target-only
         layer.fused_attention = layer.plain_attention()
         linears = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
-        layer.fused = layer.plain_layer() and all(m.qweight is not None for m in linears)
+        plain = layer.plain_layer() or layer.query_only_plain()
+        layer.fused = plain and all(m.qweight is not None for m in linears)
     if hasattr(model, "stack"):
         model.stack = stack_descriptor(model.layers)
     return total

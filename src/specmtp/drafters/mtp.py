@@ -69,12 +69,13 @@ def run_layers(
     """Query-only layers over another model's KV, with transformers' assistant mask (the sliding window keeps
     the last W + 1 slots). Shared by the Gemma 4 assistant and specmtp's own MTP drafters."""
     lo = int(positions.min())
+    same = lo == end  # every query at one position (a draft step): each sees all of [start, end), so no mask
     views = {}
     for kind in {layer.kind for layer in layers}:
         window = cfg.sliding_window + 1 if kind == SLIDING else None
         start = max(0, lo - window) if window is not None else 0
-        views[kind] = (rope_cos_sin(inv_freq[kind], positions), attention_mask(positions - 1, start, end, window),
-                       start)
+        mask = None if same else attention_mask(positions - 1, start, end, window)
+        views[kind] = (rope_cos_sin(inv_freq[kind], positions), mask, start)
     for layer in layers:
         rope, mask, start = views[layer.kind]
         x = layer(x, positions, rope, mask, start, end, kv)

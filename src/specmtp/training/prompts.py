@@ -109,6 +109,52 @@ CODE_TASKS = (
 )
 CODE_LANGS = ("Python", "JavaScript", "TypeScript", "Go", "Rust", "Java", "C")
 
+# prompt set 3 adds programming tasks of more kinds (data structures, algorithms, text and file handling, small
+# programs and queries) in more forms (a function, a class, a script, an explanation beside the code)
+CODE_TASKS_3 = (
+    "implements a queue with two stacks", "checks whether two strings are anagrams", "finds all duplicates in a list",
+    "computes the power set of a set", "implements insertion sort", "implements quicksort",
+    "implements a least-recently-used cache", "counts the islands in a grid of 0s and 1s",
+    "finds the longest common prefix of a list of strings", "checks whether parentheses in a string are balanced",
+    "converts an integer to its binary representation", "computes the nth triangular number",
+    "returns the k most frequent elements of a list", "implements depth-first search on an adjacency list",
+    "implements breadth-first search on a graph", "finds the shortest path in an unweighted graph",
+    "transposes a matrix", "multiplies two matrices", "reads a text file and prints its ten most common words",
+    "parses a date string in ISO format and returns the weekday", "formats a number of seconds as hours, minutes "
+    "and seconds", "generates a random password of a given length", "implements a binary search tree with insert "
+    "and search", "computes the Levenshtein distance between two strings", "implements a trie for word lookup",
+    "checks whether a number is an Armstrong number", "merges overlapping intervals", "finds the majority element "
+    "of a list", "computes the running median of a stream of numbers", "implements run-length encoding",
+    "shuffles a list in place with the Fisher-Yates algorithm", "computes the sum of the digits of a number",
+    "returns all permutations of a string", "finds the maximum subarray sum", "validates an IPv4 address",
+    "converts a snake_case string to camelCase", "implements a simple token bucket rate limiter",
+    "retries a function call with exponential backoff", "memoizes a function with a dictionary",
+    "computes the area of a polygon from its vertices", "implements a min-heap", "detects a cycle in a linked list",
+    "reverses a singly linked list", "finds the lowest common ancestor of two nodes in a binary tree",
+    "serializes a binary tree to a string and back", "counts the words in each line of a file",
+    "chunks a string into lines of at most a given width", "finds pairs in a list that sum to a target",
+    "removes comments from lines of source code", "computes a histogram of values in a list",
+)
+CODE_LANGS_3 = ("Python", "JavaScript", "TypeScript", "Go", "Rust", "Java", "C", "C++", "C#", "Kotlin", "Ruby",
+                "Bash", "PHP", "Swift")
+CODE_FORMS_3 = (
+    "Write a {lang} function that {task}.",
+    "Write a {lang} function that {task}, with a short comment explaining how it works.",
+    "In {lang}, implement a program that {task}, and explain its time complexity briefly.",
+    "Show how to write code that {task} in {lang}, with an example call.",
+    "Write a {lang} class or module that {task}, with tests.",
+)
+SQL_TASKS_3 = (
+    "returns the number of orders per customer, largest first, from orders(id, customer_id, amount)",
+    "lists employees who earn more than their manager, from employees(id, name, salary, manager_id)",
+    "finds products that were never ordered, from products(id, name) and order_items(order_id, product_id)",
+    "computes the average rating per movie with at least ten ratings, from ratings(movie_id, user_id, stars)",
+    "returns each department's highest paid employee, from employees(id, name, salary, department)",
+    "counts new users per month, from users(id, created_at)",
+    "deletes duplicate rows from emails(id, address), keeping the lowest id",
+    "returns the running total of sales by day, from sales(day, amount)",
+)
+
 CODE_TEMPLATES = (
     "Explain what this Python function does:\n```python\n{src}\n```",
     "Continue this Python code:\n```python\n{head}\n```",
@@ -250,7 +296,7 @@ def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[
     return out
 
 
-PROMPT_SETS = (1, 2)
+PROMPT_SETS = (1, 2, 3)
 
 
 def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str | Path | None = None,
@@ -275,8 +321,14 @@ def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str |
         chat += [t.format(who=who) for who in WHO for t in TASKS_2]
     rng.shuffle(chat)
     tasks = [f"Write a {lang} function that {task}." for lang in CODE_LANGS for task in CODE_TASKS]
+    share = 4  # a quarter of the code prompts: small programming tasks
+    if prompt_set >= 3:  # half of them, drawn from many more tasks, languages and forms
+        tasks += [form.format(lang=lang, task=task) for task in CODE_TASKS + CODE_TASKS_3 for lang in CODE_LANGS_3
+                  for form in CODE_FORMS_3]
+        tasks += [f"Write a SQL query that {task}." for task in SQL_TASKS_3]
+        share = 2
     rng.shuffle(tasks)
-    n_tasks = min(int(n * code_share) // 4, len(tasks))  # a quarter of the code prompts: small programming tasks
+    n_tasks = min(int(n * code_share) // share, len(tasks))
     prompts: list[str] = tasks[:n_tasks]
     n_code = min(int(n * code_share) - n_tasks, len(funcs)) if funcs else 0
     for i in range(n_code):
