@@ -400,6 +400,30 @@ def test_dense_target_drafts_with_q8_weights_unless_asked_for_dense(target, trai
         MTPDrafter(trained[0], weights="q4")
 
 
+def test_query_only_drafter_layers_run_fused_without_a_mask(target, trained):
+    """A q8 drafter's layers (queries over the target's KV, no K/V of their own) run the fused quantized forward;
+    a draft step's queries, all at one position, skip the mask. Both compute what the plain masked forward does."""
+    drafter = MTPDrafter(trained[0])
+    drafter.check_compatible(target)
+    layers = drafter.module.layers
+    assert all(layer.fused for layer in layers)
+    g = torch.Generator().manual_seed(0)
+    cache = target.model.new_cache(1, 32)
+    with torch.no_grad():
+        target.model(torch.randint(0, 256, (1, 20), generator=g), torch.arange(20)[None], cache)
+        embeds, hidden = (torch.randn(1, 3, target.config.hidden_size, generator=g) for _ in range(2))
+        where = torch.full((1, 3), 20)  # three branches of one row, at its next position
+        fast = drafter.module(embeds, hidden, where, cache, 20)
+        for layer in layers:
+            layer.fused = False
+        try:
+            plain = drafter.module(embeds, hidden, where, cache, 21)  # end past the position: the masked path
+        finally:
+            for layer in layers:
+                layer.fused = True
+    assert (fast - plain).norm() / plain.norm() < 1e-3
+
+
 def test_continuous_batching_refills_rows_and_keeps_answers(target):
     """distill_stream with fewer rows than prompts: finished rows take the next prompt, chunks come back in order,
     greedy answers are the target's own and sampled ones do not depend on which prompts shared a step."""
