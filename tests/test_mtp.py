@@ -424,6 +424,21 @@ def test_query_only_drafter_layers_run_fused_without_a_mask(target, trained):
     assert (fast - plain).norm() / plain.norm() < 1e-3
 
 
+def test_recorded_samples_own_compact_storage_with_a_bf16_target(tiny_dir):
+    """With bf16 target weights the cache is bf16 already, so a sample's K/V must still be copies: a view would keep
+    (and a shard would save) the whole batch's cache of every layer with each sample."""
+    from specmtp.training.data import capture, distill_stream
+
+    target = load_model(str(tiny_dir("llama", num_hidden_layers=2)), dtype="bf16")
+    prompts = [target.tokenizer.encode(p) for p in PROMPTS]
+    got = []
+    distill_stream(target, [(prompts, True, 0)], 6, 40, [1], 4, 2, lambda _, samples: got.extend(samples), (0,))
+    got += capture(target, [(p + [5, 6, 7], len(p), True) for p in prompts], [1], 4, progress=False, taps=(0,))
+    for s in got:
+        for t in (s.hidden, s.taps, s.keys[1], s.values[1]):
+            assert t.dtype == torch.bfloat16 and t.untyped_storage().nbytes() == t.numel() * 2
+
+
 def test_continuous_batching_refills_rows_and_keeps_answers(target):
     """distill_stream with fewer rows than prompts: finished rows take the next prompt, chunks come back in order,
     greedy answers are the target's own and sampled ones do not depend on which prompts shared a step."""

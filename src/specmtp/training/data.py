@@ -51,11 +51,11 @@ def capture(target: LoadedModel, sequences: list[tuple[list[int], int, bool]], s
             logp = model.logits(hidden[b, :t]).float().log_softmax(-1)  # [T, V]
             top = torch.topk(logp, topk, dim=-1)
             samples.append(Sample(
-                tokens=tokens[b, :t].clone(), prompt_len=plen, hidden=hidden[b, :t].to(torch.bfloat16),
-                keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
-                values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
+                tokens=tokens[b, :t].clone(), prompt_len=plen, hidden=hidden[b, :t].to(torch.bfloat16, copy=True),
+                keys={src: cache.k[src][b, :, :t].to(torch.bfloat16, copy=True) for src in sources},
+                values={src: cache.v[src][b, :, :t].to(torch.bfloat16, copy=True) for src in sources},
                 top_ids=top.indices, top_p=top.values.exp(), greedy=greedy,
-                taps=tapped[b, :t].to(torch.bfloat16) if taps else None,
+                taps=tapped[b, :t].to(torch.bfloat16, copy=True) if taps else None,
             ))
         bar.update(len(chunk))
     bar.close()
@@ -145,8 +145,8 @@ def distill_stream(
                 t = r["end"]
                 results[r["chunk"]][r["index"]] = Sample(
                     tokens=tokens[b, :t].clone(), prompt_len=r["plen"], hidden=hidden[b, :t].clone(),
-                    keys={src: cache.k[src][b, :, :t].to(torch.bfloat16) for src in sources},
-                    values={src: cache.v[src][b, :, :t].to(torch.bfloat16) for src in sources},
+                    keys={src: cache.k[src][b, :, :t].to(torch.bfloat16, copy=True) for src in sources},
+                    values={src: cache.v[src][b, :, :t].to(torch.bfloat16, copy=True) for src in sources},
                     top_ids=top_ids[b, :t].clone(), top_p=top_p[b, :t].clone(), greedy=r["greedy"],
                     taps=tapped[b, :t].clone() if taps else None)
                 rows[b] = None
