@@ -171,16 +171,18 @@ class Layer(nn.Module):
 
     def plain_layer(self) -> bool:
         """Pre-norm, SwiGLU MLP, nothing else (Llama, Qwen2): what the fused quantized forward computes."""
-        cfg = self.cfg
-        return (self.plain_attention() and cfg.activation == "silu" and not cfg.sandwich_norm and not cfg.num_experts
-                and not cfg.ple_dim and not cfg.layer_scalar)
+        return self.plain_attention() and self._plain_mlp()
 
     def query_only_plain(self) -> bool:
         """A drafter's layer that only queries another model's K/V (no K/V of its own, no q norm), with a plain
         pre-norm SwiGLU MLP: the fused quantized forward computes it too (its attention over the target's cache)."""
+        return not self.own_kv and not self.cfg.qk_norm and self._plain_mlp()
+
+    def _plain_mlp(self) -> bool:
+        """Pre-norm, SwiGLU, and no extra norms, experts, per-layer inputs or scalar."""
         cfg = self.cfg
-        return (not self.own_kv and not cfg.qk_norm and cfg.activation == "silu" and not cfg.sandwich_norm
-                and not cfg.num_experts and not cfg.ple_dim and not cfg.layer_scalar)
+        return (cfg.activation == "silu" and not cfg.sandwich_norm and not cfg.num_experts and not cfg.ple_dim
+                and not cfg.layer_scalar)
 
     def plain_attention(self) -> bool:
         """q/k/v of its own, RoPE and nothing else (no q/k/v norms): what quant.attend computes."""
@@ -337,8 +339,7 @@ class Layer(nn.Module):
         tree: torch.Tensor | None = None,  # [B, T] a draft tree's parents (specmtp.tree); None: a causal run
     ) -> torch.Tensor:  # [B, T, H]
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        if self.fused:  # quantized plain (or query-only plain) layer: norms, SwiGLU and residual adds run inside
-            # the kernel calls
+        if self.fused:  # quantized plain or query-only plain layer: norms, SwiGLU, residual adds in the kernel calls
             qkv = quant.qlinear(x, self.wqkv.qweight, self.wqkv.bias, "rms_norm", self.attn_norm, eps)
             out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache, tree)
             x = quant.qlinear(out, self.wo.qweight, self.wo.bias, residual=x)

@@ -136,7 +136,6 @@ class Calibration:
         child); before any tree step was seen, it is."""
         if self.produced is None:
             return self.expected_gain(alive, verify_price)
-
         if self._children is None:
             weight = self.produced + 1.0 / len(self.prior)  # [R, K]
             self._children = (weight / weight.sum(-1, keepdim=True)).float().sum(0)
