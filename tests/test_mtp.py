@@ -492,7 +492,7 @@ def test_prompt_set_2_adds_chat_prompts_and_set_1_stays_as_it_was():
     assert not new_kinds(one) and len(new_kinds(two)) > 200
     assert two == build_prompts(1600, seed=1, prompt_set=2) and len(set(two)) == len(two)
     with pytest.raises(ValueError, match="prompt set"):
-        build_prompts(10, prompt_set=4)
+        build_prompts(10, prompt_set=5)
 
 
 def test_prompt_set_3_adds_programming_tasks_and_never_a_bench_prompt():

@@ -5,6 +5,10 @@ Code prompts come from the standard library's own functions ("explain this funct
 languages; chat prompts from instruction templates over a list of everyday and technical topics, and from
 everyday writing tasks (emails, stories, how-tos, translations). Deterministic for a seed. The benchmark prompts
 are never produced: `build_prompts` drops any prompt that appears in the file passed as `exclude`.
+
+Prompt set 4 also asks the target for requests of its own (`own_requests`): an instruct model given its chat
+template up to the user's turn writes the kind of request it was tuned to answer (Magpie), which templates over a
+list of topics do not cover; requests close to an excluded prompt are dropped too.
 """
 
 from __future__ import annotations
@@ -296,7 +300,83 @@ def raw_answers(target, tokens: int, max_len: int, seed: int = 0) -> list[tuple[
     return out
 
 
-PROMPT_SETS = (1, 2, 3)
+PROMPT_SETS = (1, 2, 3, 4)
+OWN_SHARE = 4  # prompt set 4: a quarter of the prompts are the target's own requests (half of the chat share)
+# how a request starts: nothing (the target's free choice of request) or an opening word it continues
+OPENERS = ("", "", "", "", "Write", "Explain", "What", "How", "Give me", "Describe", "List", "Can you", "Summarize",
+           "Why", "Translate", "Help me", "Tell me", "Compare", "Suggest", "Create")
+REQUEST_TOKENS = 64  # a request still open after this many tokens is dropped (long ones ramble)
+
+
+def _banned(exclude: str | Path | None) -> set[str]:
+    """The prompts of a JSONL file (each line's "prompt"), or none."""
+    if exclude is None or not Path(exclude).is_file():
+        return set()
+    return {json.loads(line)["prompt"] for line in Path(exclude).read_text().splitlines() if line.strip()}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def near(text: str, banned: set[str]) -> bool:
+    """Whether a request is close to an excluded prompt: half or more of their words shared (Jaccard), or any run
+    of 5 words in common."""
+    words = _words(text)
+    grams = {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
+    for b in banned:
+        other = _words(b)
+        union = set(words) | set(other)
+        if union and len(set(words) & set(other)) / len(union) >= 0.5:
+            return True
+        if grams & {tuple(other[i : i + 5]) for i in range(len(other) - 4)}:
+            return True
+    return False
+
+
+def _plain(text: str) -> bool:
+    """A request worth answering: 4 to 80 words, almost all printable ASCII."""
+    n = len(text.split())
+    ascii_share = sum(32 <= ord(c) < 127 or c in "\n\t" for c in text) / max(1, len(text))
+    return 4 <= n <= 80 and ascii_share >= 0.97
+
+
+def own_requests(target, n: int, seed: int = 0, exclude: str | Path | None = None, batch: int = 64,
+                 progress: bool = False) -> list[str]:
+    """Up to n distinct requests the target writes itself (Magpie): its chat template up to the user's turn,
+    sometimes an opening word (OPENERS), then sampled at temperature 1 until it ends the turn. Requests that do not
+    end within REQUEST_TOKENS, are short, not plain text, or close to an excluded prompt (`near`) are dropped.
+    Deterministic for a seed. A target without a chat template has no user's turn: none."""
+    from tqdm import tqdm
+
+    from specmtp.engine import Engine
+    from specmtp.sampling import SamplingParams
+
+    tok = target.tokenizer
+    if n <= 0 or not tok.has_chat_template:
+        return []
+    mark = "\x00REQUEST\x00"
+    text = tok.hf.apply_chat_template([{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False)
+    head = tok.encode(text.split(mark)[0], add_special_tokens=False)
+    banned = _banned(exclude)
+    engine = Engine(target)
+    rng = random.Random(seed + 4)
+    out: dict[str, None] = {}
+    bar = tqdm(total=n, desc="asking", unit="request", disable=not progress)
+    for round_ in range(max(4, 8 * n // batch)):  # gives up when too few requests pass (a weak target)
+        openers = [rng.choice(OPENERS) for _ in range(batch)]
+        starts = [tok.encode(o, add_special_tokens=False) if o else [] for o in openers]
+        done = engine.generate([head + s for s in starts], max_new_tokens=REQUEST_TOKENS,
+                               sampling=SamplingParams(temperature=1.0, top_p=0.98, seed=seed * 1_000_003 + round_))
+        for s, c in zip(starts, done, strict=True):
+            req = tok.decode(s + c.tokens).strip()
+            if c.finish_reason == "eos" and _plain(req) and req not in out and not near(req, banned):
+                out[req] = None
+                bar.update(1)
+        if len(out) >= n:
+            break
+    bar.close()
+    return list(out)[:n]
 
 
 def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str | Path | None = None,
@@ -307,9 +387,7 @@ def build_prompts(n: int, seed: int = 0, code_share: float = 0.5, exclude: str |
     if prompt_set not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompt_set} (choose from {PROMPT_SETS})")
     rng = random.Random(seed)
-    banned = set()
-    if exclude is not None and Path(exclude).is_file():
-        banned = {json.loads(line)["prompt"] for line in Path(exclude).read_text().splitlines() if line.strip()}
+    banned = _banned(exclude)
     funcs = list(_stdlib_functions())
     rng.shuffle(funcs)
     chat = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]

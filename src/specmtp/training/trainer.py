@@ -2,6 +2,7 @@
 
 Pipeline (each stage saved under --out, so --resume picks up where a run stopped):
     prompts  = build_prompts(...)                         stdlib code + instruction templates, no bench prompts
+               (+ own_requests(target) from set 4 on)     requests the target writes itself (Magpie), none near one
     data     = distill_stream(target, prompts)            the target's answers, recorded as it decodes: hidden
                                                           states, read K/V, top-k next-token targets (shards/)
     train    : unrolled exactly as drafting runs: for anchors L (last token at L, target KV [0, L)),
@@ -42,7 +43,7 @@ from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.model import taps_valid
 from specmtp.training.data import Sample, capture, distill_stream
-from specmtp.training.prompts import PROMPT_SETS, build_prompts, raw_answers
+from specmtp.training.prompts import OWN_SHARE, PROMPT_SETS, build_prompts, own_requests, raw_answers
 
 DATA_VERSION = 4
 
@@ -256,12 +257,12 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
     in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
     shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
-    prompts = prompts or build_prompts(opts.prompts, opts.seed, exclude=opts.exclude, prompt_set=opts.prompt_set)
+    shards.mkdir(parents=True, exist_ok=True)
+    prompts = prompts or _prompt_set(target, opts, progress, shards)
     chat = target.tokenizer.has_chat_template
     ids = [target.tokenizer.encode_chat(p) if chat else target.tokenizer.encode(p) for p in prompts]
     ids = sorted((p for p in ids if len(p) < opts.max_len - 8), key=len)
     chunks = [ids[i : i + opts.gen_batch] for i in range(0, len(ids), opts.gen_batch)]
-    shards.mkdir(parents=True, exist_ok=True)
     parts: dict[int, list[Sample]] = {}
     for i in range(len(chunks)):
         if (shards / f"{i:04d}.pt").is_file():
@@ -286,6 +287,25 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
                        opts.max_len, sources, opts.topk, opts.gen_batch, done, taps)
     bar.close()
     return [s for i in range(len(chunks)) for s in parts[i]]
+
+
+def _prompt_set(target: LoadedModel, opts: TrainOptions, progress: bool, shards: Path) -> list[str]:
+    """The offline prompt set; from set 4 on, a quarter of it the target's own requests (half the chat share, so
+    code keeps its half), asked once and kept under `shards` (requests.json) so a resumed run answers the same."""
+    if opts.prompt_set < 4:
+        return build_prompts(opts.prompts, opts.seed, exclude=opts.exclude, prompt_set=opts.prompt_set)
+    path = shards / "requests.json"
+    if path.is_file():
+        own = json.loads(path.read_text())
+    else:
+        t0 = time.perf_counter()
+        own = own_requests(target, opts.prompts // OWN_SHARE, opts.seed, opts.exclude, progress=progress)
+        path.write_text(json.dumps(own))
+        _add_seconds(shards, time.perf_counter() - t0)
+    rest = opts.prompts - len(own)
+    templated = build_prompts(rest, opts.seed, code_share=min(1.0, opts.prompts / 2 / max(1, rest)),
+                              exclude=opts.exclude, prompt_set=opts.prompt_set)
+    return templated + [p for p in own if p not in set(templated)]
 
 
 def stored_samples(out: Path) -> list[Sample]:
@@ -591,6 +611,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         "train_tokens": sum(len(s.tokens) for s in train_set), "steps": step,
         "raw_sequences": len(raw), "raw_tokens": sum(len(s.tokens) for s in raw), "raw_grown": grown,
         "data_weights": key.get("weights", key.get("dtype", "fp32")),
+        "own_requests": len(json.loads((shards / "requests.json").read_text())) if (shards / "requests.json").is_file()
+        else 0,
         "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(data_s + train_s, 1),
         "heldout_accept": [round(a, 4) for a in acc], "heldout_tau": round(1 + sum(acc), 3),
@@ -648,6 +670,8 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
                 "read by the\n  target (teacher-forced)" if raw_n else "")
     raw_line += "".join(f"; read text grown to --raw-tokens {g['raw_tokens']} on resuming at step {g['step']}"
                         for g in meta.get("raw_grown", []))
+    own = meta.get("own_requests", 0)
+    own_line = f",\n  and {own} requests the target wrote itself" if own else ""
     taps = getattr(module, "taps", ())
     if "heldout_tau_subset" in meta:
         full_line = (f"(on the first {meta['full_head_sequences']} held-out sequences: full-vocabulary head "
@@ -667,8 +691,8 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
   {cfg.num_heads} query heads reading the target's layers {sources}{taps_line}; {params / 1e6:.1f} M parameters (bf16)
 {head_line}
 - Data: {answered} self-distilled sequences ({answered_tokens} tokens) from {opts['prompts']} offline prompts
-  (prompt set {opts.get('prompt_set', 1)}: Python standard library code + instruction templates), answers of up to
-  {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line};
+  (prompt set {opts.get('prompt_set', 1)}: Python standard library code + instruction templates{own_line}), answers
+  of up to {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line};
   the target's weights while answering and reading: {meta.get('data_weights', 'fp32')}
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
   draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls{regular}
