@@ -512,6 +512,67 @@ def test_prompt_set_3_adds_programming_tasks_and_never_a_bench_prompt():
         assert not banned & set(kept)
 
 
+def test_near_catches_requests_close_to_an_excluded_prompt():
+    from specmtp.training.prompts import near
+
+    banned = {"Write a short story about a lighthouse keeper who finds a message in a bottle."}
+    assert near("Write a short story about a lighthouse keeper who finds a bottle.", banned)  # most words shared
+    assert near("Tell me about a lighthouse keeper who finds a message in it", banned)  # 5 words in a row
+    assert near("Write a short story about a dragon.", banned)  # (strict: a common 5-word opening counts)
+    assert not near("Write a poem about a dragon.", banned)
+    assert not near("Explain how tides work.", set())
+
+
+def test_own_requests_keep_finished_plain_requests_and_drop_excluded_ones(target, tmp_path, monkeypatch):
+    from specmtp.engine import Completion, Engine
+    from specmtp.training import prompts as P
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "Write a short story about a lighthouse keeper who finds a message."}))
+    scripted = [("Explain how tides work for a ten-year-old.", "eos"),
+                ("Write a short story about a lighthouse keeper who finds a message.", "eos"),  # excluded
+                ("Explain how tides work for a ten-year-old.", "eos"),  # asked twice
+                ("How do I sort a list of numbers in Python?", "length"),  # still open at the limit
+                ("Hi there", "eos"),  # too short
+                ("Describe the water wheel and its uses in a mill.", "eos")]
+    calls = []
+
+    def generate(self, prompts, max_new_tokens=128, sampling=None, stop=(), chat=False):
+        calls.append((prompts, sampling.seed, sampling.temperature))
+        tok = self.target.tokenizer
+        return [Completion(len(p), tok.encode(scripted[i % len(scripted)][0], add_special_tokens=False), "",
+                           scripted[i % len(scripted)][1]) for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(P, "OPENERS", ("",))
+    got = P.own_requests(target, 5, seed=1, exclude=bench, batch=6)
+    assert got == ["Explain how tides work for a ten-year-old.", "Describe the water wheel and its uses in a mill."]
+    head = target.tokenizer.encode_chat("x")[:2]
+    assert all(p[:2] == head for p in calls[0][0])  # the chat template up to the user's turn
+    assert calls[0][2] == 1.0 and len({seed for _, seed, _ in calls}) == len(calls) == 6  # gave up: 8n requests asked
+    assert P.own_requests(target, 1, seed=1, exclude=bench, batch=6) == got[:1]
+
+
+def test_prompt_set_4_is_a_quarter_own_requests_asked_once(target, tmp_path, monkeypatch):
+    from specmtp.training import trainer
+    from specmtp.training.prompts import build_prompts
+
+    asked = []
+
+    def own(target, n, seed, exclude, progress=False):
+        asked.append(n)
+        return [f"Tell me something about the number {i}." for i in range(n)]
+
+    monkeypatch.setattr(trainer, "own_requests", own)
+    opts = TrainOptions(prompts=400, prompt_set=4)
+    first = trainer._prompt_set(target, opts, False, tmp_path)
+    again = trainer._prompt_set(target, opts, False, tmp_path)  # a resumed run: the saved requests
+    assert asked == [100] and first == again and len(first) == len(set(first)) == 400
+    assert sum(p.startswith("Tell me something about the number") for p in first) == 100
+    # the rest is the templated set with code's share raised so that code keeps half of all the prompts
+    assert first[:300] == build_prompts(300, 0, code_share=200 / 300, prompt_set=4)
+
+
 def test_teacher_forced_text_is_code_and_prose_after_a_request(target):
     from specmtp.training.prompts import raw_answers
 
