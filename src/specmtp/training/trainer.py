@@ -77,7 +77,8 @@ class TrainOptions:
     seed: int = 0
     precision: str = "auto"  # the drafter's matmuls while training: bf16 (autocast) or fp32; auto: bf16 where fast
     taps: str = "none"  # lower target layers fused into the first step's input: none, auto, or indices "1,15"
-    prompt_set: int = 2  # the offline prompt set's version (1: the one before more chat topics and templates)
+    prompt_set: int = 2  # the offline prompt set's version (1: the one before more chat topics and templates; 3:
+    # more programming tasks; 4: set 3 with a quarter of the prompts the target's own requests)
     exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
 
 
@@ -305,7 +306,8 @@ def _prompt_set(target: LoadedModel, opts: TrainOptions, progress: bool, shards:
     rest = opts.prompts - len(own)
     templated = build_prompts(rest, opts.seed, code_share=min(1.0, opts.prompts / 2 / max(1, rest)),
                               exclude=opts.exclude, prompt_set=opts.prompt_set)
-    return templated + [p for p in own if p not in set(templated)]
+    seen = set(templated)
+    return templated + [p for p in own if p not in seen]
 
 
 def stored_samples(out: Path) -> list[Sample]:
