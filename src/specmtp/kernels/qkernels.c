@@ -444,26 +444,21 @@ typedef struct {
     int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first) */
 } sgemm_args;
 
-/* The order every path sums a (row, token) dot in: 16 lanes, lane j accumulating the products at k = 16 c + j
-   (fused multiply-adds, c ascending); then lanes j and j + 8 added (j = 0..7), those 8 added in order after 0.0f,
-   then the products past the last whole 16-float chunk. AVX-512 holds the 16 lanes in one register; AVX2 in two
-   (lanes 0-7 and 8-15) with the same FMAs: so both give the same bits, and every tile of either. */
-
-/* that order without fused multiply-adds (so not the vector paths' bits; linear.py uses it only in tests) */
+/* the vector paths' order, without fused multiply-adds (so not their bits; linear.py uses it only in tests) */
 static float sdot_scalar(const float *w, const float *x, int64_t k) {
-    float lane[16] = {0};
+    float lane[8] = {0};
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16)
-        for (int j = 0; j < 16; j++) lane[j] += w[i + j] * x[i + j];
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += w[i + j] * x[i + j];
     float acc = 0.0f;
-    for (int j = 0; j < 8; j++) acc += lane[j] + lane[j + 8];
+    for (int j = 0; j < 8; j++) acc += lane[j];
     for (; i < k; i++) acc += w[i] * x[i];
     return acc;
 }
 
 #ifdef SPECMTP_X86
-/* One (row, token) sum from its folded lanes (j + j + 8 in lane j): the 8 added in order, then the products past
-   the last whole chunk (from i on). */
+/* One (row, token) sum: its 8 lanes added in order, then the products past the last whole chunk (from i on). Every
+   tile ends each of its sums this way, so they all give the same bits. */
 __attribute__((target("avx2,fma"))) static inline float lane_sum(__m256 acc, const float *w, const float *x,
                                                                   int64_t i, int64_t k) {
     float l[8];
@@ -474,84 +469,55 @@ __attribute__((target("avx2,fma"))) static inline float lane_sum(__m256 acc, con
     return s;
 }
 
-/* AVX2: 2 rows x 2 tokens, the 16 lanes of each (row, token) in two 8-lane accumulators (8 in all, with the 4
-   token halves and 2 row halves in 16 registers); each weight chunk loaded once for both tokens */
+/* 4 rows x 2 tokens: one 8-lane accumulator per (row, token), each weight chunk loaded once for both tokens */
 __attribute__((target("avx2,fma"))) static void sdot_tile_avx2(const float *const *w, const float *x0,
                                                                const float *x1, int64_t k, float *out,
                                                                const float *const *next) {
-    __m256 lo0[2], hi0[2], lo1[2], hi1[2];
-    for (int r = 0; r < 2; r++) lo0[r] = hi0[r] = lo1[r] = hi1[r] = _mm256_setzero_ps();
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        if (next)  /* the next tile's rows, one cache line each, while this one computes */
-            for (int r = 0; r < 2; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
-        const __m256 a0 = _mm256_loadu_ps(x0 + i), b0 = _mm256_loadu_ps(x0 + i + 8);
-        const __m256 a1 = _mm256_loadu_ps(x1 + i), b1 = _mm256_loadu_ps(x1 + i + 8);
-        for (int r = 0; r < 2; r++) {
-            const __m256 wl = _mm256_loadu_ps(w[r] + i), wh = _mm256_loadu_ps(w[r] + i + 8);
-            lo0[r] = _mm256_fmadd_ps(wl, a0, lo0[r]);
-            hi0[r] = _mm256_fmadd_ps(wh, b0, hi0[r]);
-            lo1[r] = _mm256_fmadd_ps(wl, a1, lo1[r]);
-            hi1[r] = _mm256_fmadd_ps(wh, b1, hi1[r]);
-        }
-    }
-    for (int r = 0; r < 2; r++) {
-        out[r] = lane_sum(_mm256_add_ps(lo0[r], hi0[r]), w[r], x0, i, k);
-        out[2 + r] = lane_sum(_mm256_add_ps(lo1[r], hi1[r]), w[r], x1, i, k);
-    }
-}
-
-/* AVX-512: a 16-lane accumulator folded to 8 lanes (j + j + 8) */
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) static inline __m256 fold16(__m512 a) {
-    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-}
-
-/* AVX-512: 4 rows x 2 tokens (1 or 2 tokens), 8 accumulators, each weight chunk loaded once for both tokens */
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile2_avx512(
-    const float *const *w, const float *x0, const float *x1, int64_t k, float *out, const float *const *next) {
-    __m512 a0[4], a1[4];
-    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        if (next)
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)  /* the next tile's rows, one cache line each, while this one computes */
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
-        const __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = _mm512_loadu_ps(x1 + i);
+        const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
         for (int r = 0; r < 4; r++) {
-            const __m512 wv = _mm512_loadu_ps(w[r] + i);
-            a0[r] = _mm512_fmadd_ps(wv, v0, a0[r]);
-            a1[r] = _mm512_fmadd_ps(wv, v1, a1[r]);
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            a0[r] = _mm256_fmadd_ps(wv, v0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(wv, v1, a1[r]);
         }
     }
     for (int r = 0; r < 4; r++) {
-        out[r] = lane_sum(fold16(a0[r]), w[r], x0, i, k);
-        out[4 + r] = lane_sum(fold16(a1[r]), w[r], x1, i, k);
+        out[r] = lane_sum(a0[r], w[r], x0, i, k);
+        out[4 + r] = lane_sum(a1[r], w[r], x1, i, k);
     }
 }
 
-/* AVX-512: 4 rows x 4 tokens, 16 accumulators, each weight chunk loaded once for four tokens */
+/* 4 rows x 4 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, each weight chunk loaded once
+   for four tokens. Each (row, token) sum runs the same FMAs and the same reduction as sdot_tile_avx2: the same
+   bits whichever tile computed it. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile4_avx512(
     const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next) {
-    __m512 acc[4][4];
+    __m256 acc[4][4];
     for (int r = 0; r < 4; r++)
-        for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        if (next)
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
-        __m512 v[4];
-        for (int u = 0; u < 4; u++) v[u] = _mm512_loadu_ps(x[u] + i);
+        __m256 v[4];
+        for (int u = 0; u < 4; u++) v[u] = _mm256_loadu_ps(x[u] + i);
         for (int r = 0; r < 4; r++) {
-            const __m512 wv = _mm512_loadu_ps(w[r] + i);
-            for (int u = 0; u < 4; u++) acc[r][u] = _mm512_fmadd_ps(wv, v[u], acc[r][u]);
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            for (int u = 0; u < 4; u++) acc[r][u] = _mm256_fmadd_ps(wv, v[u], acc[r][u]);
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int u = 0; u < 4; u++) out[4 * u + r] = lane_sum(fold16(acc[r][u]), w[r], x[u], i, k);
+        for (int u = 0; u < 4; u++) out[4 * u + r] = lane_sum(acc[r][u], w[r], x[u], i, k);
 }
 
-/* One row's 8 token sums at once, each in lane_sum's order: the folded accumulators transposed so that vector j
-   holds every token's lane j, added from lane 0 to lane 7 (after 0.0f, where lane_sum starts), then each token's
-   products past the last whole chunk. The same additions in the same order as lane_sum: the same bits. */
+/* One row's 8 token sums at once, each in lane_sum's order: the accumulators transposed so that vector j holds every
+   token's lane j, added from lane 0 to lane 7 (after 0.0f, where lane_sum starts), then each token's products past
+   the last whole chunk. The same additions in the same order as lane_sum: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static inline void lane_sums8(const __m256 *a, const float *w,
                                                                                   const float *const *x, int64_t i,
                                                                                   int64_t k, float *s) {
@@ -576,32 +542,31 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static inline void lane_sum
         for (int64_t m = i; m < k; m++) s[u] += w[m] * x[u][m];
 }
 
-/* AVX-512: 2 rows x 8 tokens, 16 accumulators, 8 token chunks and the rows' chunks, so a verify pass of 5 to 8
-   tokens streams each weight chunk from memory once and uses it for all its tokens (two 4-token passes would
-   stream it, then recompute from cache with the memory idle). */
+/* 2 rows x 8 tokens where AVX-512VL gives 32 vector registers: 16 accumulators, 8 token chunks and the rows' chunks,
+   so a verify pass of 5 to 8 tokens streams each weight chunk from memory once and uses it for all its tokens (two
+   4-token passes would stream it, then recompute from cache with the memory idle). The same FMAs and reduction per
+   (row, token) as sdot_tile_avx2: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8_avx512(
     const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next) {
-    __m512 acc[2][8];
+    __m256 acc[2][8];
     for (int r = 0; r < 2; r++)
-        for (int u = 0; u < 8; u++) acc[r][u] = _mm512_setzero_ps();
+        for (int u = 0; u < 8; u++) acc[r][u] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-        if (next)
+    for (; i + 8 <= k; i += 8) {
+        if (next && (i & 15) == 0)
             for (int r = 0; r < 2; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
-        const __m512 w0 = _mm512_loadu_ps(w[0] + i), w1 = _mm512_loadu_ps(w[1] + i);
+        const __m256 w0 = _mm256_loadu_ps(w[0] + i), w1 = _mm256_loadu_ps(w[1] + i);
         for (int u = 0; u < 8; u++) {
-            __m512 v = _mm512_loadu_ps(x[u] + i);
+            __m256 v = _mm256_loadu_ps(x[u] + i);
             __asm__("" : "+v"(v));  /* in a register: folded into both FMAs, it would be loaded twice (the loop is
                                        then bound by loads, not by its multiply-adds) */
-            acc[0][u] = _mm512_fmadd_ps(w0, v, acc[0][u]);
-            acc[1][u] = _mm512_fmadd_ps(w1, v, acc[1][u]);
+            acc[0][u] = _mm256_fmadd_ps(w0, v, acc[0][u]);
+            acc[1][u] = _mm256_fmadd_ps(w1, v, acc[1][u]);
         }
     }
     for (int r = 0; r < 2; r++) {
-        __m256 folded[8];
-        for (int u = 0; u < 8; u++) folded[u] = fold16(acc[r][u]);
         float sums[8];
-        lane_sums8(folded, w[r], x, i, k, sums);
+        lane_sums8(acc[r], w[r], x, i, k, sums);
         for (int u = 0; u < 8; u++) out[2 * u + r] = sums[u];
     }
 }
@@ -646,15 +611,8 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
             const float *x0 = a->x + t * a->k, *x1 = t + 1 < a->t ? x0 + a->k : x0;  /* a spare token: t again */
             float out[8];
 #ifdef SPECMTP_X86
-            if (isa == ISA_VNNI) {
-                sdot_tile2_avx512(w, x0, x1, a->k, out, t == 0 && tile + 1 < t1 ? next : NULL);
-            } else if (use_avx2) {  /* rows n0, n0 + 1, then n0 + 2, n0 + 3 */
-                float half[4];
-                for (int h = 0; h < 2; h++) {
-                    sdot_tile_avx2(w + 2 * h, x0, x1, a->k, half, t == 0 && tile + 1 < t1 ? next + 2 * h : NULL);
-                    out[2 * h] = half[0], out[2 * h + 1] = half[1], out[4 + 2 * h] = half[2];
-                    out[4 + 2 * h + 1] = half[3];
-                }
+            if (use_avx2) {
+                sdot_tile_avx2(w, x0, x1, a->k, out, t == 0 && tile + 1 < t1 ? next : NULL);
             } else
 #endif
             {
