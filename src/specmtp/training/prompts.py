@@ -315,21 +315,23 @@ def _banned(exclude: str | Path | None) -> set[str]:
     return {json.loads(line)["prompt"] for line in Path(exclude).read_text().splitlines() if line.strip()}
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+@functools.lru_cache(maxsize=4096)
+def _profile(text: str) -> tuple[frozenset[str], frozenset[tuple[str, ...]]]:
+    """A text's lower-cased words and its runs of 5 of them (each excluded prompt's computed once)."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return frozenset(words), frozenset(tuple(words[i : i + 5]) for i in range(len(words) - 4))
 
 
 def near(text: str, banned: set[str]) -> bool:
     """Whether a request is close to an excluded prompt: half or more of their words shared (Jaccard), or any run
     of 5 words in common."""
-    words = _words(text)
-    grams = {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
+    words, grams = _profile(text)
     for b in banned:
-        other = _words(b)
-        union = set(words) | set(other)
-        if union and len(set(words) & set(other)) / len(union) >= 0.5:
+        other, other_grams = _profile(b)
+        union = words | other
+        if union and len(words & other) / len(union) >= 0.5:
             return True
-        if grams & {tuple(other[i : i + 5]) for i in range(len(other) - 4)}:
+        if grams & other_grams:
             return True
     return False
 
