@@ -212,9 +212,16 @@ def test_fused_attention_matches_reference(path, window):
         assert torch.equal(one[0, 0], out[0, i]), i
 
 
+def needs_dense_kernel(weights: str) -> None:
+    if weights == "dense" and not dense_kernel():
+        pytest.skip("specmtp's fp32 kernel has no vector path on this CPU: dense layers are not fused")
+
+
+@pytest.mark.parametrize("weights", ["q4", "dense"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_layers_match_unfused(tiny_dir, family):
-    model = load_model(str(tiny_dir(family)), weights="q4").model
+def test_fused_layers_match_unfused(tiny_dir, family, weights):
+    needs_dense_kernel(weights)
+    model = load_model(str(tiny_dir(family)), weights=weights).model
     assert all(layer.fused_attention and layer.fused for layer in model.layers)
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     outs = []
@@ -228,14 +235,16 @@ def test_fused_layers_match_unfused(tiny_dir, family):
         step = model(tokens[:, 24:], torch.arange(24, 30)[None], cache)  # a verify-sized pass
         outs.append(torch.cat([prefix, step], 1))
     # equal to rounding; a rounding difference can move an activation across an int8 step, hence the norm bound
-    assert (outs[0] - outs[1]).norm() / outs[1].norm() < PRODUCT_RTOL
+    assert (outs[0] - outs[1]).norm() / outs[1].norm() < (PRODUCT_RTOL if weights == "q4" else 1e-5)
 
 
+@pytest.mark.parametrize("weights", ["q4", "dense"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_layer_stack_in_one_call_is_bit_identical_to_layer_by_layer(tiny_dir, family):
-    """Plain quantized layers run as one kernel call per forward (quant.run_stack) with the very results of one
-    Python call per layer: prefill, a step and a verify-sized pass, hidden states and cache alike."""
-    model = load_model(str(tiny_dir(family)), weights="q4").model
+def test_layer_stack_in_one_call_is_bit_identical_to_layer_by_layer(tiny_dir, family, weights):
+    """Plain quantized or dense fp32 layers run as one kernel call per forward (quant.run_stack) with the very
+    results of one Python call per layer: prefill, a step and a verify-sized pass, hidden states and cache alike."""
+    needs_dense_kernel(weights)
+    model = load_model(str(tiny_dir(family)), weights=weights).model
     assert model.stack is not None and model.stack.shape[0] == len(model.layers)
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     runs = []
@@ -253,7 +262,9 @@ def test_layer_stack_in_one_call_is_bit_identical_to_layer_by_layer(tiny_dir, fa
 
 def test_layer_stack_only_for_plain_layers(tiny_dir):
     assert load_model(str(tiny_dir("gemma3")), weights="q4").model.stack is None  # sandwich norms, q/k norms
-    assert load_model(str(tiny_dir("llama"))).model.stack is None  # dense weights
+    assert load_model(str(tiny_dir("gemma3"))).model.stack is None
+    assert load_model(str(tiny_dir("llama")), dtype="bf16").model.stack is None  # the fp32 kernel's weights only
+    assert (load_model(str(tiny_dir("llama"))).model.stack is not None) == dense_kernel()
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -261,14 +272,30 @@ def test_kernel_pre_ops_and_residual(fmt, path):
     """The kernel's RMSNorm / SwiGLU of each token before quantizing it, and the residual added to the result."""
     g = torch.Generator().manual_seed(3)
     qw = quantize(torch.randn(96, 128, generator=g), fmt)
+    check_pre_ops_and_residual(qw, g, PRODUCT_RTOL)
+
+
+def test_dense_kernel_pre_ops_and_residual():
+    """The same calls with a dense fp32 weight (a dense plain layer's fused path): the products through sgemm's kernel,
+    bit for bit, after the same pre-ops."""
+    if not dense_kernel():
+        pytest.skip("specmtp's fp32 kernel has no vector path on this CPU")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 128, generator=g)
+    check_pre_ops_and_residual(w, g, 1e-6)
+    x, b = torch.randn(5, 128, generator=g), torch.randn(96, generator=g)
+    assert torch.equal(qlinear(x, w, b), sgemm(x, w, b))
+
+
+def check_pre_ops_and_residual(qw, g, rtol):
     x, norm, res = torch.randn(5, 128, generator=g), torch.rand(128, generator=g) + 0.5, torch.randn(5, 96, generator=g)
     ref = qlinear(torch.nn.functional.rms_norm(x, (128,), norm, 1e-6), qw)
     y = qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)
-    assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
+    assert (y - ref).norm() / ref.norm() < rtol
     gate_up = torch.randn(5, 256, generator=g)
     ref = qlinear(torch.nn.functional.silu(gate_up[:, :128]) * gate_up[:, 128:], qw)
     y = qlinear(gate_up, qw, pre="swiglu")
-    assert (y - ref).norm() / ref.norm() < PRODUCT_RTOL
+    assert (y - ref).norm() / ref.norm() < rtol
     assert torch.equal(qlinear(x, qw, residual=res), qlinear(x, qw) + res)
     assert torch.equal(qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)[2:3],
                        qlinear(x[2:3], qw, pre="rms_norm", norm=norm, eps=1e-6))  # per token: batch-invariant

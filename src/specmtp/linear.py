@@ -51,7 +51,7 @@ def fast_paths() -> bool:
     return _enabled
 
 
-def _own_pool(active: bool) -> None:
+def own_pool(active: bool) -> None:
     """torch on one thread while our pool does the products; its own count back before a large product."""
     global _torch_threads
     if active:
@@ -68,7 +68,7 @@ def _own_pool(active: bool) -> None:
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in] (dense, or a quant.QuantWeight), bias: [out] -> [..., out]"""
     if not isinstance(weight, torch.Tensor):
-        _own_pool(True)  # the quantized kernels run on specmtp's pool too
+        own_pool(True)  # the quantized kernels run on specmtp's pool too
         return quant.qlinear(x, weight, bias)
     fast = (
         _enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
@@ -77,7 +77,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     small = fast and 0 < x2.shape[0] <= SMALL_ROWS and weight.is_contiguous() and quant.dense_kernel()
-    _own_pool(small)
+    own_pool(small)
     if small:
         y = quant.sgemm(x2, weight, bias)
     elif fast and _ONEDNN:

@@ -62,7 +62,7 @@ def load_model(ref: str, dtype: str = "fp32", progress: bool = True, weights: st
         from specmtp import quant
 
         config, model = load_hf_dir(path, DTYPES[dtype])
-        quant.fuse_dense_attention(model)  # fp32 on a CPU with specmtp's kernels: its attention kernel too
+        quant.fuse_dense_layers(model)  # fp32 on a CPU with specmtp's kernels: its layers through them too
     else:
         from specmtp import quant
 

@@ -24,7 +24,7 @@ from torch import nn
 from specmtp import quant
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
-from specmtp.linear import Linear, fast_paths, linear
+from specmtp.linear import SMALL_ROWS, Linear, fast_paths, linear, own_pool
 from specmtp.tree import ancestors
 
 
@@ -168,6 +168,12 @@ class Layer(nn.Module):
         """Whether attention over t new tokens of b rows runs in quant.attend (which needs no mask)."""
         return self.fused_attention and b == 1 and t <= INVARIANT_MAX_T and cache.k[self.index].shape[0] == 1 and (
             self.wqkv.qweight is not None or fast_paths())
+
+    def runs_fused(self, rows: int) -> bool:
+        """Whether a forward over `rows` tokens takes the fused kernel calls (`fused` set): always with quantized
+        weights; with dense fp32 ones for decode-sized passes (a prefill's products are faster through oneDNN),
+        outside autograd, with the fast paths on."""
+        return self.wqkv.qweight is not None or (rows <= SMALL_ROWS and fast_paths() and not torch.is_grad_enabled())
 
     def plain_layer(self) -> bool:
         """Pre-norm, SwiGLU MLP, nothing else (Llama, Qwen2): what the fused quantized forward computes."""
@@ -339,12 +345,16 @@ class Layer(nn.Module):
         tree: torch.Tensor | None = None,  # [B, T] a draft tree's parents (specmtp.tree); None: a causal run
     ) -> torch.Tensor:  # [B, T, H]
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        if self.fused:  # quantized plain or query-only plain layer: norms, SwiGLU, residual adds in the kernel calls
-            qkv = quant.qlinear(x, self.wqkv.qweight, self.wqkv.bias, "rms_norm", self.attn_norm, eps)
+        if self.fused and self.runs_fused(x.shape[0] * x.shape[1]):
+            # plain or query-only plain layer: norms, SwiGLU, residual adds in the kernel calls
+            own_pool(True)
+            w = [m.qweight if m.qweight is not None else m.weight for m in (self.wqkv, self.wo, self.w_gate_up,
+                                                                            self.w_down)]
+            qkv = quant.qlinear(x, w[0], self.wqkv.bias, "rms_norm", self.attn_norm, eps)
             out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache, tree)
-            x = quant.qlinear(out, self.wo.qweight, self.wo.bias, residual=x)
-            gate_up = quant.qlinear(x, self.w_gate_up.qweight, None, "rms_norm", self.mlp_norm, eps)
-            return quant.qlinear(gate_up, self.w_down.qweight, None, "swiglu", residual=x)
+            x = quant.qlinear(out, w[1], self.wo.bias, residual=x)
+            gate_up = quant.qlinear(x, w[2], None, "rms_norm", self.mlp_norm, eps)
+            return quant.qlinear(gate_up, w[3], None, "swiglu", residual=x)
         out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache, tree)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.attn_post_norm, eps)
@@ -449,8 +459,10 @@ class Transformer(nn.Module):
         ropes = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions) for kind in set(cfg.layer_types)}
         x = self.embed_tokens(tokens)
         if self.stack is not None and tokens.shape[0] == 1 and tokens.shape[1] <= INVARIANT_MAX_T and (
-                cache.batch_size == 1 and cache.k[0].device.type == "cpu"):
-            # quantized plain layers, one row: the whole stack in one kernel call, the same computation as below
+                cache.batch_size == 1 and cache.k[0].device.type == "cpu" and self.layers[0].runs_fused(
+                    tokens.shape[1])):
+            # plain fused layers, one row: the whole stack in one kernel call, the same computation as below
+            own_pool(True)
             x = x[0].contiguous()  # [T, H]
             kv, first = cache.pointers(), 0
             for j, last in enumerate((*taps, cfg.num_layers - 1)):  # layers first..last in one call each

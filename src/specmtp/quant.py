@@ -182,20 +182,27 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
 
 
 PRE = {None: 0, "rms_norm": 1, "swiglu": 2}
+DENSE_FORMAT = 32  # the kernels' format code for dense fp32 weights (FMT_F32)
 
 
 def qlinear(
     x: torch.Tensor,  # [..., K] ([..., 2K] with pre="swiglu": gate then up)
-    qw: QuantWeight,
+    qw: QuantWeight | torch.Tensor,  # or a dense fp32 weight [N, K] (contiguous), through specmtp's fp32 kernel
     bias: torch.Tensor | None = None,
     pre: str | None = None,  # what the kernel applies to each token first: None, "rms_norm" (with norm, eps), "swiglu"
     norm: torch.Tensor | None = None,  # [K] the RMSNorm weight
     eps: float = 0.0,
     residual: torch.Tensor | None = None,  # [..., N] added to the result
 ) -> torch.Tensor:  # [..., N]
-    """pre(x) @ W.T + bias + residual through the quantized kernels (fp32 in and out)."""
+    """pre(x) @ W.T + bias + residual through the quantized kernels (fp32 in and out); a dense weight's product
+    through `sgemm`'s kernel, after the same pre-op (so a dense plain layer runs as the same calls as a quantized
+    one, and as one kernel call for the stack)."""
     require()
     n, k = qw.shape
+    if isinstance(qw, torch.Tensor):
+        fmt, ptrs = DENSE_FORMAT, (qw.data_ptr(), 0, 0)
+    else:
+        fmt, ptrs = qw.fmt, (qw.qs.data_ptr(), qw.d.data_ptr(), qw.m.data_ptr() if qw.m is not None else 0)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -205,10 +212,8 @@ def qlinear(
     if norm is not None:
         norm = norm.float().contiguous()
     r = residual.reshape(-1, n).float().contiguous() if residual is not None else None
-    _qkernels.gemm(qw.fmt, x2.data_ptr(), x2.shape[0], k, qw.qs.data_ptr(), qw.d.data_ptr(),
-                   qw.m.data_ptr() if qw.m is not None else 0, b.data_ptr() if b is not None else 0,
-                   y.data_ptr(), n, PRE[pre], norm.data_ptr() if norm is not None else 0, eps,
-                   r.data_ptr() if r is not None else 0)
+    _qkernels.gemm(fmt, x2.data_ptr(), x2.shape[0], k, *ptrs, _ptr(b), y.data_ptr(), n, PRE[pre], _ptr(norm), eps,
+                   _ptr(r))
     return y.reshape(*shape[:-1], n)
 
 
@@ -240,10 +245,10 @@ ROPE_INDEX = {"full_attention": 0, "sliding_attention": 1}
 
 
 def stack_descriptor(layers) -> torch.Tensor | None:
-    """The kernels' description of a stack of plain quantized layers (model.Layer with `fused` set, fp32 norms), as
-    int64 [L, LAYER_FIELDS]: per matrix (qkv, o, gate_up, down) format, weight/scale/offset pointers and rows, then
-    biases, norms, heads, head dim, window and RoPE kind. None where a layer does not qualify. The pointers are into
-    the layers' own tensors, which are never replaced after quantization."""
+    """The kernels' description of a stack of plain layers (model.Layer with `fused` set: quantized, or dense fp32;
+    fp32 norms), as int64 [L, LAYER_FIELDS]: per matrix (qkv, o, gate_up, down) format, weight/scale/offset pointers
+    and rows, then biases, norms, heads, head dim, window and RoPE kind. None where a layer does not qualify. The
+    pointers are into the layers' own tensors, which are never replaced after loading."""
     rows = []
     for layer in layers:
         mats = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
@@ -255,7 +260,10 @@ def stack_descriptor(layers) -> torch.Tensor | None:
         f = [0] * LAYER_FIELDS
         for i, m in enumerate(mats):
             qw = m.qweight
-            f[5 * i : 5 * i + 5] = [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
+            if qw is None:  # dense fp32 (fuse_dense_layers checked it)
+                f[5 * i : 5 * i + 5] = [DENSE_FORMAT, m.weight.data_ptr(), 0, 0, m.weight.shape[0]]
+            else:
+                f[5 * i : 5 * i + 5] = [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
         f[20:29] = [_ptr(biases[0]), _ptr(biases[1]), norms[0].data_ptr(), norms[1].data_ptr(), layer.cfg.num_heads,
                     layer.kv_heads, layer.head_dim, layer.window or 0, ROPE_INDEX[layer.kind]]
         rows.append(f)
@@ -335,17 +343,27 @@ def quantize_model(model: torch.nn.Module, fmt: str, head: bool = True) -> int:
     return total
 
 
-def fuse_dense_attention(model: torch.nn.Module) -> bool:
-    """A dense fp32 model on a CPU with specmtp's kernels: its plain (Llama/Qwen2) layers attend through
-    `attend` for one row, as quantized layers do. One kernel call replaces RoPE, the cache write and SDPA (a
-    one-token step of SmolLM2-135M ~2 ms faster on 2 cores), and a verify pass then computes each of its
-    tokens exactly as a one-token step does, so speculative output is bit-identical to target-only."""
-    dense = all(getattr(layer.wqkv, "qweight", None) is None and layer.wqkv.weight.dtype == torch.float32
-                and layer.wqkv.weight.device.type == "cpu" for layer in getattr(model, "layers", []))
-    if not (dense and dense_kernel()):
+def fuse_dense_layers(model: torch.nn.Module) -> bool:
+    """A dense fp32 model on a CPU with specmtp's kernels: its plain (Llama/Qwen2) layers attend through `attend`
+    for one row, as quantized layers do (one kernel call for RoPE, the cache write and attention; a verify pass
+    then computes each of its tokens exactly as a one-token step does, so speculative output is bit-identical to
+    target-only), and for decode-sized passes their whole forward runs as the fused kernel calls of `qlinear`
+    (norm, SwiGLU and residual add in the calls) and, for one row, the whole stack as one call (`run_stack`):
+    no interpreter or torch op between the products. A prefill keeps torch's norms and oneDNN's products."""
+    from specmtp.linear import Linear
+
+    layers = getattr(model, "layers", [])
+    dense = all(isinstance(m, Linear) and m.qweight is None and m.weight.dtype == torch.float32
+                and m.weight.device.type == "cpu" and m.weight.is_contiguous()
+                for layer in layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    if not (layers and dense and dense_kernel()):
         return False
-    for layer in model.layers:
+    for layer in layers:
         layer.fused_attention = layer.plain_attention()
+        widths = (layer.wqkv.weight.shape[1], layer.wo.weight.shape[1], layer.w_down.weight.shape[1])
+        layer.fused = layer.plain_layer() and all(w % QK == 0 for w in widths)  # the kernels prepare blocks of 32
+    if hasattr(model, "stack"):
+        model.stack = stack_descriptor(model.layers)
     return True
 
 

@@ -46,6 +46,7 @@
 #endif
 
 #define QK 32
+#define FMT_F32 32  /* gemm_run's format for dense fp32 weights */
 #define MAX_THREADS 64
 
 /* ---------------------------------------------------------------------------------------------------------- */
@@ -438,7 +439,7 @@ static void run_parallel(const gemm_args *a) { run_parts(gemm_part, a, a->n * a-
 /* same order whatever T, the tile, the tile's other rows or the thread split: batch-invariant.               */
 
 typedef struct {
-    const float *x, *w, *bias;
+    const float *x, *w, *bias, *res;  /* res: [T, N] added last (may be y itself), or NULL */
     float *y;
     int64_t t, k, n;
     int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first) */
@@ -572,6 +573,13 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8_avx5
 }
 #endif
 
+/* y = sum + bias (+ res): the per-layer path's `x + linear(...)`, the same two additions */
+static inline void sgemm_store(const sgemm_args *a, int64_t t, int64_t n, float sum) {
+    const int64_t at = t * a->n + n;
+    const float y = sum + (a->bias ? a->bias[n] : 0.0f);
+    a->y[at] = a->res ? a->res[at] + y : y;
+}
+
 static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row tiles */
     const sgemm_args *a = (const sgemm_args *)arg;
     const int64_t tiles = (a->n + 3) / 4, per = (tiles + parts - 1) / parts;
@@ -593,8 +601,7 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
                 sdot_tile8_avx512(w + 2 * half, x, a->k, out, pf);
                 for (int u = 0; u < 8 && t + u < a->t; u++)
                     for (int r = 0; r < 2 && n0 + 2 * half + r < a->n; r++)
-                        a->y[(t + u) * a->n + n0 + 2 * half + r] =
-                            out[2 * u + r] + (a->bias ? a->bias[n0 + 2 * half + r] : 0.0f);
+                        sgemm_store(a, t + u, n0 + 2 * half + r, out[2 * u + r]);
             }
         }
         for (; isa == ISA_VNNI && t + 3 <= a->t; t += 4) {  /* 3 or 4 tokens at a time (a spare one: t again) */
@@ -604,7 +611,7 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
             sdot_tile4_avx512(w, x, a->k, out, pf);
             for (int u = 0; u < 4 && t + u < a->t; u++)
                 for (int r = 0; r < 4 && n0 + r < a->n; r++)
-                    a->y[(t + u) * a->n + n0 + r] = out[4 * u + r] + (a->bias ? a->bias[n0 + r] : 0.0f);
+                    sgemm_store(a, t + u, n0 + r, out[4 * u + r]);
         }
 #endif
         for (; t < a->t; t += 2) {
@@ -623,8 +630,61 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
             }
             for (int u = 0; u < 2 && t + u < a->t; u++)
                 for (int r = 0; r < 4 && n0 + r < a->n; r++)
-                    a->y[(t + u) * a->n + n0 + r] = out[4 * u + r] + (a->bias ? a->bias[n0 + r] : 0.0f);
+                    sgemm_store(a, t + u, n0 + r, out[4 * u + r]);
         }
+    }
+}
+
+/* Which tile takes 1-2 and 3-4 tokens where the 8-token tile exists: the narrow ones (4 rows x 2 or 4 tokens) or
+   the 8-token tile with spare tokens. They give the same bits, not the same speed: on a 2-core Zen 4 the narrow
+   tiles stream weights faster while memory is fast (the 8-token tile is then bound by its multiply-adds) and slower
+   while it is slow (another tenant's traffic), by 10-25% either way, and that changes from minute to minute. So
+   the choice is measured as it runs: per weight shape and token class, a moving average of each tile's time per
+   weight, the one not in use timed every 16th call. */
+#define TUNE_SLOTS 64
+typedef struct {
+    int64_t n, k;
+    double cost[2][2];  /* [class: 1-2, 3-4 tokens][narrow, wide] seconds per weight; 0: not yet measured */
+    uint32_t calls[2];
+} tune_slot;
+static tune_slot tune[TUNE_SLOTS];
+static int tune_used = 0;
+static int tile_mode = -1;  /* -1: measured; 0: always narrow; 1: always wide (tests, benchmarks) */
+
+static tune_slot *tune_find(int64_t n, int64_t k) {
+    for (int i = 0; i < tune_used; i++)
+        if (tune[i].n == n && tune[i].k == k) return &tune[i];
+    if (tune_used == TUNE_SLOTS) return NULL;  /* more shapes than slots: the rest stay narrow */
+    tune[tune_used] = (tune_slot){.n = n, .k = k};
+    return &tune[tune_used++];
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* y[T, N] = x[T, K] @ W[N, K]^T (+ bias) (+ res) on the pool, with the measured tile choice above */
+static void sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const float *bias, float *y, int64_t n,
+                      const float *res) {
+    sgemm_args a = {x, w, bias, res, y, t, k, n, 0};
+    tune_slot *slot = NULL;
+    const int cls = t > 2;
+    if (isa == ISA_VNNI && t <= 4) {
+        if (tile_mode >= 0)
+            a.wide = tile_mode;
+        else if ((slot = tune_find(n, k)) != NULL) {
+            const double *c = slot->cost[cls];
+            const int best = c[1] > 0 && c[0] > 0 && c[1] < c[0];
+            a.wide = c[0] == 0 ? 0 : c[1] == 0 ? 1 : ++slot->calls[cls] % 16 == 0 ? !best : best;
+        }
+    }
+    const double start = slot ? now_s() : 0.0;
+    run_parts(sgemm_part, &a, n * k * t);
+    if (slot) {  /* an interrupted call counts at most 4x the average */
+        double *c = &slot->cost[cls][a.wide], dt = (now_s() - start) / (double)(n * k);
+        *c = *c == 0 ? dt : *c + ((dt < 4 * *c ? dt : 4 * *c) - *c) / 8;
     }
 }
 
@@ -675,10 +735,87 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *a, c
     return hsum(acc);
 }
 
-__attribute__((target("avx2,fma,f16c"))) static void axpy_avx2(float *y, float w, const float *x, int64_t d) {
-    const __m256 wv = _mm256_set1_ps(w);
-    for (int64_t j = 0; j < d; j += 8)
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+
+#ifdef SPECMTP_X86
+/* exp(x) for x <= 0, 8 lanes: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite split of ln2), e^r by its degree-6 Taylor
+ * polynomial (Horner, fused multiply-adds), times 2^n through the exponent bits; 0 below -87 (where 2^n would be
+ * subnormal). Within 2 ulp of expf; the same bits for the same input whatever the lane or the call. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 exp_neg_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), _mm256_max_ps(x, lo));
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(y, _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+}
+
+/* One (token, head) over its n visible slots, d a multiple of 8 (AVX2 + FMA): each score is dot_avx2's sum (4 keys
+ * in flight), the weights exp(score - max) 8 at a time (exp_neg_avx2), their sum in 8 lanes, and the output
+ * accumulated in registers 64 dims at a time (slot by slot, one fused multiply-add per element and slot). Nothing depends on the other tokens or heads: batch-invariant. */
+__attribute__((target("avx2,fma,f16c"))) static void attend_one_avx2(const attn_args *a, int64_t i, const float *q,
+                                                               const float *k, const float *v, float *sc, int64_t n,
+                                                               int64_t pre, int64_t lo, int64_t skip, float *o) {
+    const int64_t d = a->d;
+    const int32_t *path = a->path + i * MAX_TREE;
+#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + SLOT(j) * d, *k1 = k + SLOT(j + 1) * d, *k2 = k + SLOT(j + 2) * d,
+                    *k3 = k + SLOT(j + 3) * d;
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        for (int64_t e = 0; e < d; e += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + e);
+            c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), c0);
+            c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), c1);
+            c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), c2);
+            c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), c3);
+        }
+        sc[j] = hsum(c0) * a->scale;
+        sc[j + 1] = hsum(c1) * a->scale;
+        sc[j + 2] = hsum(c2) * a->scale;
+        sc[j + 3] = hsum(c3) * a->scale;
+    }
+    for (; j < n; j++) sc[j] = dot_avx2(q, k + SLOT(j) * d, d) * a->scale;
+    float m = -INFINITY;
+    for (j = 0; j < n; j++) m = sc[j] > m ? sc[j] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 w = exp_neg_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+        _mm256_storeu_ps(sc + j, w);
+        sum = _mm256_add_ps(sum, w);
+    }
+    if (j < n) {  /* the last partial vector: spare lanes 0 */
+        float tail[8];
+        for (int u = 0; u < 8; u++) tail[u] = j + u < n ? sc[j + u] - m : -INFINITY;
+        const __m256 w = exp_neg_avx2(_mm256_loadu_ps(tail));
+        _mm256_storeu_ps(tail, w);
+        for (int u = 0; j + u < n; u++) sc[j + u] = tail[u];
+        sum = _mm256_add_ps(sum, w);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    for (int64_t c = 0; c < d; c += 64) {  /* 64 output dims (8 registers) at a time */
+        const int64_t width = d - c < 64 ? (d - c) / 8 : 8;
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const __m256 w = _mm256_set1_ps(sc[j]);
+            const float *vs = v + SLOT(j) * d + c;
+            for (int r = 0; r < width; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * r), acc[r]);
+        }
+        for (int r = 0; r < width; r++) _mm256_storeu_ps(o + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+    }
+#undef SLOT
 }
 #endif
 
@@ -688,8 +825,6 @@ static void attend_part(const void *arg, int part, int parts) {
     float *sc = a->scores + part * a->s;
 #ifdef SPECMTP_X86
     const int vec = use_avx2 && d % 8 == 0;
-#else
-    const int vec = 0;
 #endif
     /* parts split the (token, head) pairs */
     const int64_t total = a->t * a->hq, per = (total + parts - 1) / parts;
@@ -701,32 +836,28 @@ static void attend_part(const void *arg, int part, int parts) {
         /* visible slots in ascending position: [lo, pos0), then the path's tokens from depth lo - pos0 on */
         const int64_t pre = lo < a->pos0 ? a->pos0 - lo : 0, skip = lo > a->pos0 ? lo - a->pos0 : 0;
         const int64_t n = pre + a->depth[i] + 1 - skip;
-#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
         const float *q = a->qkv + i * stride + h * d;
         const float *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
+        float *o = a->out + i * a->hq * d + h * d;
+#ifdef SPECMTP_X86
+        if (vec) {
+            attend_one_avx2(a, i, q, k, v, sc, n, pre, lo, skip, o);
+            continue;
+        }
+#endif
+#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
         float m = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
-            const int64_t slot = SLOT(j);
-#ifdef SPECMTP_X86
-            const float x = (vec ? dot_avx2(q, k + slot * d, d) : dot_scalar(q, k + slot * d, d)) * a->scale;
-#else
-            const float x = dot_scalar(q, k + slot * d, d) * a->scale;
-#endif
+            const float x = dot_scalar(q, k + SLOT(j) * d, d) * a->scale;
             sc[j] = x;
             m = x > m ? x : m;
         }
-        float *o = a->out + i * a->hq * d + h * d, sum = 0.0f;
+        float sum = 0.0f;
         memset(o, 0, sizeof(float) * (size_t)d);
         for (int64_t j = 0; j < n; j++) {
-            const int64_t slot = SLOT(j);
             const float w = expf(sc[j] - m);
             sum += w;
-#ifdef SPECMTP_X86
-            if (vec)
-                axpy_avx2(o, w, v + slot * d, d);
-            else
-#endif
-                axpy_scalar(o, w, v + slot * d, d);
+            axpy_scalar(o, w, v + SLOT(j) * d, d);
         }
 #undef SLOT
         const float inv = 1.0f / sum;
@@ -752,6 +883,7 @@ typedef struct {
     int64_t t, k;
     int8_t *xq;            /* [T, K] */
     float *xd, *xs;        /* [T, K/32] */
+    float *xf;             /* dense weights: [T, K] the prepared activations in fp32 (xq, xd, xs unused) */
 } prep_args;
 
 /* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
@@ -772,12 +904,20 @@ static void prep_part(const void *arg, int part, int parts) {
             for (int j = 0; j < QK; j++) v[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
             src = v;
         }
-        quantize_block(src, a->xq + i * a->k + b * QK, a->xd + i * nb + b, a->xs + i * nb + b);
+        if (a->xf)
+            memcpy(a->xf + i * a->k + b * QK, src, sizeof(float) * QK);
+        else
+            quantize_block(src, a->xq + i * a->k + b * QK, a->xd + i * nb + b, a->xs + i * nb + b);
     }
 }
 
+static float *scratch_x = NULL;  /* dense weights: the prepared fp32 activations */
+static int64_t scratch_x_cap = 0;
+
 /* y[T, N] = pre(x)[T, K] @ W[N, K]^T + bias + res (res may be y itself: each element is read, then written, by
- * one thread). Returns 0, or -1 when the scratch memory cannot be had. */
+ * one thread). fmt 4 / 8: quantized weights (wq, wd, wm); FMT_F32: dense fp32 weights W = (const float *)wq, the
+ * prepared activations kept in fp32 and the product through sgemm_run. Returns 0, or -1 when the scratch memory
+ * cannot be had. */
 static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
                     const uint16_t *wm, const float *bias, float *y, int64_t n, int pre, const float *norm, float eps,
                     const float *res) {
@@ -793,6 +933,15 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
             return -1;
         }
     }
+    if (fmt == FMT_F32 && pre != PRE_NONE && t * k > scratch_x_cap) {
+        free(scratch_x);
+        scratch_x_cap = t * k;
+        scratch_x = (float *)malloc(sizeof(float) * (size_t)scratch_x_cap);
+        if (!scratch_x) {
+            scratch_x_cap = 0;
+            return -1;
+        }
+    }
     float *xd = scratch_f, *xs = scratch_f + t * nb, *rscale = scratch_f + 2 * t * nb;
     if (pre == PRE_RMSNORM)
         for (int64_t i = 0; i < t; i++) {
@@ -801,7 +950,16 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
             for (int64_t j = 0; j < k; j++) ss += row[j] * row[j];
             rscale[i] = 1.0f / sqrtf(ss / (float)k + eps);
         }
-    prep_args p = {pre, x, norm, rscale, t, k, scratch_q, xd, xs};
+    if (fmt == FMT_F32) {
+        if (pre != PRE_NONE) {
+            prep_args p = {pre, x, norm, rscale, t, k, NULL, NULL, NULL, scratch_x};
+            run_parts(prep_part, &p, pre == PRE_SWIGLU ? 16 * t * k : t * k);
+            x = scratch_x;
+        }
+        sgemm_run(x, t, k, (const float *)wq, bias, y, n, res);
+        return 0;
+    }
+    prep_args p = {pre, x, norm, rscale, t, k, scratch_q, xd, xs, NULL};
     run_parts(prep_part, &p, pre == PRE_SWIGLU ? 16 * t * k : t * k);  /* SwiGLU's expf: worth two threads */
     gemm_args a = {fmt, scratch_q, xd, xs, wq, wd, wm, bias, res, y, t, n, k};
     run_parallel(&a);
@@ -928,8 +1086,8 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32");
         return NULL;
     }
-    if (fmt != 4 && fmt != 8) {
-        PyErr_SetString(PyExc_ValueError, "format must be 4 or 8");
+    if (fmt != 4 && fmt != 8 && fmt != FMT_F32) {
+        PyErr_SetString(PyExc_ValueError, "format must be 4, 8 or 32 (dense fp32)");
         return NULL;
     }
     if (pre < PRE_NONE || pre > PRE_SWIGLU || (pre == PRE_RMSNORM && !norm)) {
@@ -986,62 +1144,16 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Which tile takes 1-2 and 3-4 tokens where the 8-token tile exists: the narrow ones (4 rows x 2 or 4 tokens) or
-   the 8-token tile with spare tokens. They give the same bits, not the same speed: on a 2-core Zen 4 the narrow
-   tiles stream weights faster while memory is fast (the 8-token tile is then bound by its multiply-adds) and slower
-   while it is slow (another tenant's traffic), by 10-25% either way, and that changes from minute to minute. So
-   the choice is measured as it runs: per weight shape and token class, a moving average of each tile's time per
-   weight, the one not in use timed every 16th call. */
-#define TUNE_SLOTS 64
-typedef struct {
-    int64_t n, k;
-    double cost[2][2];  /* [class: 1-2, 3-4 tokens][narrow, wide] seconds per weight; 0: not yet measured */
-    uint32_t calls[2];
-} tune_slot;
-static tune_slot tune[TUNE_SLOTS];
-static int tune_used = 0;
-static int tile_mode = -1;  /* -1: measured; 0: always narrow; 1: always wide (tests, benchmarks) */
-
-static tune_slot *tune_find(int64_t n, int64_t k) {
-    for (int i = 0; i < tune_used; i++)
-        if (tune[i].n == n && tune[i].k == k) return &tune[i];
-    if (tune_used == TUNE_SLOTS) return NULL;  /* more shapes than slots: the rest stay narrow */
-    tune[tune_used] = (tune_slot){.n = n, .k = k};
-    return &tune[tune_used++];
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static PyObject *py_sgemm(PyObject *self, PyObject *args) {
-    unsigned long long x, w, bias, y;
+    unsigned long long x, w, bias, y, res = 0;
     long long t, k, n;
-    if (!PyArg_ParseTuple(args, "KLLKKKL", &x, &t, &k, &w, &bias, &y, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "KLLKKKL|K", &x, &t, &k, &w, &bias, &y, &n, &res)) return NULL;
     if (t < 1 || k < 1 || n < 1) {
         PyErr_SetString(PyExc_ValueError, "T, K and N must be positive");
         return NULL;
     }
-    sgemm_args a = {(const float *)x, (const float *)w, bias ? (const float *)bias : NULL, (float *)y, t, k, n, 0};
-    tune_slot *slot = NULL;
-    const int cls = t > 2;
-    if (isa == ISA_VNNI && t <= 4) {
-        if (tile_mode >= 0)
-            a.wide = tile_mode;
-        else if ((slot = tune_find(n, k)) != NULL) {
-            const double *c = slot->cost[cls];
-            const int best = c[1] > 0 && c[0] > 0 && c[1] < c[0];
-            a.wide = c[0] == 0 ? 0 : c[1] == 0 ? 1 : ++slot->calls[cls] % 16 == 0 ? !best : best;
-        }
-    }
-    const double start = slot ? now_s() : 0.0;
-    run_parts(sgemm_part, &a, n * k * t);  /* the GIL stays held: the pool serves one call at a time */
-    if (slot) {  /* an interrupted call counts at most 4x the average */
-        double *c = &slot->cost[cls][a.wide], dt = (now_s() - start) / (double)(n * k);
-        *c = *c == 0 ? dt : *c + ((dt < 4 * *c ? dt : 4 * *c) - *c) / 8;
-    }
+    sgemm_run((const float *)x, t, k, (const float *)w, bias ? (const float *)bias : NULL, (float *)y, n,
+              res ? (const float *)res : NULL);  /* the GIL stays held: the pool serves one call at a time */
     Py_RETURN_NONE;
 }
 
