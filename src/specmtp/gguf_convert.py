@@ -198,13 +198,26 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+KEY_BYTES = 1 << 20  # the cache key reads this much of a GGUF file's head and of its tail
+
+
+def content_key(path: Path) -> str:
+    """A GGUF file's cache key from its content (size, the first and last MiB: its metadata and some of its
+    weights), not its path or modification time: the same model installed into another environment (a fresh
+    virtualenv, a clean clone's) finds its conversion instead of making another copy of it."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}|{CONVERTER_VERSION}|".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(KEY_BYTES))
+        if size > 2 * KEY_BYTES:
+            f.seek(size - KEY_BYTES)
+        h.update(f.read(KEY_BYTES))
+    return h.hexdigest()[:16]
+
+
 def converted_dir(gguf_path: Path, progress: bool = True) -> Path:
     """The cached HF-layout conversion of `gguf_path`, converting it first if needed."""
-    st = gguf_path.stat()
-    key = hashlib.sha256(
-        f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()
-    ).hexdigest()[:16]
-    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    out = cache_root() / "gguf" / f"{gguf_path.stem}-{content_key(gguf_path)}"
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
