@@ -178,15 +178,16 @@ def test_loader_quantizes_each_layer_as_it_reads(tiny_dir, family):
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("d,slots,pos0", [(16, 32, 11), (128, 96, 70)])  # short; two 64-dim output chunks, 74 slots
 @pytest.mark.parametrize("window", [None, 5])
-def test_fused_attention_matches_reference(path, window):
+def test_fused_attention_matches_reference(path, window, d, slots, pos0):
     """quant.attend (RoPE, cache write, attention of one row's new tokens) against rope + SDPA over the slots each
     query may see; and each token's output is the same computed alone or with the others (batch invariance)."""
     from specmtp.model import apply_rope, rope_cos_sin
     from specmtp.quant import attend
 
     g = torch.Generator().manual_seed(0)
-    hq, hkv, d, slots, pos0, t = 6, 2, 16, 32, 11, 4
+    hq, hkv, t = 6, 2, 4
     qkv = torch.randn(1, t, (hq + 2 * hkv) * d, generator=g)
     cache = [torch.randn(1, hkv, slots, d, generator=g) for _ in range(2)]
     cos, sin = rope_cos_sin(1.0 / (10000 ** (torch.arange(0, d, 2) / d)), torch.arange(pos0, pos0 + t)[None])

@@ -19,7 +19,7 @@ import torch
 from specmtp.drafters.base import DraftContext, Drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
-from specmtp.sampling import SamplingParams, probabilities, sample
+from specmtp.sampling import SamplingParams, argmax, probabilities, sample
 from specmtp.schedule import Schedule, make_schedule
 from specmtp.tree import depths, input_parents, is_chain, last_input
 from specmtp.verify import verify_greedy, verify_sampled, verify_tree
@@ -312,7 +312,7 @@ class Engine:
             logits = model.logits(hidden)  # [B, n+1, V]
             path = None  # [B, n] a tree's accepted nodes, root-down
             if parents is not None:
-                choice = logits.argmax(-1) if sampling.greedy else sample(
+                choice = argmax(logits) if sampling.greedy else sample(
                     probabilities(logits.flatten(0, 1), sampling), generator).view(bsz, -1)  # [B, n+1]
                 out, num_accepted, path = verify_tree(choice, drafts, parents, num_drafts)
             elif sampling.greedy:
@@ -358,5 +358,5 @@ class Engine:
     def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
         """logits: [B, V] -> tokens [B]"""
         if sampling.greedy:
-            return logits.argmax(-1)
+            return argmax(logits)
         return sample(probabilities(logits, sampling), generator)

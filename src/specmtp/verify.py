@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from specmtp.sampling import argmax
 from specmtp.tree import last_input
 
 
@@ -33,7 +34,7 @@ def verify_greedy(
     num_drafts: torch.Tensor,  # [B] valid drafts per row
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, N+1], num_accepted [B]
     """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]."""
-    target = target_logits.argmax(-1)  # [B, N+1]
+    target = argmax(target_logits)  # [B, N+1]
     n = drafts.shape[1]
     valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]  # [B, N]
     match = (drafts == target[:, :n]) & valid
