@@ -385,3 +385,17 @@ def test_linear_gives_torch_its_threads_back_for_large_products():
         assert torch.allclose(small, x[:4] @ w.T, atol=1e-4) and torch.allclose(large, x @ w.T, atol=1e-4)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("n", [1, 13, 32, 40, 1000, 49152])
+def test_argmax_kernel_is_torch_argmax(n, path):
+    """The greedy pick through the kernel: torch.argmax's index, the first of equal maxima, whatever the row length
+    (32-lane chunks, then the tail) and code path."""
+    from specmtp.sampling import argmax
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, n, generator=g)
+    assert torch.equal(argmax(x), x.argmax(-1))
+    ties = torch.randint(0, 3, (7, n), generator=g).float()  # many equal maxima per row
+    assert torch.equal(argmax(ties), ties.argmax(-1))
+    assert argmax(x[None]).shape == (1, 7)

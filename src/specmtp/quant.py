@@ -293,6 +293,11 @@ def run_stack(
                      sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents))
 
 
+def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
+    """x: [R, N] fp32 contiguous, out: [R] int64 <- the first index of each row's largest value."""
+    _qkernels.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+
+
 def set_threads(n: int) -> None:
     if _qkernels is not None:
         _qkernels.set_threads(n)

@@ -55,6 +55,14 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [..., V] -> the greedy token [...]: the first maximal index, as torch.argmax, through max (about
-    3x faster on the CPU: 20 against 60 us per 49k-token row), so every greedy pick in the engine costs the same."""
+    """logits: [..., V] -> the greedy token [...]: the first maximal index, as torch.argmax. fp32 logits on the CPU
+    go through specmtp's kernel (8 lanes of running maxima: about 10x faster than torch's single-threaded argmax on a
+    verify pass's 5 x 49k logits), anything else through max(-1), 3x faster than argmax there."""
+    from specmtp import quant
+
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and quant.available() and logits.numel():
+        flat = logits.reshape(-1, logits.shape[-1]).contiguous()
+        out = torch.empty(flat.shape[0], dtype=torch.long)
+        quant.argmax_rows(flat, out)
+        return out.view(logits.shape[:-1])
     return logits.max(-1).indices

@@ -743,6 +743,31 @@ static void axpy_scalar(float *y, float w, const float *x, int64_t d) {
 }
 
 #ifdef SPECMTP_X86
+/* Per lane u of 32 (4 vectors, so 4 independent compare-and-blend chains): the largest of x[u], x[u + 32], ... over
+ * the whole 32-float chunks of x[n], and its first index */
+__attribute__((target("avx2,fma,f16c"))) static void argmax_avx2(const float *x, int64_t n, float *best, int32_t *at) {
+    __m256 bv[4];
+    __m256i bi[4], idx[4];
+    for (int c = 0; c < 4; c++) {
+        bv[c] = _mm256_set1_ps(-INFINITY);
+        bi[c] = _mm256_setzero_si256();
+        idx[c] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * c));
+    }
+    const __m256i step = _mm256_set1_epi32(32);
+    for (int64_t j = 0; j + 32 <= n; j += 32)
+        for (int c = 0; c < 4; c++) {
+            const __m256 v = _mm256_loadu_ps(x + j + 8 * c);
+            const __m256 gt = _mm256_cmp_ps(v, bv[c], _CMP_GT_OQ);  /* strictly greater: ties keep the earlier index */
+            bv[c] = _mm256_blendv_ps(bv[c], v, gt);
+            bi[c] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi[c]), _mm256_castsi256_ps(idx[c]), gt));
+            idx[c] = _mm256_add_epi32(idx[c], step);
+        }
+    for (int c = 0; c < 4; c++) {
+        _mm256_storeu_ps(best + 8 * c, bv[c]);
+        _mm256_storeu_si256((__m256i *)(at + 8 * c), bi[c]);
+    }
+}
+
 __attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *a, const float *b, int64_t d) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
@@ -1171,6 +1196,43 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* out[r] = the first index of row r's largest value in x[rows, n] (fp32, finite logits): 32 lanes of running maxima
+ * and their first indices, then the lanes compared (ties: the smaller index), then the tail. */
+static void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        float best = -INFINITY;
+        int64_t at = 0;
+        int64_t j = 0;
+#ifdef SPECMTP_X86
+        if (use_avx2 && n >= 32) {
+            float lanes_v[32];
+            int32_t lanes_i[32];
+            argmax_avx2(row, n, lanes_v, lanes_i);
+            best = lanes_v[0], at = lanes_i[0];
+            for (int u = 1; u < 32; u++)
+                if (lanes_v[u] > best || (lanes_v[u] == best && lanes_i[u] < at)) best = lanes_v[u], at = lanes_i[u];
+            j = n - n % 32;
+        }
+#endif
+        for (; j < n; j++)
+            if (row[j] > best) best = row[j], at = j;
+        out[r] = at;
+    }
+}
+
+static PyObject *py_argmax(PyObject *self, PyObject *args) {
+    unsigned long long x, out;
+    long long rows, n;
+    if (!PyArg_ParseTuple(args, "KLLK", &x, &rows, &n, &out)) return NULL;
+    if (rows < 0 || n < 1 || n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "argmax: bad shape");
+        return NULL;
+    }
+    argmax_rows((const float *)x, rows, n, (int64_t *)out);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -1235,6 +1297,7 @@ static PyMethodDef methods[] = {
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T (+ bias), fp32"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
+    {"argmax", py_argmax, METH_VARARGS, "argmax(x, rows, N, out): out[r] = first index of the max of x[r, :N] (fp32)"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
