@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specmtp import quant
 from specmtp.errors import SpecMTPError
 
 
@@ -56,10 +57,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits: [..., V] -> the greedy token [...]: the first maximal index, as torch.argmax. fp32 logits on the CPU
-    go through specmtp's kernel (8 lanes of running maxima: about 10x faster than torch's single-threaded argmax on a
-    verify pass's 5 x 49k logits), anything else through max(-1), 3x faster than argmax there."""
-    from specmtp import quant
-
+    go through specmtp's kernel (32 lanes of running maxima: a verify pass's 5 x 49k logits in 37 us against torch's
+    300 us for argmax and 99 us for max, single-threaded), anything else through max(-1)."""
     if logits.dtype == torch.float32 and logits.device.type == "cpu" and quant.available() and logits.numel():
         flat = logits.reshape(-1, logits.shape[-1]).contiguous()
         out = torch.empty(flat.shape[0], dtype=torch.long)

@@ -778,8 +778,9 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *a, c
 
 #ifdef SPECMTP_X86
 /* exp(x) for x <= 0, 8 lanes: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite split of ln2), e^r by its degree-6 Taylor
- * polynomial (Horner, fused multiply-adds), times 2^n through the exponent bits; 0 below -87 (where 2^n would be
- * subnormal). Within 2 ulp of expf; the same bits for the same input whatever the lane or the call. */
+ * polynomial (Horner, fused multiply-adds; the first term left out, r^7 / 7!, is under 2e-7 of the result), times
+ * 2^n through the exponent bits; 0 below -87 (where 2^n would be subnormal). The same bits for the same input
+ * whatever the lane or the call. */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 exp_neg_avx2(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(1.44269504088896341f)),
@@ -800,7 +801,8 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 exp_neg_avx2(__m25
 
 /* One (token, head) over its n visible slots, d a multiple of 8 (AVX2 + FMA): each score is dot_avx2's sum (4 keys
  * in flight), the weights exp(score - max) 8 at a time (exp_neg_avx2), their sum in 8 lanes, and the output
- * accumulated in registers 64 dims at a time (slot by slot, one fused multiply-add per element and slot). Nothing depends on the other tokens or heads: batch-invariant. */
+ * accumulated in registers 64 dims at a time (slot by slot, one fused multiply-add per element and slot). Nothing
+ * depends on the other tokens or heads: batch-invariant. */
 __attribute__((target("avx2,fma,f16c"))) static void attend_one_avx2(const attn_args *a, int64_t i, const float *q,
                                                                const float *k, const float *v, float *sc, int64_t n,
                                                                int64_t pre, int64_t lo, int64_t skip, float *o) {
@@ -1294,7 +1296,7 @@ static PyMethodDef methods[] = {
     {"layers", py_layers, METH_VARARGS,
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
      "in place (a chain, or a tree)"},
-    {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N): y[T,N] = x[T,K] @ W[N,K]^T (+ bias), fp32"},
+    {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
     {"argmax", py_argmax, METH_VARARGS, "argmax(x, rows, N, out): out[r] = first index of the max of x[r, :N] (fp32)"},
