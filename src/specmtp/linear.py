@@ -93,5 +93,9 @@ class Linear(nn.Linear):
 
     qweight = None
 
+    @property
+    def kernel_weight(self):  # the quant.QuantWeight, or the dense weight [out, in]
+        return self.qweight if self.qweight is not None else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.qweight if self.qweight is not None else self.weight, self.bias)
+        return linear(x, self.kernel_weight, self.bias)

@@ -348,13 +348,11 @@ class Layer(nn.Module):
         if self.fused and self.runs_fused(x.shape[0] * x.shape[1]):
             # plain or query-only plain layer: norms, SwiGLU, residual adds in the kernel calls
             own_pool(True)
-            w = [m.qweight if m.qweight is not None else m.weight for m in (self.wqkv, self.wo, self.w_gate_up,
-                                                                            self.w_down)]
-            qkv = quant.qlinear(x, w[0], self.wqkv.bias, "rms_norm", self.attn_norm, eps)
+            qkv = quant.qlinear(x, self.wqkv.kernel_weight, self.wqkv.bias, "rms_norm", self.attn_norm, eps)
             out = self.attend_qkv(qkv, positions, rope, mask, start, end, cache, tree)
-            x = quant.qlinear(out, w[1], self.wo.bias, residual=x)
-            gate_up = quant.qlinear(x, w[2], None, "rms_norm", self.mlp_norm, eps)
-            return quant.qlinear(gate_up, w[3], None, "swiglu", residual=x)
+            x = quant.qlinear(out, self.wo.kernel_weight, self.wo.bias, residual=x)
+            gate_up = quant.qlinear(x, self.w_gate_up.kernel_weight, None, "rms_norm", self.mlp_norm, eps)
+            return quant.qlinear(gate_up, self.w_down.kernel_weight, None, "swiglu", residual=x)
         out = self.attention(rms_norm(x, self.attn_norm, eps), positions, rope, mask, start, end, cache, tree)
         if cfg.sandwich_norm:
             out = rms_norm(out, self.attn_post_norm, eps)
