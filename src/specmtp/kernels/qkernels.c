@@ -587,7 +587,6 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
     const sgemm_args *a = (const sgemm_args *)arg;
     const int64_t tiles = (a->n + 3) / 4, per = (tiles + parts - 1) / parts;
     const int64_t t0 = per * part < tiles ? per * part : tiles, t1 = per * (part + 1) < tiles ? per * (part + 1) : tiles;
-    int64_t done = 0;  /* tokens done by the 8-token tiles */
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && (a->wide || a->t >= 5)) {  /* the thread's rows 3 at a time (spares: n0 again), each tile
                                                          over every group of 8 tokens while its rows are in cache */
@@ -607,7 +606,7 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
                     for (int r = 0; r < 3 && n0 + r < r1; r++) sgemm_store(a, g + u, n0 + r, out[3 * u + r]);
             }
         }
-        done = a->t;
+        return;  /* every token done */
     }
 #endif
     for (int64_t tile = t0; tile < t1; tile++) {
@@ -616,7 +615,7 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
         for (int r = 0; r < 4; r++) w[r] = a->w + (n0 + r < a->n ? n0 + r : n0) * a->k;  /* spare rows: n0 again */
         const float *next[4];
         for (int r = 0; r < 4; r++) next[r] = a->w + (n0 + 4 + r < a->n ? n0 + 4 + r : n0) * a->k;
-        int64_t t = done;
+        int64_t t = 0;
 #ifdef SPECMTP_X86
         for (; isa == ISA_VNNI && t + 3 <= a->t; t += 4) {  /* 3 or 4 tokens at a time (a spare one: t again) */
             const float *x[4], *const *pf = t == 0 && tile + 1 < t1 ? next : NULL;
@@ -782,10 +781,10 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const float *a, c
  * 2^n through the exponent bits; 0 below -87 (where 2^n would be subnormal). The same bits for the same input
  * whatever the lane or the call. */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 exp_neg_avx2(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(1.44269504088896341f)),
+    const __m256 lo = _mm256_set1_ps(-87.0f), xc = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), _mm256_max_ps(x, lo));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
     __m256 p = _mm256_set1_ps(1.0f / 720.0f);
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
@@ -938,17 +937,17 @@ static void prep_part(const void *arg, int part, int parts) {
     for (int64_t idx = i0; idx < i1; idx++) {
         const int64_t i = idx / nb, b = idx % nb;
         const float *row = a->x + i * width + b * QK, *src = row;
+        float *dst = a->xf ? a->xf + i * a->k + b * QK : v;  /* dense weights: prepared straight into place */
         if (a->pre == PRE_RMSNORM) {  /* norm * x / sqrt(mean(x^2) + eps) */
-            for (int j = 0; j < QK; j++) v[j] = a->norm[b * QK + j] * (row[j] * a->rscale[i]);
-            src = v;
+            for (int j = 0; j < QK; j++) dst[j] = a->norm[b * QK + j] * (row[j] * a->rscale[i]);
+            src = dst;
         } else if (a->pre == PRE_SWIGLU) {  /* silu(gate) * up */
-            for (int j = 0; j < QK; j++) v[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
-            src = v;
+            for (int j = 0; j < QK; j++) dst[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
+            src = dst;
+        } else if (a->xf) {
+            memcpy(dst, row, sizeof(float) * QK);
         }
-        if (a->xf)
-            memcpy(a->xf + i * a->k + b * QK, src, sizeof(float) * QK);
-        else
-            quantize_block(src, a->xq + i * a->k + b * QK, a->xd + i * nb + b, a->xs + i * nb + b);
+        if (!a->xf) quantize_block(src, a->xq + i * a->k + b * QK, a->xd + i * nb + b, a->xs + i * nb + b);
     }
 }
 
