@@ -59,10 +59,12 @@ def own_pool(active: bool) -> None:
         if n > 1:
             _torch_threads = n
             torch.set_num_threads(1)
-    elif _torch_threads is not None:
-        if torch.get_num_threads() == 1:
-            torch.set_num_threads(_torch_threads)
-        _torch_threads = None
+    else:
+        quant.park()  # our workers off the cores torch's threads are about to use
+        if _torch_threads is not None:
+            if torch.get_num_threads() == 1:
+                torch.set_num_threads(_torch_threads)
+            _torch_threads = None
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -298,6 +298,12 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     _qkernels.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
 
 
+def park() -> None:
+    """The kernels' idle workers sleep now instead of spinning: torch's own threads are about to need the cores."""
+    if _qkernels is not None:
+        _qkernels.park()
+
+
 def set_threads(n: int) -> None:
     if _qkernels is not None:
         _qkernels.set_threads(n)

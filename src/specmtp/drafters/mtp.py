@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specmtp import quant
+from specmtp import hugepages, quant
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
 from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.errors import SpecMTPError
@@ -306,6 +306,7 @@ class MTPDrafter(RecurrentDrafter):
             self.head = select_rows(head, self.vocab)
             if fmt is not None and isinstance(self.head, torch.Tensor) and self.head.shape[1] % quant.QK == 0:
                 self.head = quant.quantize(self.head, fmt)
+        hugepages.adopt(hugepages.large_tensors(self.module, (self.head,)))  # in 2 MB pages, as the target's weights
 
     def begin(self, ctx: DraftContext) -> None:
         if self.head is None:

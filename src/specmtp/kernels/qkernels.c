@@ -347,6 +347,12 @@ static void run_rows(const gemm_args *a, int64_t g0, int64_t g1) {
 /* ---------------------------------------------------------------------------------------------------------- */
 /* thread pool                                                                                                 */
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static int pool_size = 0;  /* threads including the caller; 0: one per online CPU */
 static pthread_t workers[MAX_THREADS];
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -358,7 +364,15 @@ typedef void (*part_fn)(const void *arg, int part, int parts);
 static part_fn pool_fn = NULL;  /* the job: every thread runs pool_fn(pool_arg, its part, pool_size) */
 static const void *pool_arg = NULL;
 static int pool_started = 0;
-static long spin_limit = 20000;  /* pause instructions before a worker sleeps (SPECMTP_SPIN overrides) */
+/* How long an idle worker spins before it sleeps (SPECMTP_SPIN_US overrides, in microseconds). Between a decode
+   step's kernel calls the interpreter runs for up to a millisecond or two (a draft tree's bookkeeping, verification):
+   a worker asleep by then costs the next call its wake-up (a drafter's first product 88 -> 149 us when workers slept
+   after 20000 pauses, 0.2 ms here). */
+static double spin_s = 3e-3;
+/* Set by park(): torch's own thread pool is about to run (a prefill's products through oneDNN), and a worker
+   spinning on a core it needs slows it about twofold (a 50-token prefill 80 -> 188 ms), so idle workers sleep at
+   once until the next job. */
+static atomic_int pool_park = 0;
 
 static void gemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row groups */
     const gemm_args *a = (const gemm_args *)arg;
@@ -374,8 +388,10 @@ static void *worker_main(void *arg) {
     for (;;) {
         long gen;
         long spins = 0;
+        double since = 0.0;  /* when the spinning started (read at the first clock check) */
         while ((gen = atomic_load(&pool_gen)) == seen) {
-            if (++spins < spin_limit) {
+            if (!atomic_load(&pool_park) &&
+                (++spins % 256 != 0 || (since == 0.0 ? (since = now_s()) : since) + spin_s > now_s())) {
 #ifdef SPECMTP_X86
                 _mm_pause();
 #endif
@@ -399,8 +415,8 @@ static void pool_start(int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (pool_started) return;  /* the size is fixed once workers exist */
-    const char *spin = getenv("SPECMTP_SPIN");
-    if (spin) spin_limit = atol(spin);
+    const char *spin = getenv("SPECMTP_SPIN_US");
+    if (spin) spin_s = 1e-6 * atof(spin);
     pool_size = threads;
     for (int i = 1; i < pool_size; i++) pthread_create(&workers[i], NULL, worker_main, (void *)(intptr_t)i);
     pool_started = 1;
@@ -413,6 +429,7 @@ static void run_parts(part_fn fn, const void *arg, int64_t work) {
         fn(arg, 0, 1);
         return;
     }
+    atomic_store(&pool_park, 0);
     pool_fn = fn;
     pool_arg = arg;
     atomic_store(&pool_done, 0);
@@ -670,12 +687,6 @@ static tune_slot *tune_find(int64_t n, int64_t k) {
     if (tune_used == TUNE_SLOTS) return NULL;  /* more shapes than slots: the rest stay narrow */
     tune[tune_used] = (tune_slot){.n = n, .k = k};
     return &tune[tune_used++];
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* y[T, N] = x[T, K] @ W[N, K]^T (+ bias) (+ res) on the pool, with the measured tile choice above */
@@ -1286,6 +1297,11 @@ static PyObject *py_sgemm_tiles(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_park(PyObject *self, PyObject *args) {
+    atomic_store(&pool_park, 1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(fmt, x, T, K, wq, wd, wm, bias, y, N[, pre, norm, eps, res]): y[T,N] = pre(x)[T,K] @ W[N,K]^T + res"},
@@ -1300,6 +1316,7 @@ static PyMethodDef methods[] = {
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
     {"argmax", py_argmax, METH_VARARGS, "argmax(x, rows, N, out): out[r] = first index of the max of x[r, :N] (fp32)"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
+    {"park", py_park, METH_NOARGS, "idle workers sleep now instead of spinning (another thread pool is about to run)"},
     {"info", py_info, METH_NOARGS, "which code path and how many threads"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa('scalar' | 'avx2' | 'vnni' | 'neon' | 'best'): the code path (tests)"},
     {NULL, NULL, 0, NULL},
