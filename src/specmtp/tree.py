@@ -31,10 +31,13 @@ def input_parents(parents: torch.Tensor) -> torch.Tensor:
 
 def depths(tree: torch.Tensor) -> torch.Tensor:
     """Inputs' parents [B, T] (root first, -1) -> depth of each input [B, T] (root 0)."""
-    out = torch.zeros_like(tree)
-    for i in range(1, tree.shape[1]):  # parents come first: one pass in index order
-        out[:, i] = out.gather(1, tree[:, i : i + 1].clamp(min=0))[:, 0] + 1
-    return out
+    rows = []
+    for par in tree.tolist():  # parents come first: one pass in index order (a few nodes: Python beats tensor ops)
+        d = [0] * len(par)
+        for i in range(1, len(par)):
+            d[i] = d[max(par[i], 0)] + 1
+        rows.append(d)
+    return torch.tensor(rows, dtype=tree.dtype, device=tree.device).view(tree.shape)
 
 
 def ancestors(tree: torch.Tensor) -> torch.Tensor:
@@ -56,4 +59,4 @@ def last_input(path: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
 
 def is_chain(parents: torch.Tensor) -> bool:
     """parents [B, N]: does every row hold a chain?"""
-    return bool((parents == torch.arange(parents.shape[1]) - 1).all())
+    return all(row == list(range(-1, len(row) - 1)) for row in parents.tolist())

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from specmtp.sampling import argmax
-from specmtp.tree import last_input
 
 
 def verify_greedy(
@@ -86,21 +85,24 @@ def verify_tree(
     nodes, root-down. Of siblings with the same token only the first can be accepted."""
     b, n = drafts.shape
     picks, tokens_l, parents_l, nums = choice.tolist(), drafts.tolist(), parents.tolist(), num_drafts.tolist()
-    order, counts = [], []  # per row: accepted nodes root-down, then the others in index order
+    order, counts, emitted = [], [], []  # per row: accepted nodes root-down then the others; how many; tokens
     for pick, toks, par, num in zip(picks, tokens_l, parents_l, nums, strict=True):  # a walk of a few nodes
+        child: dict[tuple[int, int], int] = {}  # (parent, token) -> the first such node
+        for j in range(num):
+            child.setdefault((par[j], toks[j]), j)
         walk, node = [], -1  # node: the last accepted draft (-1: the root)
-        while True:
-            want = pick[node + 1]
-            node = next((j for j in range(num) if par[j] == node and toks[j] == want), None)
-            if node is None:
-                break
-            walk.append(node)
+        while (nxt := child.get((node, pick[node + 1]))) is not None:
+            walk.append(nxt)
+            node = nxt
         kept = set(walk)
-        order.append(walk + [j for j in range(n) if j not in kept])
+        row = walk + [j for j in range(n) if j not in kept]
+        order.append(row)
         counts.append(len(walk))
-    rows = torch.arange(b, device=drafts.device)
-    num_accepted = torch.tensor(counts, dtype=torch.long, device=drafts.device)  # [B]
-    path = torch.tensor(order, dtype=torch.long, device=drafts.device).view(b, n)  # [B, N]
-    tokens = torch.cat([drafts.gather(1, path), drafts.new_zeros(b, 1)], dim=1)  # [B, N+1]
-    tokens[rows, num_accepted] = choice[rows, last_input(path, num_accepted)]
+        out = [toks[j] for j in row] + [0]
+        out[len(walk)] = pick[node + 1]  # the target's own pick after the last accepted node (or the root)
+        emitted.append(out)
+    device = drafts.device
+    num_accepted = torch.tensor(counts, dtype=torch.long, device=device)  # [B]
+    path = torch.tensor(order, dtype=torch.long, device=device).view(b, n)  # [B, N]
+    tokens = torch.tensor(emitted, dtype=drafts.dtype, device=device).view(b, n + 1)  # [B, N+1]
     return tokens, num_accepted, path

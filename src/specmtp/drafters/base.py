@@ -182,10 +182,11 @@ class RecurrentDrafter(Drafter):
             if not any(expand):
                 break
             width = max(map(len, expand))
-            token = torch.zeros(bsz, width, dtype=torch.long)
-            hidden = out.new_zeros(bsz, width, out.shape[-1])
-            for b, nodes in enumerate(expand):  # padding branches step on token 0 and are ignored
-                for w, node in enumerate(nodes):
-                    token[b, w], hidden[b, w] = tree.token[b][node], tree.feed[b][node]
+            zero = out.new_zeros(out.shape[-1])
+            # padding branches step on token 0 (and a zero state) and are ignored
+            token = torch.tensor([[tree.token[b][i] for i in nodes] + [0] * (width - len(nodes))
+                                  for b, nodes in enumerate(expand)])  # [B, W]
+            hidden = torch.stack([torch.stack([tree.feed[b][i] for i in nodes] + [zero] * (width - len(nodes)))
+                                  for b, nodes in enumerate(expand)])  # [B, W, Ht]
         tokens, parents, num = tree.selected(steps)
         return Proposal(tokens, num, None, parents, steps)

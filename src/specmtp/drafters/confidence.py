@@ -64,6 +64,11 @@ def prob_keys(conf: torch.Tensor) -> torch.Tensor:
     return (conf.float() * BINS).long().clamp(0, BINS - 1)
 
 
+def prob_key(p: float) -> int:
+    """One probability's key (prob_keys for a Python float: a tree round scores a few candidates at a time)."""
+    return min(max(int(p * BINS), 0), BINS - 1)
+
+
 class Calibration:
     """P(target accepts a draft | its key), as decayed counts of verified drafts per key over a prior."""
 
@@ -72,9 +77,11 @@ class Calibration:
         self.strength, self.decay = strength, decay
         self.reached = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts verified
         self.hits = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts accepted
-        # [R, K] decayed keys of the children a tree step produced, by rank among its siblings (0: the likeliest);
-        # None until a tree step is seen
-        self.produced: torch.Tensor | None = None
+        # [R][K] decayed keys of the children a tree step produced, by rank among its siblings (0: the likeliest);
+        # None until a tree step is seen. Python lists: a tree round updates and reads them a few times a step, and
+        # on tables this small list arithmetic is several times faster than tensor ops.
+        self._produced: list[list[float]] | None = None
+        self._children: list[float] | None = None
         self._changed()
 
     def _changed(self) -> None:
@@ -82,7 +89,11 @@ class Calibration:
         self._rates: torch.Tensor | None = None  # [K] every key's rate
         self._rate_list: list[float] | None = None  # the same as Python floats
         self._usual: torch.Tensor | None = None  # [K] how often verified drafts get each key
-        self._children: torch.Tensor | None = None  # [K] a tree step's children's keys, each rank's, summed
+
+    @property
+    def produced(self) -> torch.Tensor | None:
+        """[R, K] the decayed keys of tree steps' children by rank (None before any tree step)."""
+        return None if self._produced is None else torch.tensor(self._produced, dtype=torch.float64)
 
     @classmethod
     def for_probabilities(cls) -> Calibration:
@@ -118,39 +129,62 @@ class Calibration:
             self._usual = (weight / weight.sum()).float()
         return self._worth(alive, verify_price) @ self._usual
 
-    def note_produced(self, keys: torch.Tensor) -> None:
+    def note_produced(self, keys: torch.Tensor | list[list[int]]) -> None:
         """keys: [N, R] the keys of the R children each of N stepped tree nodes just produced, likeliest first."""
-        self._children = None
-        counts = torch.zeros(keys.shape[1], len(self.prior), dtype=torch.float64)
-        counts.scatter_add_(1, keys.clamp(0, len(self.prior) - 1).T.long(),
-                            torch.ones(keys.shape[1], keys.shape[0], dtype=torch.float64))
-        if self.produced is None or self.produced.shape != counts.shape:
-            self.produced = counts
+        rows = keys.tolist() if isinstance(keys, torch.Tensor) else keys
+        if not rows:
+            return
+        k_max, ranks = len(self.prior) - 1, len(rows[0])
+        if self._produced is None or len(self._produced) != ranks:
+            table = [[0.0] * len(self.prior) for _ in range(ranks)]
         else:
-            self.produced = self.produced * self.decay + counts
+            table = [[v * self.decay for v in rank] for rank in self._produced]
+        for row in rows:
+            for rank, k in zip(table, row, strict=True):
+                rank[min(max(int(k), 0), k_max)] += 1.0
+        self._produced, self._children = table, None
+
+    def _child_weights(self) -> list[float]:
+        """[K] each rank's share of its children by key (counts over a uniform prior of total 1), summed over ranks."""
+        if self._children is None:
+            assert self._produced is not None
+            prior = 1.0 / len(self.prior)
+            out = [0.0] * len(self.prior)
+            for rank in self._produced:
+                total = sum(rank) + 1.0
+                for k, v in enumerate(rank):
+                    out[k] += (v + prior) / total
+            self._children = out
+        return self._children
 
     def step_gain(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
         """alive: [B] -> [B] expected net worth of stepping a tree node: what its children, each its own rank's usual
         key, add (alive x rate) beyond the verify price, where proposed. The likeliest child is worth far more than
         an average draft (a step's third candidate is rarely accepted), so this is not `expected_gain` (one average
         child); before any tree step was seen, it is."""
-        if self.produced is None:
+        if self._produced is None:
             return self.expected_gain(alive, verify_price)
-        if self._children is None:
-            weight = self.produced + 1.0 / len(self.prior)  # [R, K]
-            self._children = (weight / weight.sum(-1, keepdim=True)).float().sum(0)
-        return self._worth(alive, verify_price) @ self._children
+        return torch.tensor([self.step_worth([a], verify_price) for a in alive.tolist()])
+
+    def step_worth(self, alive: list[float], verify_price: float) -> float:
+        """step_gain summed over a few nodes' alive, in Python floats (a tree round asks this every step)."""
+        if self._produced is None:
+            return float(self.expected_gain(torch.tensor(alive), verify_price).sum())
+        rates, weights = self.rate_list(), self._child_weights()
+        return sum(w * (a * r - verify_price) for a in alive for r, w in zip(rates, weights, strict=True)
+                   if a * r > verify_price)
 
     def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
         """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
         self._changed()
-        self.reached *= self.decay
-        self.hits *= self.decay
+        reached, hits = [0.0] * len(self.prior), [0.0] * len(self.prior)
         for row in rows:
             for k, hit in row:
                 k = min(k, len(self.prior) - 1)
-                self.reached[k] += 1
-                self.hits[k] += hit
+                reached[k] += 1.0
+                hits[k] += hit
+        self.reached = self.reached * self.decay + torch.tensor(reached, dtype=torch.float64)
+        self.hits = self.hits * self.decay + torch.tensor(hits, dtype=torch.float64)
 
     def observe(self, keys: list[list[int]], accepted: list[int]) -> None:
         """Per row: the keys of the drafts it proposed, and how many the target accepted (-1: not verified)."""
@@ -267,15 +301,17 @@ class TreeRound:
     def grow(self, stepped: list[list[int]], pick: torch.Tensor, conf: torch.Tensor, out: torch.Tensor) -> None:
         """The nodes just stepped per row (-1: the root), their steps' top tokens pick [B, W, k] with the drafter's
         probabilities conf [B, W, k], and the hidden states out [B, W, Ht] their children's steps read."""
-        keys, picks = prob_keys(conf.flatten()).view(conf.shape), pick.tolist()
-        table, key_list = self.calibration.rate_list(), keys.tolist()
-        real = torch.tensor([[w < len(nodes) for w in range(conf.shape[1])] for nodes in stepped])  # [B, W]
-        self.calibration.note_produced(keys[real])  # padding branches produce nothing
+        picks, confs, table = pick.tolist(), conf.tolist(), self.calibration.rate_list()
+        produced = []  # padding branches produce nothing
         for b, nodes in enumerate(stepped):
             for w, node in enumerate(nodes):
                 self.stepped[b].add(node)
-                for tok, key in zip(picks[b][w], key_list[b][w], strict=True):
-                    self._add(b, node, tok, table[key], (self.calibration, key), out[b, w])
+                keys = [prob_key(c) for c in confs[b][w]]
+                produced.append(keys)
+                feed = out[b, w]
+                for tok, key in zip(picks[b][w], keys, strict=True):
+                    self._add(b, node, tok, table[key], (self.calibration, key), feed)
+        self.calibration.note_produced(produced)
 
     def _best(self, b: int) -> list[int]:
         """Row b's n likeliest candidates (ties: the earlier, so parents before children)."""
@@ -300,8 +336,7 @@ class TreeRound:
         for b in range(len(self.token)):
             todo = [i for i in self._best(b) if i not in self.stepped[b] and self.feed[b][i] is not None][:width]
             if todo and not self.price.free:
-                alive = torch.tensor([self.alive[b][i] for i in todo])
-                gain = float(self.calibration.step_gain(alive, verify).sum())
+                gain = self.calibration.step_worth([self.alive[b][i] for i in todo], verify)
                 todo = todo if gain >= self.price.draft else []
             out.append(todo)
         return out
@@ -315,11 +350,10 @@ class TreeRound:
             return self.n
         alive = [sorted(a, reverse=True) for a in self.alive]
         sunk = steps * self.price.draft
-
-        def worth(m: int) -> float:
-            return sum(1.0 + sum(a[:m]) for a in alive) / (sunk + curve[min(m, len(curve) - 1)])
-
-        return max(range(self.n + 1), key=worth)
+        tokens = [float(len(alive))]  # expected tokens of the rows' m likeliest, m = 0..n
+        for m in range(self.n):
+            tokens.append(tokens[-1] + sum(a[m] for a in alive if m < len(a)))
+        return max(range(self.n + 1), key=lambda m: tokens[m] / (sunk + curve[min(m, len(curve) - 1)]))
 
     def selected(self, steps: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The proposal after `steps` drafter passes: tokens [B, N], parents [B, N] (draft indices, -1 the root),
