@@ -424,6 +424,30 @@ def test_query_only_drafter_layers_run_fused_without_a_mask(target, trained):
     assert (fast - plain).norm() / plain.norm() < 1e-3
 
 
+def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trained):
+    """A q8 drafter's step as four kernel calls (its layers through quant.run_stack, attention over the target's
+    cache in C) against the module's forward: the same logits and next hidden state to rounding, the same picks."""
+    drafter = MTPDrafter(trained[0])
+    drafter.check_compatible(target)
+    assert drafter.stack is not None and drafter.stack[:, 29].tolist() == [1] * len(drafter.module.layers)
+    g = torch.Generator().manual_seed(0)
+    cache = target.model.new_cache(1, 32)
+    with torch.no_grad():
+        target.model(torch.randint(0, 256, (1, 20), generator=g), torch.arange(20)[None], cache)
+        ctx = DraftContext([[0] * 21], torch.zeros(1, 1), target.model, cache, SamplingParams(), None)
+        token = torch.randint(0, 256, (1, 3), generator=g)
+        hidden = torch.randn(1, 3, target.config.hidden_size, generator=g)
+        fast = drafter.step(token, hidden, torch.tensor([20]), ctx)
+        stack, drafter.stack = drafter.stack, None
+        try:
+            plain = drafter.step(token, hidden, torch.tensor([20]), ctx)
+        finally:
+            drafter.stack = stack
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape and (a - b).norm() / b.norm() < 1e-4
+    assert torch.equal(fast[0].topk(3).indices, plain[0].topk(3).indices)
+
+
 def test_recorded_samples_own_compact_storage_with_a_bf16_target(tiny_dir):
     """With bf16 target weights the cache is bf16 already, so a sample's K/V must still be copies: a view would keep
     (and a shard would save) the whole batch's cache of every layer with each sample."""

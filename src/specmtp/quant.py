@@ -254,8 +254,12 @@ def stack_descriptor(layers) -> torch.Tensor | None:
         mats = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
         norms = (layer.attn_norm, layer.mlp_norm)
         biases = [m.bias for m in mats[:2]]
-        if not layer.fused or not layer.own_kv or any(t.dtype != torch.float32 or not t.is_contiguous()
-                                  for t in [*norms, *(b for b in biases if b is not None)]):
+        # a layer of its own K/V, or a drafter's full-attention layer querying another model's (kernels: LF_QUERY_ONLY)
+        query_only = (layer.cfg.external_kv and not layer.own_kv and layer.query_only_plain()
+                      and layer.kind == "full_attention")
+        small = [*norms, *(b for b in biases if b is not None)]
+        if not layer.fused or not (layer.own_kv or query_only) or any(
+                t.dtype != torch.float32 or not t.is_contiguous() for t in small):
             return None
         f = [0] * LAYER_FIELDS
         for i, m in enumerate(mats):
@@ -264,8 +268,8 @@ def stack_descriptor(layers) -> torch.Tensor | None:
                 f[5 * i : 5 * i + 5] = [DENSE_FORMAT, m.weight.data_ptr(), 0, 0, m.weight.shape[0]]
             else:
                 f[5 * i : 5 * i + 5] = [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
-        f[20:29] = [_ptr(biases[0]), _ptr(biases[1]), norms[0].data_ptr(), norms[1].data_ptr(), layer.cfg.num_heads,
-                    layer.kv_heads, layer.head_dim, layer.window or 0, ROPE_INDEX[layer.kind]]
+        f[20:30] = [_ptr(biases[0]), _ptr(biases[1]), norms[0].data_ptr(), norms[1].data_ptr(), layer.cfg.num_heads,
+                    layer.kv_heads, layer.head_dim, layer.window or 0, ROPE_INDEX[layer.kind], int(query_only)]
         rows.append(f)
     return torch.tensor(rows, dtype=torch.int64)
 
@@ -285,7 +289,9 @@ def run_stack(
     scale: float,
     parents: torch.Tensor | None = None,  # [T] int64 contiguous: a draft tree (as `attend`), None: a chain
 ) -> None:
-    """All layers of the stack in one kernel call: the same kernel calls the per-layer path makes, in C."""
+    """All layers of the stack in one kernel call: the same kernel calls the per-layer path makes, in C. A drafter's
+    query-only layers (stack_descriptor) read the caches `kv` names, each token at position pos0 over slots [0, pos0),
+    and write nothing."""
     full = rope.get("full_attention") or rope["sliding_attention"]
     sliding = rope.get("sliding_attention") or full
     t, h = x.shape

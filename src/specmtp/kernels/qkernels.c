@@ -1017,6 +1017,45 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
     return 0;
 }
 
+/* A drafter's query-only layer (no K/V of its own): T queries, all at position pos0, each over slots [0, pos0) of
+   another model's cache (full attention), q rotated in place. Each (token, head) by attend_one_avx2 (or the scalar
+   loop) over those slots, split over the pool by (token, head). */
+static void attend_query_part(const void *arg, int part, int parts) {
+    const attn_args *a = (const attn_args *)arg;
+    const int64_t d = a->d, group = a->hq / a->hkv, n = a->pos0;
+    float *sc = a->scores + part * a->s;
+    const int64_t total = a->t * a->hq, per = (total + parts - 1) / parts;
+    const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
+    for (int64_t idx = i0; idx < i1; idx++) {
+        const int64_t i = idx / a->hq, h = idx % a->hq, g = h / group;
+        const float *q = a->qkv + (i * a->hq + h) * d, *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
+        float *o = a->out + (i * a->hq + h) * d;
+        if (n == 0) {  /* nothing to attend to */
+            memset(o, 0, sizeof(float) * (size_t)d);
+            continue;
+        }
+#ifdef SPECMTP_X86
+        if (use_avx2 && d % 8 == 0) {
+            attend_one_avx2(a, i, q, k, v, sc, n, n, 0, 0, o);  /* every slot from the prefix: no path is read */
+            continue;
+        }
+#endif
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            sc[j] = dot_scalar(q, k + j * d, d) * a->scale;
+            m = sc[j] > m ? sc[j] : m;
+        }
+        float sum = 0.0f;
+        memset(o, 0, sizeof(float) * (size_t)d);
+        for (int64_t j = 0; j < n; j++) {
+            const float w = expf(sc[j] - m);
+            sum += w;
+            axpy_scalar(o, w, v + j * d, d);
+        }
+        for (int64_t j = 0; j < d; j++) o[j] /= sum;
+    }
+}
+
 static float *attn_scratch = NULL;
 static int64_t attn_cap = 0;
 
@@ -1066,6 +1105,29 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
     return 0;
 }
 
+/* attend_run for a query-only layer: qkv holds q alone [T, Hq D], every token at position pos0, over slots [0, pos0)
+ * of the cache (nothing written). 0, or -1 when out of memory. */
+static int attend_query_run(float *q, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos,
+                            const float *sin, const float *kc, const float *vc, int64_t s, int64_t pos0, float scale,
+                            float *out) {
+    if (!pool_started) pool_start(pool_size);
+    if ((int64_t)pool_size * s > attn_cap) {
+        free(attn_scratch);
+        attn_cap = (int64_t)pool_size * s;
+        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
+        if (!attn_scratch) {
+            attn_cap = 0;
+            return -1;
+        }
+    }
+    attn_args a = {q, cos, sin, (float *)kc, (float *)vc, out, attn_scratch, t, hq, hkv, d, s, pos0, 0, scale,
+                   tree_depth, tree_path};
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t h = 0; h < hq; h++) rope_row(q + (i * hq + h) * d, cos + i * d, sin + i * d, d);
+    run_parts(attend_query_part, &a, t * hq * pos0 * d);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------------------- */
 /* a stack of plain (Llama / Qwen2) layers for one row's new tokens: per layer                                 */
 /*     x += o(attend(rope(qkv(rms_norm(x)))));   x += down(swiglu(gate_up(rms_norm(x))))                         */
@@ -1073,7 +1135,8 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
 
 /* A layer's fields in the descriptor (int64 each; pointers as integers): 4 matrices (qkv, o, gate_up, down) of
  * 5 fields (format, weights, scales, offsets, rows), then the rest. quant.py's `stack_descriptor` writes it. */
-enum { LF_QKV_BIAS = 20, LF_O_BIAS, LF_ATTN_NORM, LF_MLP_NORM, LF_HQ, LF_HKV, LF_D, LF_WINDOW, LF_ROPE, LF_FIELDS = 32 };
+enum { LF_QKV_BIAS = 20, LF_O_BIAS, LF_ATTN_NORM, LF_MLP_NORM, LF_HQ, LF_HKV, LF_D, LF_WINDOW, LF_ROPE, LF_QUERY_ONLY,
+       LF_FIELDS = 32 };  /* LF_QUERY_ONLY: a drafter's layer, queries over another model's cache (attend_query_run) */
 
 static int mat_gemm(const int64_t *f, int m, const float *x, int64_t t, int64_t k, const float *bias, float *y, int pre,
                     const float *norm, float eps, const float *res) {
@@ -1111,8 +1174,10 @@ static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, i
         const float *const *cs = rope[f[LF_ROPE]];
         if (mat_gemm(f, 0, x, t, h, (const float *)f[LF_QKV_BIAS], qkv, PRE_RMSNORM, (const float *)f[LF_ATTN_NORM],
                      eps, NULL) ||
-            attend_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (float *)kv[2 * l], (float *)kv[2 * l + 1], s, pos0,
-                       f[LF_WINDOW], scale, att) ||
+            (f[LF_QUERY_ONLY] ? attend_query_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (const float *)kv[2 * l],
+                                                 (const float *)kv[2 * l + 1], s, pos0, scale, att)
+                              : attend_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (float *)kv[2 * l],
+                                           (float *)kv[2 * l + 1], s, pos0, f[LF_WINDOW], scale, att)) ||
             mat_gemm(f, 1, att, t, hq * d, (const float *)f[LF_O_BIAS], x, PRE_NONE, NULL, 0.0f, x) ||
             mat_gemm(f, 2, x, t, h, NULL, gu, PRE_RMSNORM, (const float *)f[LF_MLP_NORM], eps, NULL) ||
             mat_gemm(f, 3, gu, t, inter, NULL, x, PRE_SWIGLU, NULL, 0.0f, x))
@@ -1181,7 +1246,7 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff|K", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
                           &s, &eps, &scale, &parents))
         return NULL;
-    if (pos0 < 0 || pos0 + t > s || h % QK) {
+    if (pos0 < 0 || pos0 + t > s || h % QK) {  /* (query-only layers need only pos0 <= s: the check is stricter) */
         PyErr_SetString(PyExc_ValueError, "layers: positions past the cache, or a width not a multiple of 32");
         return NULL;
     }
