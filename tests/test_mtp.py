@@ -448,6 +448,25 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
     assert torch.equal(fast[0].topk(3).indices, plain[0].topk(3).indices)
 
 
+def test_first_state_fast_path_fuses_the_taps_as_the_module_does(target, trained, tmp_path):
+    """With taps (EAGLE-3's lower-layer features), a q8 drafter's round starts from the fused state computed in two
+    ops and a kernel call: what the module's `fused` gives, to rounding."""
+    out = tmp_path / "taps"
+    opts = tiny_opts(4)
+    opts.taps = "0"
+    train_drafter(target, out, opts, progress=False, prompts=CORPUS)
+    drafter = MTPDrafter(out)
+    drafter.check_compatible(target)
+    assert drafter.taps == (0,) and drafter.stack is not None
+    g = torch.Generator().manual_seed(1)
+    hidden, taps = torch.randn(1, target.config.hidden_size, generator=g), torch.randn(1, 1, target.config.hidden_size,
+                                                                                      generator=g)
+    ctx = DraftContext([[0]], hidden, target.model, target.model.new_cache(1, 4), SamplingParams(), None, taps)
+    with torch.no_grad():
+        fast, plain = drafter.first_state(ctx), drafter.module.fused(hidden, taps)
+    assert (fast - plain).norm() / plain.norm() < 1e-4
+
+
 def test_recorded_samples_own_compact_storage_with_a_bf16_target(tiny_dir):
     """With bf16 target weights the cache is bf16 already, so a sample's K/V must still be copies: a view would keep
     (and a shard would save) the whole batch's cache of every layer with each sample."""

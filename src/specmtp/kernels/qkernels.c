@@ -1275,27 +1275,68 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args) {
 
 /* out[r] = the first index of row r's largest value in x[rows, n] (fp32, finite logits): 32 lanes of running maxima
  * and their first indices, then the lanes compared (ties: the smaller index), then the tail. */
-static void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * n;
-        float best = -INFINITY;
-        int64_t at = 0;
-        int64_t j = 0;
+/* The first index of the largest value of row[j0, j1) (best -INFINITY and index j0 when none is larger). */
+static void argmax_range(const float *row, int64_t j0, int64_t j1, float *best_out, int64_t *at_out) {
+    float best = -INFINITY;
+    int64_t at = j0, j = j0;
 #ifdef SPECMTP_X86
-        if (use_avx2 && n >= 32) {
-            float lanes_v[32];
-            int32_t lanes_i[32];
-            argmax_avx2(row, n, lanes_v, lanes_i);
-            best = lanes_v[0], at = lanes_i[0];
-            for (int u = 1; u < 32; u++)
-                if (lanes_v[u] > best || (lanes_v[u] == best && lanes_i[u] < at)) best = lanes_v[u], at = lanes_i[u];
-            j = n - n % 32;
-        }
-#endif
-        for (; j < n; j++)
-            if (row[j] > best) best = row[j], at = j;
-        out[r] = at;
+    if (use_avx2 && j1 - j0 >= 32) {
+        float lanes_v[32];
+        int32_t lanes_i[32];
+        argmax_avx2(row + j0, j1 - j0, lanes_v, lanes_i);
+        best = lanes_v[0], at = j0 + lanes_i[0];
+        for (int u = 1; u < 32; u++)
+            if (lanes_v[u] > best || (lanes_v[u] == best && j0 + lanes_i[u] < at)) best = lanes_v[u], at = j0 + lanes_i[u];
+        j = j1 - (j1 - j0) % 32;
     }
+#endif
+    for (; j < j1; j++)
+        if (row[j] > best) best = row[j], at = j;
+    *best_out = best;
+    *at_out = at;
+}
+
+typedef struct {
+    const float *x;
+    int64_t rows, n;
+    float *best;  /* [rows, MAX_THREADS] each part's maximum */
+    int64_t *at;  /* [rows, MAX_THREADS] and its index */
+    int parts;
+} argmax_args;
+
+/* Each thread the columns an sgemm of the same width gave it (sgemm_part's split: the logits it just wrote, still in
+   its own cache, where one thread reading them all would pull most from the other core's). */
+static void argmax_part(const void *arg, int part, int parts) {
+    argmax_args *a = (argmax_args *)arg;
+    const int64_t tiles = (a->n + 3) / 4, per = (tiles + parts - 1) / parts;
+    const int64_t j0 = 4 * per * part < a->n ? 4 * per * part : a->n;
+    const int64_t j1 = 4 * per * (part + 1) < a->n ? 4 * per * (part + 1) : a->n;
+    if (part == 0) a->parts = parts;
+    for (int64_t r = 0; r < a->rows; r++)
+        argmax_range(a->x + r * a->n, j0, j1, &a->best[r * MAX_THREADS + part], &a->at[r * MAX_THREADS + part]);
+}
+
+/* out[r] = the first index of the largest value of row r: the parts' maxima combined in column order, a later part
+   taken only when strictly larger, so the first maximal index, as one pass over the row finds it. */
+static int argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    float *best = (float *)malloc(sizeof(float) * (size_t)(rows * MAX_THREADS));
+    int64_t *at = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows * MAX_THREADS));
+    if (!best || !at) {
+        free(best);
+        free(at);
+        return -1;
+    }
+    argmax_args a = {x, rows, n, best, at, 1};
+    run_parts(argmax_part, &a, rows * n);
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t k = r * MAX_THREADS;
+        for (int p = 1; p < a.parts; p++)
+            if (best[r * MAX_THREADS + p] > best[k]) k = r * MAX_THREADS + p;
+        out[r] = at[k];
+    }
+    free(best);
+    free(at);
+    return 0;
 }
 
 static PyObject *py_argmax(PyObject *self, PyObject *args) {
@@ -1306,7 +1347,7 @@ static PyObject *py_argmax(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "argmax: bad shape");
         return NULL;
     }
-    argmax_rows((const float *)x, rows, n, (int64_t *)out);
+    if (argmax_rows((const float *)x, rows, n, (int64_t *)out)) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
