@@ -123,10 +123,10 @@ class Adaptive(Schedule):
         verify = verify if verify is not None else self.verify_cost
         return tokens / (n * (self.draft_cost or 0.0) + self._interpolate(verify, n + 1))
 
-    def verify_slope(self) -> float:
+    def verify_slope(self, table: dict[int, float] | None = None) -> float:
         """Seconds a verify pass grows by per extra token: least squares over the measured table (0 until two
         widths are measured)."""
-        table = self.verify_cost
+        table = self.verify_cost if table is None else table
         if len(table) < 2:
             return 0.0
         ts, vs = list(table), list(table.values())
@@ -141,7 +141,7 @@ class Adaptive(Schedule):
         # fitted non-decreasing: a few noisy samples per width, and a wider pass never costs less
         widths = range(1, self.max_n + 2)
         curve = monotone(tuple(self._interpolate(table, t) * rate for t in widths)) if len(table) > 1 else ()
-        return Price(verify=self.verify_slope() * rate, draft=(self.draft_cost or 0.0) * rate, verify_curve=curve)
+        return Price(verify=self.verify_slope(table) * rate, draft=(self.draft_cost or 0.0) * rate, verify_curve=curve)
 
     def best(self) -> int:
         verify = self.verify_cost

@@ -41,7 +41,7 @@ from specmtp import hugepages, quant
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
 from specmtp.drafters.base import DraftContext, RecurrentDrafter
 from specmtp.errors import SpecMTPError
-from specmtp.linear import Linear, linear
+from specmtp.linear import Linear, linear, own_pool
 from specmtp.loader import LoadedModel
 from specmtp.model import (
     Layer,
@@ -325,6 +325,7 @@ class MTPDrafter(RecurrentDrafter):
             raise SpecMTPError(f"MTP drafter {self.name} needs the target's layers {list(self.taps)} (ctx.taps)")
         mod = self.module
         if self.stack is not None and ctx.taps.dtype == torch.float32:  # the same as `fused`, in two ops and a call
+            own_pool(True)
             normed = F.rms_norm(ctx.taps, (ctx.taps.shape[-1],), None, mod.cfg.rms_norm_eps) * mod.tap_norm
             return quant.qlinear(torch.cat([normed.flatten(-2), ctx.hidden], dim=-1), mod.fuse.kernel_weight)
         return mod.fused(ctx.hidden, ctx.taps)
@@ -349,13 +350,14 @@ class MTPDrafter(RecurrentDrafter):
         step is small enough that those cost more than its products (SmolLM2's drafter: 0.9 ms a step in the
         engine, 0.5 ms of it the products)."""
         mod, eps, w = self.module, self.module.cfg.rms_norm_eps, embeds.shape[0]
+        own_pool(True)  # torch on one thread while the kernels' pool runs
         x = quant.qlinear(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1), mod.pre_projection.kernel_weight)
         if self._rope is None or self._rope[:2] != (position, w):  # a round's steps share their position
             cos, sin = rope_cos_sin(mod.inv_freq[FULL], torch.full((1, w), position))
             self._rope = (position, w, cos.contiguous(), sin.contiguous())
         cos, sin = self._rope[2:]
         cache = ctx.cache
-        quant.run_stack(self.stack, x, position, {FULL: (cos, sin)}, cache.pointers()[self.sources],
-                        cache.k[0].shape[2], eps, mod.cfg.attn_scale)
+        quant.run_stack(self.stack, x, position, {FULL: (cos, sin)}, cache.pointers()[self.sources], cache.capacity,
+                        eps, mod.cfg.attn_scale)
         h = quant.qlinear(x, mod.post_projection.kernel_weight, None, "rms_norm", mod.norm, eps)  # [W, Ht]
         return quant.qlinear(h, self.head)[None], h[None]
