@@ -1075,11 +1075,8 @@ static int tree_paths(const int64_t *parents, int64_t t) {
     return 0;
 }
 
-/* One row's T new tokens in slots pos0 .. pos0 + T - 1, a chain (parents NULL: at positions pos0 .. pos0 + T - 1)
- * or a tree (token i at position pos0 + depth(i)): rotate q and k in qkv (cos/sin at their positions), write k and
- * v into the layer's cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
-static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos, const float *sin,
-                      float *kc, float *vc, int64_t s, int64_t pos0, int64_t window, float scale, float *out) {
+/* The pool started and a score row of s slots per thread: 0, or -1 when out of memory. */
+static int attn_reserve(int64_t s) {
     if (!pool_started) pool_start(pool_size);
     if ((int64_t)pool_size * s > attn_cap) {
         free(attn_scratch);
@@ -1090,6 +1087,15 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
             return -1;
         }
     }
+    return 0;
+}
+
+/* One row's T new tokens in slots pos0 .. pos0 + T - 1, a chain (parents NULL: at positions pos0 .. pos0 + T - 1)
+ * or a tree (token i at position pos0 + depth(i)): rotate q and k in qkv (cos/sin at their positions), write k and
+ * v into the layer's cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
+static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos, const float *sin,
+                      float *kc, float *vc, int64_t s, int64_t pos0, int64_t window, float scale, float *out) {
+    if (attn_reserve(s)) return -1;
     attn_args a = {qkv, cos, sin, kc, vc, out, attn_scratch, t, hq, hkv, d, s, pos0, window, scale, tree_depth,
                    tree_path};
     const int64_t stride = (hq + 2 * hkv) * d;
@@ -1110,16 +1116,7 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
 static int attend_query_run(float *q, int64_t t, int64_t hq, int64_t hkv, int64_t d, const float *cos,
                             const float *sin, const float *kc, const float *vc, int64_t s, int64_t pos0, float scale,
                             float *out) {
-    if (!pool_started) pool_start(pool_size);
-    if ((int64_t)pool_size * s > attn_cap) {
-        free(attn_scratch);
-        attn_cap = (int64_t)pool_size * s;
-        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
-        if (!attn_scratch) {
-            attn_cap = 0;
-            return -1;
-        }
-    }
+    if (attn_reserve(s)) return -1;
     attn_args a = {q, cos, sin, (float *)kc, (float *)vc, out, attn_scratch, t, hq, hkv, d, s, pos0, 0, scale,
                    tree_depth, tree_path};
     for (int64_t i = 0; i < t; i++)
