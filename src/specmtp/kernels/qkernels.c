@@ -366,8 +366,8 @@ static const void *pool_arg = NULL;
 static int pool_started = 0;
 /* How long an idle worker spins before it sleeps (SPECMTP_SPIN_US overrides, in microseconds). Between a decode
    step's kernel calls the interpreter runs for up to a millisecond or two (a draft tree's bookkeeping, verification):
-   a worker asleep by then costs the next call its wake-up (a drafter's first product 88 -> 149 us when workers slept
-   after 20000 pauses, 0.2 ms here). */
+   a worker asleep by then costs the next call its wake-up (a drafter's first product in a round 149 us when workers
+   slept after 20000 pauses, 0.2 ms here; 88 us when they spin 3 ms). */
 static double spin_s = 3e-3;
 /* Set by park(): torch's own thread pool is about to run (a prefill's products through oneDNN), and a worker
    spinning on a core it needs slows it about twofold (a 50-token prefill 80 -> 188 ms), so idle workers sleep at
@@ -1243,7 +1243,7 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff|K", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
                           &s, &eps, &scale, &parents))
         return NULL;
-    if (pos0 < 0 || pos0 + t > s || h % QK) {  /* (query-only layers need only pos0 <= s: the check is stricter) */
+    if (pos0 < 0 || pos0 + t > s || h % QK) {  /* (query-only layers write nothing; their slots lie below pos0) */
         PyErr_SetString(PyExc_ValueError, "layers: positions past the cache, or a width not a multiple of 32");
         return NULL;
     }
@@ -1270,9 +1270,9 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* out[r] = the first index of row r's largest value in x[rows, n] (fp32, finite logits): 32 lanes of running maxima
- * and their first indices, then the lanes compared (ties: the smaller index), then the tail. */
-/* The first index of the largest value of row[j0, j1) (best -INFINITY and index j0 when none is larger). */
+/* The first index of the largest value of row[j0, j1) (fp32, finite logits; best -INFINITY and index j0 when none
+ * is larger): 32 lanes of running maxima and their first indices, then the lanes compared (ties: the smaller index),
+ * then the tail. */
 static void argmax_range(const float *row, int64_t j0, int64_t j1, float *best_out, int64_t *at_out) {
     float best = -INFINITY;
     int64_t at = j0, j = j0;
