@@ -54,6 +54,12 @@ def test_adopted_weights_compute_what_they_computed(tiny_dir, monkeypatch, famil
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
 
 
+def test_the_environment_turns_them_off(monkeypatch):
+    monkeypatch.setenv("SPECMTP_HUGEPAGES", "0")
+    t = torch.zeros(100_000)
+    assert not hugepages.available() and hugepages.adopt([t]) == 0
+
+
 def test_park_leaves_the_next_product_exact():
     if not quant.available():
         pytest.skip("kernels not built")
@@ -61,3 +67,16 @@ def test_park_leaves_the_next_product_exact():
     before = quant.qlinear(x, w)
     quant.park()
     assert torch.equal(quant.qlinear(x, w), before)
+
+
+def test_a_refused_mapping_leaves_the_tensors_where_they_are(monkeypatch):
+    if not hugepages.available():
+        pytest.skip("no transparent huge pages here")
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    t = torch.arange(100_000, dtype=torch.float32)
+    ptr = t.data_ptr()
+    monkeypatch.setattr(hugepages.mmap, "mmap", refuse)
+    assert hugepages.adopt([t]) == 0 and t.data_ptr() == ptr and t[-1].item() == 99_999
