@@ -448,9 +448,9 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
     assert torch.equal(fast[0].topk(3).indices, plain[0].topk(3).indices)
 
 
-def test_first_state_fast_path_fuses_the_taps_as_the_module_does(target, trained, tmp_path):
-    """With taps (EAGLE-3's lower-layer features), a q8 drafter's round starts from the fused state computed in two
-    ops and a kernel call: what the module's `fused` gives, to rounding."""
+def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):
+    """With taps (EAGLE-3's lower-layer features), a q8 drafter's round starts from the fused state (one fused RMSNorm
+    op for fp32 taps): each tap normalized on its own and scaled, concatenated with the hidden state, projected."""
     out = tmp_path / "taps"
     opts = tiny_opts(4)
     opts.taps = "0"
@@ -462,8 +462,11 @@ def test_first_state_fast_path_fuses_the_taps_as_the_module_does(target, trained
     hidden, taps = torch.randn(1, target.config.hidden_size, generator=g), torch.randn(1, 1, target.config.hidden_size,
                                                                                       generator=g)
     ctx = DraftContext([[0]], hidden, target.model, target.model.new_cache(1, 4), SamplingParams(), None, taps)
+    mod = drafter.module
     with torch.no_grad():
-        fast, plain = drafter.first_state(ctx), drafter.module.fused(hidden, taps)
+        fast = drafter.first_state(ctx)
+        normed = taps * torch.rsqrt(taps.pow(2).mean(-1, keepdim=True) + mod.cfg.rms_norm_eps) * mod.tap_norm
+        plain = mod.fuse(torch.cat([normed.flatten(-2), hidden], dim=-1))
     assert (fast - plain).norm() / plain.norm() < 1e-4
 
 

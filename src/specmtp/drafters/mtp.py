@@ -167,7 +167,11 @@ class MTPModule(ProjectedTrunk):
     def fused(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         """A round's first hidden state from several of the target's layers (EAGLE-3's multi-layer features):
         hidden [.., Ht] final-normed, taps [.., n, Ht] the residual stream after each tapped layer -> [.., Ht]"""
-        normed = rms_norm_plain(taps.to(hidden.dtype), self.cfg.rms_norm_eps) * self.tap_norm.to(hidden.dtype)
+        eps = self.cfg.rms_norm_eps
+        if hidden.dtype == taps.dtype == torch.float32:  # one fused op (a draft round's first step pays every op)
+            normed = F.rms_norm(taps, (taps.shape[-1],), None, eps) * self.tap_norm
+        else:
+            normed = rms_norm_plain(taps.to(hidden.dtype), eps) * self.tap_norm.to(hidden.dtype)
         return self.fuse(torch.cat([normed.flatten(-2), hidden], dim=-1))
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: Any,
@@ -323,12 +327,7 @@ class MTPDrafter(RecurrentDrafter):
             return ctx.hidden
         if ctx.taps is None or ctx.taps.shape[1] != len(self.taps):
             raise SpecMTPError(f"MTP drafter {self.name} needs the target's layers {list(self.taps)} (ctx.taps)")
-        mod = self.module
-        if self.stack is not None and ctx.taps.dtype == torch.float32:  # the same as `fused`, in two ops and a call
-            own_pool(True)
-            normed = F.rms_norm(ctx.taps, (ctx.taps.shape[-1],), None, mod.cfg.rms_norm_eps) * mod.tap_norm
-            return quant.qlinear(torch.cat([normed.flatten(-2), ctx.hidden], dim=-1), mod.fuse.kernel_weight)
-        return mod.fused(ctx.hidden, ctx.taps)
+        return self.module.fused(ctx.hidden, ctx.taps)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
