@@ -213,6 +213,48 @@ def test_fused_attention_matches_reference(path, window, d, slots, pos0):
         assert torch.equal(one[0, 0], out[0, i]), i
 
 
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (12, 2), (8, 2)])  # 3, 6 and 4 query heads a KV head
+@pytest.mark.parametrize("window", [None, 37])
+def test_fused_tree_attention_matches_its_paths(path, hq, hkv, window):
+    """A draft tree's queries, attended in groups that share a KV head's blocks of slots, against SDPA over the slots
+    each may see; and each is the same bits as the last token of its own path run as a chain (what decode steps
+    along the accepted path compute). 150 slots before the tree: blocks of 64, a last one not a multiple of 4."""
+    from specmtp.model import apply_rope, rope_cos_sin
+    from specmtp.quant import attend
+    from specmtp.tree import depths
+
+    g = torch.Generator().manual_seed(1)
+    d, slots, pos0 = 64, 192, 150
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 7, 3, 9])  # 11 tokens, depths up to 4
+    t = parents.shape[0]
+    depth = depths(parents[None])[0]
+    qkv = torch.randn(1, t, (hq + 2 * hkv) * d, generator=g)
+    cache = [torch.randn(1, hkv, slots, d, generator=g) for _ in range(2)]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2) / d))
+    cos, sin = rope_cos_sin(inv_freq, (pos0 + depth)[None])
+    kc, vc = cache[0].clone(), cache[1].clone()
+    out = attend(qkv.clone(), pos0, cos, sin, kc, vc, hq, window, 0.125, parents)
+    q = apply_rope(qkv[..., : hq * d].view(1, t, hq, d), cos, sin)
+    k = apply_rope(qkv[..., hq * d : (hq + hkv) * d].view(1, t, hkv, d), cos, sin)
+    v = qkv[..., (hq + hkv) * d :].view(1, t, hkv, d)
+    for i in range(t):
+        chain = [i]
+        while parents[chain[-1]] >= 0:
+            chain.append(int(parents[chain[-1]]))
+        chain.reverse()  # root first
+        p = pos0 + int(depth[i])
+        lo = max(0, p - window + 1) if window else 0
+        keys = torch.cat([cache[0][0, :, lo:pos0], k[0, chain].transpose(0, 1)], 1)[:, -(p + 1 - lo):]
+        values = torch.cat([cache[1][0, :, lo:pos0], v[0, chain].transpose(0, 1)], 1)[:, -(p + 1 - lo):]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, i : i + 1].transpose(1, 2), keys[None], values[None], scale=0.125, enable_gqa=True)
+        assert torch.allclose(out[0, i], ref.transpose(1, 2).reshape(hq * d), atol=1e-5), i
+        ck, cv = cache[0].clone(), cache[1].clone()  # the path as a chain of decode steps' inputs
+        c_cos, c_sin = rope_cos_sin(inv_freq, torch.arange(pos0, p + 1)[None])
+        alone = attend(qkv[:, chain].clone(), pos0, c_cos, c_sin, ck, cv, hq, window, 0.125)
+        assert torch.equal(alone[0, -1], out[0, i]), i
+
+
 def needs_dense_kernel(weights: str) -> None:
     if weights == "dense" and not dense_kernel():
         pytest.skip("specmtp's fp32 kernel has no vector path on this CPU: dense layers are not fused")

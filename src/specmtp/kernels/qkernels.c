@@ -173,6 +173,13 @@ __attribute__((target("avx2,fma,f16c"))) static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+__attribute__((target("avx2,fma,f16c"))) static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 /* AVX2: maddubs multiplies unsigned by signed bytes into int16 pairs. q4's weights are 0..15: the 8 words' pairs
  * (each <= 2 * 15 * 127) sum in int16 without overflow, then one madd widens; q8 puts w's sign on x and widens
  * every word. */
@@ -726,12 +733,22 @@ typedef struct {
     const float *cos, *sin;  /* [T, D] */
     float *kc, *vc;        /* the layer's cache for this row: [Hkv, S, D] */
     float *out;            /* [T, Hq D] */
-    float *scores;         /* [threads, S] scratch */
+    float *scores;         /* [threads, ATT_QC, S] scratch */
     int64_t t, hq, hkv, d, s, pos0, window;  /* window 0: none */
     float scale;
     const int32_t *depth;  /* [T] each token's position - pos0 */
     const int32_t *path;   /* [T, MAX_TREE] row i: the tokens (indices) token i sees, root first, itself last */
 } attn_args;
+
+/* One query of attend_queries: its visible slots, j = 0 .. n - 1 in ascending position: [lo, lo + pre) of the
+ * cache (the slots before pos0 it sees), then the path's tokens from index skip on (slots pos0 + path[...]). */
+typedef struct {
+    const float *q;
+    float *o, *sc;
+    int64_t lo, pre, skip, n;
+    const int32_t *path;
+    float inv;
+} att_query;
 
 static void rope_row(float *x, const float *cos, const float *sin, int64_t d) {
     const int64_t h = d / 2;
@@ -809,36 +826,14 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 exp_neg_avx2(__m25
     return _mm256_and_ps(y, _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
 }
 
-/* One (token, head) over its n visible slots, d a multiple of 8 (AVX2 + FMA): each score is dot_avx2's sum (4 keys
- * in flight), the weights exp(score - max) 8 at a time (exp_neg_avx2), their sum in 8 lanes, and the output
- * accumulated in registers 64 dims at a time (slot by slot, one fused multiply-add per element and slot). Nothing
- * depends on the other tokens or heads: batch-invariant. */
-__attribute__((target("avx2,fma,f16c"))) static void attend_one_avx2(const attn_args *a, int64_t i, const float *q,
-                                                               const float *k, const float *v, float *sc, int64_t n,
-                                                               int64_t pre, int64_t lo, int64_t skip, float *o) {
-    const int64_t d = a->d;
-    const int32_t *path = a->path + i * MAX_TREE;
-#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *k0 = k + SLOT(j) * d, *k1 = k + SLOT(j + 1) * d, *k2 = k + SLOT(j + 2) * d,
-                    *k3 = k + SLOT(j + 3) * d;
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        for (int64_t e = 0; e < d; e += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + e);
-            c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), c0);
-            c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), c1);
-            c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), c2);
-            c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), c3);
-        }
-        sc[j] = hsum(c0) * a->scale;
-        sc[j + 1] = hsum(c1) * a->scale;
-        sc[j + 2] = hsum(c2) * a->scale;
-        sc[j + 3] = hsum(c3) * a->scale;
-    }
-    for (; j < n; j++) sc[j] = dot_avx2(q, k + SLOT(j) * d, d) * a->scale;
-    float m = -INFINITY;
-    for (j = 0; j < n; j++) m = sc[j] > m ? sc[j] : m;
+/* Weights exp(sc[j] - max) in place over sc[n] (8 at a time, exp_neg_avx2) and 1 / their sum, summed in 8 lanes in
+ * j's order then across them: the same bits for the same scores, whoever calls. */
+__attribute__((target("avx2,fma,f16c"))) static float softmax_avx2(float *sc, int64_t n) {
+    __m256 mx = _mm256_set1_ps(-INFINITY);  /* the largest score, 8 lanes at a time (a scalar chain waited on */
+    int64_t j;                               /* each comparison: 18% of the whole attention) */
+    for (j = 0; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + j));
+    float m = hmax(mx);
+    for (; j < n; j++) m = sc[j] > m ? sc[j] : m;
     const __m256 mv = _mm256_set1_ps(m);
     __m256 sum = _mm256_setzero_ps();
     for (j = 0; j + 8 <= n; j += 8) {
@@ -854,67 +849,323 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_one_avx2(const attn_
         for (int u = 0; j + u < n; u++) sc[j + u] = tail[u];
         sum = _mm256_add_ps(sum, w);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
-    for (int64_t c = 0; c < d; c += 64) {  /* 64 output dims (8 registers) at a time */
-        const int64_t width = d - c < 64 ? (d - c) / 8 : 8;
-        __m256 acc[8];
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-        for (j = 0; j < n; j++) {
-            const __m256 w = _mm256_set1_ps(sc[j]);
-            const float *vs = v + SLOT(j) * d + c;
-            for (int r = 0; r < width; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * r), acc[r]);
+    return 1.0f / hsum(sum);
+}
+
+/* hsum of each of 4 vectors at once, with hsum's additions (lanes i and i + 4, then 0 + 2 and 1 + 3, then those
+ * two): the same bits as 4 hsum calls in about half the shuffles. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m128 hsum4(__m256 c0, __m256 c1, __m256 c2,
+                                                                                   __m256 c3) {
+    const __m256 a = _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+    const __m256 b = _mm256_add_ps(_mm256_permute2f128_ps(c2, c3, 0x20), _mm256_permute2f128_ps(c2, c3, 0x31));
+    const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
+    const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(w, w, 0x88), _mm256_shuffle_ps(w, w, 0xDD));
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));  /* c0, c1, c2, c3 */
+}
+
+/* sc[j] = q . k[slot j] * scale for the n slots k + j * d (contiguous), of one query (q1 NULL) or two (q1, sc1):
+ * 4 keys in flight, each key loaded once for both queries (8 independent chains of fused multiply-adds keep both
+ * FMA ports busy; 4 left them waiting on the chains' latency). Each key's dot product is dot_avx2's (the same
+ * fused multiply-adds in the same order, then hsum's additions), whichever path computes it. */
+__attribute__((target("avx2,fma,f16c"))) static void scores_avx2(const float *q0, const float *q1, const float *k,
+                                                                 int64_t n, int64_t d, float scale, float *sc0,
+                                                                 float *sc1) {
+    const __m128 sv = _mm_set1_ps(scale);
+    int64_t j = 0;
+    if (q1)
+        for (; j + 4 <= n; j += 4) {
+            const float *k0 = k + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int64_t e = 0; e < d; e += 8) {
+                const __m256 x = _mm256_loadu_ps(q0 + e), y = _mm256_loadu_ps(q1 + e);
+                __m256 kv = _mm256_loadu_ps(k0 + e);
+                a0 = _mm256_fmadd_ps(x, kv, a0);
+                b0 = _mm256_fmadd_ps(y, kv, b0);
+                kv = _mm256_loadu_ps(k1 + e);
+                a1 = _mm256_fmadd_ps(x, kv, a1);
+                b1 = _mm256_fmadd_ps(y, kv, b1);
+                kv = _mm256_loadu_ps(k2 + e);
+                a2 = _mm256_fmadd_ps(x, kv, a2);
+                b2 = _mm256_fmadd_ps(y, kv, b2);
+                kv = _mm256_loadu_ps(k3 + e);
+                a3 = _mm256_fmadd_ps(x, kv, a3);
+                b3 = _mm256_fmadd_ps(y, kv, b3);
+            }
+            _mm_storeu_ps(sc0 + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), sv));
+            _mm_storeu_ps(sc1 + j, _mm_mul_ps(hsum4(b0, b1, b2, b3), sv));
         }
-        for (int r = 0; r < width; r++) _mm256_storeu_ps(o + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+    else
+        for (; j + 4 <= n; j += 4) {
+            const float *k0 = k + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t e = 0; e < d; e += 8) {
+                const __m256 qv = _mm256_loadu_ps(q0 + e);
+                c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), c0);
+                c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), c1);
+                c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), c2);
+                c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), c3);
+            }
+            _mm_storeu_ps(sc0 + j, _mm_mul_ps(hsum4(c0, c1, c2, c3), sv));
+        }
+    for (; j < n; j++) {
+        sc0[j] = dot_avx2(q0, k + j * d, d) * scale;
+        if (q1) sc1[j] = dot_avx2(q1, k + j * d, d) * scale;
     }
-#undef SLOT
+}
+
+/* o[0 .. 8 width) += sum over the n slots v + j * vstride of w[j] * v[slot j], in registers, slot by slot in j's
+ * order: one fused multiply-add per element and slot, the same bits however the slots are split between calls.
+ * Inlined with a constant width (8: all 64 dims of a chunk) so that the accumulators stay in registers. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void weigh_avx2(float *o, const int width,
+                                                                                      const float *w,
+                                                                                      const float *v, int64_t n,
+                                                                                      int64_t vstride) {
+    __m256 acc[8];
+    for (int r = 0; r < width; r++) acc[r] = _mm256_loadu_ps(o + 8 * r);
+    for (int64_t j = 0; j < n; j++) {
+        const __m256 wj = _mm256_set1_ps(w[j]);
+        const float *vs = v + j * vstride;
+        for (int r = 0; r < width; r++) acc[r] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vs + 8 * r), acc[r]);
+    }
+    for (int r = 0; r < width; r++) _mm256_storeu_ps(o + 8 * r, acc[r]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void weigh_any_avx2(float *o, int width, const float *w,
+                                                                    const float *v, int64_t n, int64_t vstride) {
+    if (width == 8)
+        weigh_avx2(o, 8, w, v, n, vstride);
+    else
+        for (int r = 0; r < width; r++) weigh_avx2(o + 8 * r, 1, w, v + 8 * r, n, vstride);
+}
+
+/* scores_avx2 for nq (3 or 4) queries over the same n slots (n a multiple of 4) where AVX-512VL gives 32 vector
+ * registers: 12 or 16 chains of 8-lane fused multiply-adds, each key chunk loaded once for all the queries; each key's dot product
+ * the same operations in the same order as scores_avx2's: the same bits. */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"), always_inline)) static inline void scores_n_avx512(
+    const int nq, const float *const *q, const float *k, int64_t n, int64_t d, float scale, float *const *sc) {
+    const __m128 sv = _mm_set1_ps(scale);
+    for (int64_t j = 0; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * d;
+        __m256 c[4][4], x[4];
+        for (int u = 0; u < nq; u++)
+            for (int r = 0; r < 4; r++) c[u][r] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < d; e += 8) {
+            for (int u = 0; u < nq; u++) x[u] = _mm256_loadu_ps(q[u] + e);
+            for (int r = 0; r < 4; r++) {
+                const __m256 kv = _mm256_loadu_ps(k0 + r * d + e);
+                for (int u = 0; u < nq; u++) c[u][r] = _mm256_fmadd_ps(x[u], kv, c[u][r]);
+            }
+        }
+        for (int u = 0; u < nq; u++) _mm_storeu_ps(sc[u] + j, _mm_mul_ps(hsum4(c[u][0], c[u][1], c[u][2], c[u][3]), sv));
+    }
+}
+
+/* weigh_avx2's 64-dim chunk for nq (3 or 4) queries over the same n slots at once (AVX-512: 12 or 16
+ * accumulators, each slot's V chunk loaded once for all of them): per element the same fused multiply-adds in the
+ * same order, the same bits. */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"), always_inline)) static inline void weigh_n_avx512(
+    const int nq, float *const *o, const float *const *w, const float *v, int64_t n, int64_t vstride) {
+    __m512 acc[4][4];
+    for (int u = 0; u < nq; u++)
+        for (int r = 0; r < 4; r++) acc[u][r] = _mm512_loadu_ps(o[u] + 16 * r);
+    for (int64_t j = 0; j < n; j++) {
+        const float *vs = v + j * vstride;
+        const __m512 v0 = _mm512_loadu_ps(vs), v1 = _mm512_loadu_ps(vs + 16), v2 = _mm512_loadu_ps(vs + 32),
+                     v3 = _mm512_loadu_ps(vs + 48);
+        for (int u = 0; u < nq; u++) {
+            const __m512 wj = _mm512_set1_ps(w[u][j]);
+            acc[u][0] = _mm512_fmadd_ps(wj, v0, acc[u][0]);
+            acc[u][1] = _mm512_fmadd_ps(wj, v1, acc[u][1]);
+            acc[u][2] = _mm512_fmadd_ps(wj, v2, acc[u][2]);
+            acc[u][3] = _mm512_fmadd_ps(wj, v3, acc[u][3]);
+        }
+    }
+    for (int u = 0; u < nq; u++)
+        for (int r = 0; r < 4; r++) _mm512_storeu_ps(o[u] + 16 * r, acc[u][r]);
+}
+
+/* scores_n_avx512 and weigh_n_avx512 with nq constant (the accumulators in registers) */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"))) static void scores_many_avx512(
+    int nq, const float *const *q, const float *k, int64_t n, int64_t d, float scale, float *const *sc) {
+    if (nq == 4)
+        scores_n_avx512(4, q, k, n, d, scale, sc);
+    else
+        scores_n_avx512(3, q, k, n, d, scale, sc);
+}
+
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"))) static void weigh_many_avx512(
+    int nq, float *const *o, const float *const *w, const float *v, int64_t n, int64_t vstride) {
+    if (nq == 4)
+        weigh_n_avx512(4, o, w, v, n, vstride);
+    else
+        weigh_n_avx512(3, o, w, v, n, vstride);
+}
+
+/* How many of the queries x[0 .. left) from the first on (at most 4) see exactly the slots [s0, s1) of block
+ * [b0, b1), as x[0] does */
+static int same_slots(const att_query *x, int left, int64_t b0, int64_t b1, int64_t s0, int64_t s1) {
+    int run = 1;
+    for (; run < left && run < 4; run++) {
+        const att_query *y = x + run;
+        if ((b0 > y->lo ? b0 : y->lo) != s0 || (b1 < y->lo + y->pre ? b1 : y->lo + y->pre) != s1) break;
+    }
+    return run;
+}
+
+/* Queries of one KV head (k, v: its cache [S, D]), d a multiple of 8 (AVX2 + FMA). The slots before pos0, which the
+ * queries share, go in blocks of about 16 KB of K (then of V), each block used by every query while it sits in L1,
+ * by 2 queries at once (AVX2) or 3-4 (AVX-512: twice the registers) where they see the same slots of the block.
+ * Each query's scores, weights and output are computed by exactly the same operations in the same order as alone
+ * (scores_avx2, softmax_avx2, weigh_avx2 slot by slot), so nothing depends on the other queries, tokens or heads:
+ * batch-invariant. SmolLM2's shapes (9 heads, 3 KV heads, D 64), 5 tokens over 350 slots, one thread: 152 -> 58 us
+ * a layer against one query at a time (whose scalar running max and spilled accumulators cost most of it). */
+__attribute__((target("avx2,fma,f16c"))) static void attend_group_avx2(const attn_args *a, att_query *qs, int nq,
+                                                                        const float *k, const float *v) {
+    const int64_t d = a->d, block = d >= 1024 ? 4 : 4096 / d;
+    int64_t b_lo = INT64_MAX, b_hi = 0;  /* the prefix slots any query sees */
+    for (int u = 0; u < nq; u++)
+        if (qs[u].pre > 0) {
+            b_lo = qs[u].lo < b_lo ? qs[u].lo : b_lo;
+            b_hi = qs[u].lo + qs[u].pre > b_hi ? qs[u].lo + qs[u].pre : b_hi;
+        }
+    for (int64_t b0 = b_lo; b0 < b_hi; b0 += block) {
+        const int64_t b1 = b0 + block < b_hi ? b0 + block : b_hi;
+        for (int u = 0; u < nq; u++) {  /* the queries that see the same slots of the block together */
+            const att_query *x = qs + u;
+            const int64_t s0 = b0 > x->lo ? b0 : x->lo, s1 = b1 < x->lo + x->pre ? b1 : x->lo + x->pre;
+            if (s0 >= s1) continue;
+            const int run = same_slots(x, nq - u, b0, b1, s0, s1);
+            if (isa == ISA_VNNI && run >= 3 && (s1 - s0) % 4 == 0) {
+                const float *qv[4];
+                float *sv[4];
+                for (int e = 0; e < run; e++) {
+                    qv[e] = x[e].q;
+                    sv[e] = x[e].sc + (s0 - x[e].lo);
+                }
+                scores_many_avx512(run, qv, k + s0 * d, s1 - s0, d, a->scale, sv);
+                u += run - 1;
+            } else if (run >= 2) {
+                scores_avx2(x->q, x[1].q, k + s0 * d, s1 - s0, d, a->scale, x->sc + (s0 - x->lo),
+                            x[1].sc + (s0 - x[1].lo));
+                u++;
+            } else
+                scores_avx2(x->q, NULL, k + s0 * d, s1 - s0, d, a->scale, x->sc + (s0 - x->lo), NULL);
+        }
+    }
+    for (int u = 0; u < nq; u++) {  /* the path's slots, then the weights */
+        att_query *x = qs + u;
+        for (int64_t j = x->pre; j < x->n; j++)
+            x->sc[j] = dot_avx2(x->q, k + (a->pos0 + x->path[j - x->pre + x->skip]) * d, d) * a->scale;
+        x->inv = softmax_avx2(x->sc, x->n);
+    }
+    for (int64_t c = 0; c < d; c += 64) {  /* 64 output dims (8 registers) at a time, kept in o between blocks */
+        const int width = d - c < 64 ? (int)((d - c) / 8) : 8;
+        for (int u = 0; u < nq; u++) memset(qs[u].o + c, 0, sizeof(float) * 8 * (size_t)width);
+        for (int64_t b0 = b_lo; b0 < b_hi; b0 += block) {
+            const int64_t b1 = b0 + block < b_hi ? b0 + block : b_hi;
+            for (int u = 0; u < nq; u++) {
+                const att_query *x = qs + u;
+                const int64_t s0 = b0 > x->lo ? b0 : x->lo, s1 = b1 < x->lo + x->pre ? b1 : x->lo + x->pre;
+                if (s0 >= s1) continue;
+                const int run = same_slots(x, nq - u, b0, b1, s0, s1);
+                if (isa == ISA_VNNI && width == 8 && run >= 3) {  /* 3 or 4 at a time */
+                    float *os[4];
+                    const float *ws[4];
+                    for (int e = 0; e < run; e++) {
+                        os[e] = x[e].o + c;
+                        ws[e] = x[e].sc + (s0 - x[e].lo);
+                    }
+                    weigh_many_avx512(run, os, ws, v + s0 * d + c, s1 - s0, d);
+                    u += run - 1;
+                    continue;
+                }
+                weigh_any_avx2(x->o + c, width, x->sc + (s0 - x->lo), v + s0 * d + c, s1 - s0, d);
+            }
+        }
+        for (int u = 0; u < nq; u++) {
+            const att_query *x = qs + u;
+            for (int64_t j = x->pre; j < x->n; j++)
+                weigh_any_avx2(x->o + c, width, x->sc + j, v + (a->pos0 + x->path[j - x->pre + x->skip]) * d + c, 1, d);
+            const __m256 inv = _mm256_set1_ps(x->inv);
+            for (int r = 0; r < width; r++)
+                _mm256_storeu_ps(x->o + c + 8 * r, _mm256_mul_ps(_mm256_loadu_ps(x->o + c + 8 * r), inv));
+        }
+    }
 }
 #endif
 
-static void attend_part(const void *arg, int part, int parts) {
-    const attn_args *a = (const attn_args *)arg;
-    const int64_t d = a->d, group = a->hq / a->hkv, stride = (a->hq + 2 * a->hkv) * d;
-    float *sc = a->scores + part * a->s;
+/* The same operations as attend_group_avx2's, one query at a time, in plain C (no AVX2, or d not a multiple of 8) */
+static void attend_one_scalar(const attn_args *a, const att_query *x, const float *k, const float *v) {
+    const int64_t d = a->d;
+#define SLOT(j) ((j) < x->pre ? x->lo + (j) : a->pos0 + x->path[(j) - x->pre + x->skip])
+    float m = -INFINITY, *sc = x->sc;
+    for (int64_t j = 0; j < x->n; j++) {
+        sc[j] = dot_scalar(x->q, k + SLOT(j) * d, d) * a->scale;
+        m = sc[j] > m ? sc[j] : m;
+    }
+    float sum = 0.0f;
+    memset(x->o, 0, sizeof(float) * (size_t)d);
+    for (int64_t j = 0; j < x->n; j++) {
+        const float w = expf(sc[j] - m);
+        sum += w;
+        axpy_scalar(x->o, w, v + SLOT(j) * d, d);
+    }
+#undef SLOT
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < d; j++) x->o[j] *= inv;
+}
+
+#define ATT_QC 8  /* queries of one KV head attended together (attend_group_avx2); a thread's score rows */
+
+/* Each part: a contiguous range of the (KV head, token, head of its group) triples, KV head first, attended
+ * ATT_QC queries of one KV head at a time. query_only: attend_query_run's queries (q alone in qkv [T, Hq D], each
+ * over the slots [0, pos0)); otherwise attend_run's (a token at depth i over [lo, pos0) and its path). */
+static void attend_queries(const attn_args *a, int part, int parts, int query_only) {
+    const int64_t d = a->d, group = a->hq / a->hkv, stride = (a->hq + 2 * a->hkv) * d, per_kv = a->t * group;
+    const int64_t total = a->hkv * per_kv, per = (total + parts - 1) / parts;
+    const int64_t i1 = per * part + per < total ? per * part + per : total;
 #ifdef SPECMTP_X86
     const int vec = use_avx2 && d % 8 == 0;
 #endif
-    /* parts split the (token, head) pairs */
-    const int64_t total = a->t * a->hq, per = (total + parts - 1) / parts;
-    const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
-    for (int64_t idx = i0; idx < i1; idx++) {
-        const int64_t i = idx / a->hq, h = idx % a->hq, g = h / group;
-        const int64_t p = a->pos0 + a->depth[i], lo = a->window && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
-        const int32_t *path = a->path + i * MAX_TREE;
-        /* visible slots in ascending position: [lo, pos0), then the path's tokens from depth lo - pos0 on */
-        const int64_t pre = lo < a->pos0 ? a->pos0 - lo : 0, skip = lo > a->pos0 ? lo - a->pos0 : 0;
-        const int64_t n = pre + a->depth[i] + 1 - skip;
-        const float *q = a->qkv + i * stride + h * d;
+    for (int64_t idx = per * part; idx < i1;) {
+        const int64_t g = idx / per_kv;
         const float *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
-        float *o = a->out + i * a->hq * d + h * d;
+        att_query qs[ATT_QC];
+        int nq = 0;
+        for (; idx < i1 && idx / per_kv == g && nq < ATT_QC; idx++, nq++) {
+            const int64_t i = idx % per_kv / group, h = g * group + idx % group;
+            att_query *x = qs + nq;
+            x->o = a->out + (i * a->hq + h) * d;
+            x->sc = a->scores + ((int64_t)part * ATT_QC + nq) * a->s;
+            x->path = a->path + i * MAX_TREE;
+            if (query_only) {
+                x->q = a->qkv + (i * a->hq + h) * d;
+                x->lo = x->skip = 0;
+                x->pre = x->n = a->pos0;
+            } else {  /* visible: [lo, pos0), then the path's tokens from depth lo - pos0 on */
+                const int64_t p = a->pos0 + a->depth[i];
+                x->q = a->qkv + i * stride + h * d;
+                x->lo = a->window && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+                x->pre = x->lo < a->pos0 ? a->pos0 - x->lo : 0;
+                x->skip = x->lo > a->pos0 ? x->lo - a->pos0 : 0;
+                x->n = x->pre + a->depth[i] + 1 - x->skip;
+            }
+        }
+        if (query_only && a->pos0 == 0) {  /* nothing to attend to */
+            for (int u = 0; u < nq; u++) memset(qs[u].o, 0, sizeof(float) * (size_t)d);
+            continue;
+        }
 #ifdef SPECMTP_X86
         if (vec) {
-            attend_one_avx2(a, i, q, k, v, sc, n, pre, lo, skip, o);
+            attend_group_avx2(a, qs, nq, k, v);
             continue;
         }
 #endif
-#define SLOT(j) ((j) < pre ? lo + (j) : a->pos0 + path[(j) - pre + skip])
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            const float x = dot_scalar(q, k + SLOT(j) * d, d) * a->scale;
-            sc[j] = x;
-            m = x > m ? x : m;
-        }
-        float sum = 0.0f;
-        memset(o, 0, sizeof(float) * (size_t)d);
-        for (int64_t j = 0; j < n; j++) {
-            const float w = expf(sc[j] - m);
-            sum += w;
-            axpy_scalar(o, w, v + SLOT(j) * d, d);
-        }
-#undef SLOT
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < d; j++) o[j] *= inv;
+        for (int u = 0; u < nq; u++) attend_one_scalar(a, qs + u, k, v);
     }
 }
+
+static void attend_part(const void *arg, int part, int parts) { attend_queries(arg, part, parts, 0); }
 
 /* ---------------------------------------------------------------------------------------------------------- */
 /* Python entry points: raw pointers from torch tensors (contiguous, checked by the caller)                    */
@@ -1018,43 +1269,8 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
 }
 
 /* A drafter's query-only layer (no K/V of its own): T queries, all at position pos0, each over slots [0, pos0) of
-   another model's cache (full attention), q rotated in place. Each (token, head) by attend_one_avx2 (or the scalar
-   loop) over those slots, split over the pool by (token, head). */
-static void attend_query_part(const void *arg, int part, int parts) {
-    const attn_args *a = (const attn_args *)arg;
-    const int64_t d = a->d, group = a->hq / a->hkv, n = a->pos0;
-    float *sc = a->scores + part * a->s;
-    const int64_t total = a->t * a->hq, per = (total + parts - 1) / parts;
-    const int64_t i0 = per * part, i1 = i0 + per < total ? i0 + per : total;
-    for (int64_t idx = i0; idx < i1; idx++) {
-        const int64_t i = idx / a->hq, h = idx % a->hq, g = h / group;
-        const float *q = a->qkv + (i * a->hq + h) * d, *k = a->kc + g * a->s * d, *v = a->vc + g * a->s * d;
-        float *o = a->out + (i * a->hq + h) * d;
-        if (n == 0) {  /* nothing to attend to */
-            memset(o, 0, sizeof(float) * (size_t)d);
-            continue;
-        }
-#ifdef SPECMTP_X86
-        if (use_avx2 && d % 8 == 0) {
-            attend_one_avx2(a, i, q, k, v, sc, n, n, 0, 0, o);  /* every slot from the prefix: no path is read */
-            continue;
-        }
-#endif
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            sc[j] = dot_scalar(q, k + j * d, d) * a->scale;
-            m = sc[j] > m ? sc[j] : m;
-        }
-        float sum = 0.0f;
-        memset(o, 0, sizeof(float) * (size_t)d);
-        for (int64_t j = 0; j < n; j++) {
-            const float w = expf(sc[j] - m);
-            sum += w;
-            axpy_scalar(o, w, v + j * d, d);
-        }
-        for (int64_t j = 0; j < d; j++) o[j] /= sum;
-    }
-}
+   another model's cache (full attention), q rotated in place. */
+static void attend_query_part(const void *arg, int part, int parts) { attend_queries(arg, part, parts, 1); }
 
 static float *attn_scratch = NULL;
 static int64_t attn_cap = 0;
@@ -1075,12 +1291,12 @@ static int tree_paths(const int64_t *parents, int64_t t) {
     return 0;
 }
 
-/* The pool started and a score row of s slots per thread: 0, or -1 when out of memory. */
+/* The pool started and ATT_QC score rows of s slots per thread: 0, or -1 when out of memory. */
 static int attn_reserve(int64_t s) {
     if (!pool_started) pool_start(pool_size);
-    if ((int64_t)pool_size * s > attn_cap) {
+    if ((int64_t)pool_size * ATT_QC * s > attn_cap) {
         free(attn_scratch);
-        attn_cap = (int64_t)pool_size * s;
+        attn_cap = (int64_t)pool_size * ATT_QC * s;
         attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
         if (!attn_scratch) {
             attn_cap = 0;
