@@ -449,8 +449,9 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
 
 
 def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):
-    """With taps (EAGLE-3's lower-layer features), a q8 drafter's round starts from the fused state (one fused RMSNorm
-    op for fp32 taps): each tap normalized on its own and scaled, concatenated with the hidden state, projected."""
+    """With taps (EAGLE-3's lower-layer features), a q8 drafter's round starts from the fused state (for fp32 taps
+    one kernel call: the quantized product's pre-op norms each tap on its own and scales it, the hidden state as it
+    is): each tap normalized on its own and scaled, concatenated with the hidden state, projected."""
     out = tmp_path / "taps"
     opts = tiny_opts(4)
     opts.taps = "0"
@@ -458,6 +459,7 @@ def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):
     drafter = MTPDrafter(out)
     drafter.check_compatible(target)
     assert drafter.taps == (0,) and drafter.stack is not None
+    assert not isinstance(drafter.module.fuse.kernel_weight, torch.Tensor)  # q8: the norms and product in one call
     g = torch.Generator().manual_seed(1)
     hidden, taps = torch.randn(1, target.config.hidden_size, generator=g), torch.randn(1, 1, target.config.hidden_size,
                                                                                       generator=g)

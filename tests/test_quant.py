@@ -342,6 +342,18 @@ def check_pre_ops_and_residual(qw, g, rtol):
     assert torch.equal(qlinear(x, qw, residual=res), qlinear(x, qw) + res)
     assert torch.equal(qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)[2:3],
                        qlinear(x[2:3], qw, pre="rms_norm", norm=norm, eps=1e-6))  # per token: batch-invariant
+    taps = (x * torch.tensor([3.0, 0.2]).repeat_interleave(64)).view(5, 2, 64)  # two parts of 64 normed on their
+    # own (far from unit RMS) and scaled, then a part left as it is
+    tap_norm, hidden = torch.rand(2, 64, generator=g) + 0.5, torch.randn(5, 64, generator=g)
+    normed = torch.nn.functional.rms_norm(taps, (64,), None, 1e-6) * tap_norm
+    w3 = torch.cat([qw if isinstance(qw, torch.Tensor) else dequantize(qw), torch.randn(96, 64, generator=g)], 1)
+    w3 = w3 if isinstance(qw, torch.Tensor) else quantize(w3, f"q{qw.fmt}")
+    ref = qlinear(torch.cat([normed.flatten(1), hidden], 1), w3)
+    y = qlinear(torch.cat([taps.flatten(1), hidden], 1), w3, pre="tap_norm", norm=tap_norm.flatten(), eps=1e-6,
+                segment=64)
+    assert (y - ref).norm() / ref.norm() < rtol
+    with pytest.raises(ValueError, match="segment"):
+        qlinear(torch.cat([x, hidden], 1), w3, pre="tap_norm", norm=tap_norm.flatten(), eps=1e-6, segment=48)
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])

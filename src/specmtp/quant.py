@@ -181,7 +181,7 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
     return w.reshape(n, k)
 
 
-PRE = {None: 0, "rms_norm": 1, "swiglu": 2}
+PRE = {None: 0, "rms_norm": 1, "swiglu": 2, "tap_norm": 3}
 DENSE_FORMAT = 32  # the kernels' format code for dense fp32 weights (FMT_F32)
 
 
@@ -189,10 +189,12 @@ def qlinear(
     x: torch.Tensor,  # [..., K] ([..., 2K] with pre="swiglu": gate then up)
     qw: QuantWeight | torch.Tensor,  # or a dense fp32 weight [N, K] (contiguous), through specmtp's fp32 kernel
     bias: torch.Tensor | None = None,
-    pre: str | None = None,  # what the kernel applies to each token first: None, "rms_norm" (with norm, eps), "swiglu"
+    pre: str | None = None,  # what the kernel applies to each token first: None, "rms_norm" (with norm, eps), "swiglu",
+    # "tap_norm" (x: K / segment parts, each but the last RMS-normed on its own with its part of norm [K - segment])
     norm: torch.Tensor | None = None,  # [K] the RMSNorm weight
     eps: float = 0.0,
     residual: torch.Tensor | None = None,  # [..., N] added to the result
+    segment: int = 0,  # tap_norm's part width (a multiple of 32)
 ) -> torch.Tensor:  # [..., N]
     """pre(x) @ W.T + bias + residual through the quantized kernels (fp32 in and out); a dense weight's product
     through `sgemm`'s kernel, after the same pre-op (so a dense plain layer runs as the same calls as a quantized
@@ -213,7 +215,7 @@ def qlinear(
         norm = norm.float().contiguous()
     r = residual.reshape(-1, n).float().contiguous() if residual is not None else None
     _qkernels.gemm(fmt, x2.data_ptr(), x2.shape[0], k, *ptrs, _ptr(b), y.data_ptr(), n, PRE[pre], _ptr(norm), eps,
-                   _ptr(r))
+                   _ptr(r), segment)
     return y.reshape(*shape[:-1], n)
 
 

@@ -73,13 +73,15 @@ class Calibration:
     """P(target accepts a draft | its key), as decayed counts of verified drafts per key over a prior."""
 
     def __init__(self, prior: list[float], strength: float = 2.0, decay: float = 0.998) -> None:
-        self.prior = torch.tensor(prior, dtype=torch.float64)  # [K] rate assumed before any evidence
+        # Python lists, not tensors: a draft round reads and updates these 20-entry tables a few times, and after
+        # a verify pass has streamed the weights through the caches every tensor op pays 20-70 us of cold code
+        # (list arithmetic on tables this small is cheaper even warm).
+        self._prior = [float(p) for p in prior]  # [K] rate assumed before any evidence
         self.strength, self.decay = strength, decay
-        self.reached = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts verified
-        self.hits = torch.zeros(len(prior), dtype=torch.float64)  # [K] decayed drafts accepted
+        self._reached = [0.0] * len(prior)  # [K] decayed drafts verified
+        self._hits = [0.0] * len(prior)  # [K] decayed drafts accepted
         # [R][K] decayed keys of the children a tree step produced, by rank among its siblings (0: the likeliest);
-        # None until a tree step is seen. Python lists: a tree round updates and reads them a few times a step, and
-        # on tables this small list arithmetic is several times faster than tensor ops.
+        # None until a tree step is seen.
         self._produced: list[list[float]] | None = None
         self._children: list[float] | None = None
         self._changed()
@@ -89,6 +91,21 @@ class Calibration:
         self._rates: torch.Tensor | None = None  # [K] every key's rate
         self._rate_list: list[float] | None = None  # the same as Python floats
         self._usual: torch.Tensor | None = None  # [K] how often verified drafts get each key
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """[K] the rate assumed before any evidence"""
+        return torch.tensor(self._prior, dtype=torch.float64)
+
+    @property
+    def reached(self) -> torch.Tensor:
+        """[K] decayed count of verified drafts by key"""
+        return torch.tensor(self._reached, dtype=torch.float64)
+
+    @property
+    def hits(self) -> torch.Tensor:
+        """[K] decayed count of accepted drafts by key"""
+        return torch.tensor(self._hits, dtype=torch.float64)
 
     @property
     def produced(self) -> torch.Tensor | None:
@@ -101,19 +118,20 @@ class Calibration:
 
     def rate(self, keys: torch.Tensor) -> torch.Tensor:
         """keys: [B] -> acceptance probabilities [B]."""
-        k = keys.clamp(0, len(self.prior) - 1)
-        return ((self.hits[k] + self.strength * self.prior[k]) / (self.reached[k] + self.strength)).float()
+        return self.rates()[keys.clamp(0, len(self._prior) - 1)]
 
     def rates(self) -> torch.Tensor:
         """[K] every key's rate (rate() of all keys), kept until the next observation."""
         if self._rates is None:
-            self._rates = self.rate(torch.arange(len(self.prior)))
+            self._rates = torch.tensor(self.rate_list())
         return self._rates
 
     def rate_list(self) -> list[float]:
-        """rates() as Python floats (tree rounds look rates up one node at a time)."""
+        """Every key's rate as Python floats (tree rounds look rates up one node at a time)."""
         if self._rate_list is None:
-            self._rate_list = self.rates().tolist()
+            s = self.strength
+            self._rate_list = [(h + s * p) / (r + s) for h, p, r in zip(self._hits, self._prior, self._reached,
+                                                                         strict=True)]
         return self._rate_list
 
     def _worth(self, alive: torch.Tensor, verify_price: float) -> torch.Tensor:
@@ -125,8 +143,9 @@ class Calibration:
         get (the verified drafts' key frequencies; the prior's keys alike before any), what proposing it
         adds (alive x rate) beyond the verify price, when it is proposed at all."""
         if self._usual is None:
-            weight = self.reached + 1.0 / len(self.prior)  # [K]
-            self._usual = (weight / weight.sum()).float()
+            weight = [r + 1.0 / len(self._prior) for r in self._reached]  # [K]
+            total = sum(weight)
+            self._usual = torch.tensor([w / total for w in weight])
         return self._worth(alive, verify_price) @ self._usual
 
     def note_produced(self, keys: torch.Tensor | list[list[int]]) -> None:
@@ -134,9 +153,9 @@ class Calibration:
         rows = keys.tolist() if isinstance(keys, torch.Tensor) else keys
         if not rows:
             return
-        k_max, ranks = len(self.prior) - 1, len(rows[0])
+        k_max, ranks = len(self._prior) - 1, len(rows[0])
         if self._produced is None or len(self._produced) != ranks:
-            table = [[0.0] * len(self.prior) for _ in range(ranks)]
+            table = [[0.0] * len(self._prior) for _ in range(ranks)]
         else:
             table = [[v * self.decay for v in rank] for rank in self._produced]
         for row in rows:
@@ -148,8 +167,8 @@ class Calibration:
         """[K] each rank's share of its children by key (counts over a uniform prior of total 1), summed over ranks."""
         if self._children is None:
             assert self._produced is not None
-            prior = 1.0 / len(self.prior)
-            out = [0.0] * len(self.prior)
+            prior = 1.0 / len(self._prior)
+            out = [0.0] * len(self._prior)
             for rank in self._produced:
                 total = sum(rank) + 1.0
                 for k, v in enumerate(rank):
@@ -177,27 +196,28 @@ class Calibration:
     def observe_nodes(self, rows: list[list[tuple[int, bool]]]) -> None:
         """Per row: (key, accepted) of each tree node the target reached (its parent was accepted, or is the root)."""
         self._changed()
-        reached, hits = [0.0] * len(self.prior), [0.0] * len(self.prior)
+        d, k_max = self.decay, len(self._prior) - 1
+        self._reached = [r * d for r in self._reached]
+        self._hits = [h * d for h in self._hits]
         for row in rows:
             for k, hit in row:
-                k = min(k, len(self.prior) - 1)
-                reached[k] += 1.0
-                hits[k] += hit
-        self.reached = self.reached * self.decay + torch.tensor(reached, dtype=torch.float64)
-        self.hits = self.hits * self.decay + torch.tensor(hits, dtype=torch.float64)
+                k = min(k, k_max)
+                self._reached[k] += 1.0
+                self._hits[k] += hit
 
     def observe(self, keys: list[list[int]], accepted: list[int]) -> None:
         """Per row: the keys of the drafts it proposed, and how many the target accepted (-1: not verified)."""
         self._changed()
-        self.reached *= self.decay
-        self.hits *= self.decay
+        d, k_max = self.decay, len(self._prior) - 1
+        self._reached = [r * d for r in self._reached]
+        self._hits = [h * d for h in self._hits]
         for row, a in zip(keys, accepted, strict=True):
             if a < 0:
                 continue
             for i, k in enumerate(row[: a + 1]):  # drafts 1..a accepted; draft a+1 (if any) reached and rejected
-                k = min(k, len(self.prior) - 1)
-                self.reached[k] += 1
-                self.hits[k] += i < a
+                k = min(k, k_max)
+                self._reached[k] += 1.0
+                self._hits[k] += i < a
 
 
 class Chain:
@@ -290,11 +310,11 @@ class TreeRound:
         """Per row, a chain of drafts below the root from another source (a copy from the context); its k-th
         token's rate is `calibration`'s for key k. Such nodes are never stepped unless a drafter step proposes
         them too (then they merge, and the step's state is theirs)."""
+        table = calibration.rate_list()
         for b, chain in enumerate(chains):
-            rates = calibration.rate(torch.arange(len(chain))).tolist()
             node = -1
             for k, tok in enumerate(chain):
-                node = self._add(b, node, tok, rates[k], (calibration, k), None)
+                node = self._add(b, node, tok, table[min(k, len(table) - 1)], (calibration, k), None)
                 if node is None:
                     break
 

@@ -167,9 +167,17 @@ class MTPModule(ProjectedTrunk):
     def fused(self, hidden: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         """A round's first hidden state from several of the target's layers (EAGLE-3's multi-layer features):
         hidden [.., Ht] final-normed, taps [.., n, Ht] the residual stream after each tapped layer -> [.., Ht]"""
-        eps = self.cfg.rms_norm_eps
+        eps, width = self.cfg.rms_norm_eps, taps.shape[-1]
+        weight = self.fuse.kernel_weight
+        if (hidden.dtype == taps.dtype == torch.float32 and not isinstance(weight, torch.Tensor) and width % 32 == 0
+                and not torch.is_grad_enabled()):
+            # a quantized fuse (inference): the norms and the product in one kernel call (just after a verify pass,
+            # the first call of each torch op costs tens of microseconds; the round's first step waits on this)
+            own_pool(True)
+            x = torch.cat([taps.flatten(-2), hidden], dim=-1)
+            return quant.qlinear(x, weight, None, "tap_norm", self.tap_norm.flatten(), eps, segment=width)
         if hidden.dtype == taps.dtype == torch.float32:  # one fused op (a draft round's first step pays every op)
-            normed = F.rms_norm(taps, (taps.shape[-1],), None, eps) * self.tap_norm
+            normed = F.rms_norm(taps, (width,), None, eps) * self.tap_norm
         else:
             normed = rms_norm_plain(taps.to(hidden.dtype), eps) * self.tap_norm.to(hidden.dtype)
         return self.fuse(torch.cat([normed.flatten(-2), hidden], dim=-1))

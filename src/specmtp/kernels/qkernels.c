@@ -1175,17 +1175,21 @@ static float *scratch_f = NULL;
 static int64_t scratch_cap = 0;  /* T K of the activations they hold */
 
 /* What the kernel does to each token's activations before quantizing them (per token, so batch-invariant) */
-enum { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
+enum { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2, PRE_TAPNORM = 3 };
+/* PRE_TAPNORM: the row is K / seg segments of seg values; each but the last is RMS-normed on its own and scaled by
+   its part of norm [K - seg], the last is left as it is (an MTP drafter's first state: its taps of the target's
+   layers, each normed, then the target's final hidden state, fused by one product) */
 
 typedef struct {
     int pre;
     const float *x;        /* [T, K] ([T, 2K] with swiglu: gate then up) */
-    const float *norm;     /* [K] rms norm weight */
-    const float *rscale;   /* [T] rms norm: 1 / sqrt(mean(x^2) + eps) of each token */
+    const float *norm;     /* [K] rms norm weight ([K - seg] with tapnorm) */
+    const float *rscale;   /* [T] rms norm: 1 / sqrt(mean(x^2) + eps) of each token ([T, K / seg - 1] tapnorm's) */
     int64_t t, k;
     int8_t *xq;            /* [T, K] */
     float *xd, *xs;        /* [T, K/32] */
     float *xf;             /* dense weights: [T, K] the prepared activations in fp32 (xq, xd, xs unused) */
+    int64_t seg;           /* tapnorm's segment width (a multiple of 32) */
 } prep_args;
 
 /* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
@@ -1202,6 +1206,11 @@ static void prep_part(const void *arg, int part, int parts) {
         float *dst = a->xf ? a->xf + i * a->k + b * QK : v;  /* dense weights: prepared straight into place */
         if (a->pre == PRE_RMSNORM) {  /* norm * x / sqrt(mean(x^2) + eps) */
             for (int j = 0; j < QK; j++) dst[j] = a->norm[b * QK + j] * (row[j] * a->rscale[i]);
+            src = dst;
+        } else if (a->pre == PRE_TAPNORM && b * QK < a->k - a->seg) {  /* a tap: normed by its own segment's scale */
+            const int64_t segs = a->k / a->seg - 1;
+            const float r = a->rscale[i * segs + b * QK / a->seg];
+            for (int j = 0; j < QK; j++) dst[j] = a->norm[b * QK + j] * (row[j] * r);
             src = dst;
         } else if (a->pre == PRE_SWIGLU) {  /* silu(gate) * up */
             for (int j = 0; j < QK; j++) dst[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
@@ -1222,7 +1231,7 @@ static int64_t scratch_x_cap = 0;
  * cannot be had. */
 static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
                     const uint16_t *wm, const float *bias, float *y, int64_t n, int pre, const float *norm, float eps,
-                    const float *res) {
+                    const float *res, int64_t seg) {
     const int64_t nb = k / QK;
     if (t * k > scratch_cap) {
         free(scratch_q);
@@ -1252,16 +1261,24 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
             for (int64_t j = 0; j < k; j++) ss += row[j] * row[j];
             rscale[i] = 1.0f / sqrtf(ss / (float)k + eps);
         }
+    if (pre == PRE_TAPNORM)
+        for (int64_t i = 0; i < t; i++)
+            for (int64_t sg = 0; sg < k / seg - 1; sg++) {
+                const float *part = x + i * k + sg * seg;
+                float ss = 0.0f;
+                for (int64_t j = 0; j < seg; j++) ss += part[j] * part[j];
+                rscale[i * (k / seg - 1) + sg] = 1.0f / sqrtf(ss / (float)seg + eps);
+            }
     if (fmt == FMT_F32) {
         if (pre != PRE_NONE) {
-            prep_args p = {pre, x, norm, rscale, t, k, NULL, NULL, NULL, scratch_x};
+            prep_args p = {pre, x, norm, rscale, t, k, NULL, NULL, NULL, scratch_x, seg};
             run_parts(prep_part, &p, pre == PRE_SWIGLU ? 16 * t * k : t * k);
             x = scratch_x;
         }
         sgemm_run(x, t, k, (const float *)wq, bias, y, n, res);
         return 0;
     }
-    prep_args p = {pre, x, norm, rscale, t, k, scratch_q, xd, xs, NULL};
+    prep_args p = {pre, x, norm, rscale, t, k, scratch_q, xd, xs, NULL, seg};
     run_parts(prep_part, &p, pre == PRE_SWIGLU ? 16 * t * k : t * k);  /* SwiGLU's expf: worth two threads */
     gemm_args a = {fmt, scratch_q, xd, xs, wq, wd, wm, bias, res, y, t, n, k};
     run_parallel(&a);
@@ -1355,7 +1372,7 @@ static int mat_gemm(const int64_t *f, int m, const float *x, int64_t t, int64_t 
                     const float *norm, float eps, const float *res) {
     const int64_t *w = f + 5 * m;
     return gemm_run((int)w[0], x, t, k, (const uint8_t *)w[1], (const uint16_t *)w[2], (const uint16_t *)w[3], bias, y,
-                    w[4], pre, norm, eps, res);
+                    w[4], pre, norm, eps, res, 0);
 }
 
 static float *stack_buf = NULL;
@@ -1406,10 +1423,10 @@ static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, i
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
     int fmt, pre = PRE_NONE;
     unsigned long long x, wq, wd, wm, bias, y, res = 0, norm = 0;
-    long long t, n, k;
+    long long t, n, k, seg = 0;
     float eps = 0.0f;
-    if (!PyArg_ParseTuple(args, "iKLLKKKKKL|iKfK", &fmt, &x, &t, &k, &wq, &wd, &wm, &bias, &y, &n, &pre, &norm, &eps,
-                          &res))
+    if (!PyArg_ParseTuple(args, "iKLLKKKKKL|iKfKL", &fmt, &x, &t, &k, &wq, &wd, &wm, &bias, &y, &n, &pre, &norm, &eps,
+                          &res, &seg))
         return NULL;
     if (k % QK) {
         PyErr_SetString(PyExc_ValueError, "K must be a multiple of 32");
@@ -1419,14 +1436,19 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "format must be 4, 8 or 32 (dense fp32)");
         return NULL;
     }
-    if (pre < PRE_NONE || pre > PRE_SWIGLU || (pre == PRE_RMSNORM && !norm)) {
-        PyErr_SetString(PyExc_ValueError, "pre must be 0 (none), 1 (rms norm, with its weight) or 2 (swiglu)");
+    if (pre < PRE_NONE || pre > PRE_TAPNORM || ((pre == PRE_RMSNORM || pre == PRE_TAPNORM) && !norm)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pre must be 0 (none), 1 (rms norm, with its weight), 2 (swiglu) or 3 (tap norms, with theirs)");
+        return NULL;
+    }
+    if (pre == PRE_TAPNORM && (seg <= 0 || seg % QK || k % seg || k / seg < 2)) {
+        PyErr_SetString(PyExc_ValueError, "tap norms: the segment must be a multiple of 32 dividing K at least twice");
         return NULL;
     }
     /* the GIL stays held: the scratch buffers and the pool serve one call at a time */
     if (gemm_run(fmt, (const float *)x, t, k, (const uint8_t *)wq, (const uint16_t *)wd, (const uint16_t *)wm,
                  bias ? (const float *)bias : NULL, (float *)y, n, pre, (const float *)norm, eps,
-                 res ? (const float *)res : NULL))
+                 res ? (const float *)res : NULL, seg))
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
