@@ -61,6 +61,19 @@ def test_keep_path_moves_the_accepted_slots_of_every_layer(shapes):
         assert torch.equal(t[1, :, 6], t0[1, :, 7]) and torch.equal(t[0, :, 4], t0[0, :, 5])
 
 
+def test_keep_path_of_one_row_moves_the_same_slots_as_indexing():
+    """One row (the engine's case): the slots move by plain copies in the kernels' module, the same as indexing."""
+    cache = KVCache(1, 24, [(3, 8)] * 4)
+    g = torch.Generator().manual_seed(0)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = [t.clone() for t in (*cache.k, *cache.v)]
+    cache.keep_path(torch.tensor([10]), torch.tensor([[2, 3, 6, 9]]), torch.tensor([4]))  # 12, 13, 16, 19 -> 11..14
+    for t, t0 in zip((*cache.k, *cache.v), before, strict=True):
+        assert torch.equal(t[0, :, 11:15], t0[0, :, [12, 13, 16, 19]])
+        assert torch.equal(t[0, :, :11], t0[0, :, :11]) and torch.equal(t[0, :, 15:], t0[0, :, 15:])
+
+
 def test_verify_tree_walks_the_targets_picks():
     drafts = torch.tensor([[5, 6, 7, 8, 9, 3]])  # nodes 0..5 (inputs 1..6) of TREE
     parents = TREE[:, 1:] - 1  # [-1, -1, 0, 0, 1, 3]

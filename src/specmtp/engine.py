@@ -306,8 +306,9 @@ class Engine:
             # each input at the position of its depth, in consecutive slots from the row's length on
             positions = cache.lengths[:, None] + depth  # [B, n+1]
             reach = num_drafts  # [B] how deep each row's drafts go
-            if tree is not None:
-                reach = torch.where(torch.arange(n_eff) < num_drafts[:, None], depth[:, 1:], 0).amax(1)
+            if tree is not None:  # the deepest of each row's own drafts (lists: a few values)
+                reach = torch.tensor([max(d[1 : 1 + k], default=0) for d, k in zip(depth.tolist(), num_drafts.tolist(),
+                                                                                    strict=True)])
             hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
             logits = model.logits(hidden)  # [B, n+1, V]
             path = None  # [B, n] a tree's accepted nodes, root-down

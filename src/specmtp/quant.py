@@ -301,6 +301,15 @@ def run_stack(
                      sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents))
 
 
+def move_slots(planes: torch.Tensor, src: list[int], dst: list[int]) -> None:
+    """planes [..., S, D] fp32 contiguous (the trailing two dims of every plane): slot src[i] -> dst[i] in each, in
+    order (a tree's accepted path moving down: each src past every earlier dst)."""
+    s, d = planes.shape[-2:]
+    outer = planes.numel() // (s * d)
+    a, b = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+    _qkernels.move_slots(planes.data_ptr(), outer, s * d, s, d, a.data_ptr(), b.data_ptr(), len(src))
+
+
 def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     """x: [R, N] fp32 contiguous, out: [R] int64 <- the first index of each row's largest value."""
     _qkernels.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())

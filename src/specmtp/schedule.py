@@ -165,7 +165,8 @@ class Adaptive(Schedule):
                steps: int | None = None) -> None:
         self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
         if len(num_accepted):
-            self.tokens = self.decay * self.tokens + float(num_accepted.float().mean()) + 1
+            accepted = num_accepted.tolist()
+            self.tokens = self.decay * self.tokens + sum(accepted) / len(accepted) + 1
             self.seconds = self.decay * self.seconds + draft_s + verify_s
         if n == 0:
             return

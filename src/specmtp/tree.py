@@ -53,8 +53,9 @@ def ancestors(tree: torch.Tensor) -> torch.Tensor:
 def last_input(path: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
     """Accepted drafts root-down path [B, N] (draft indices), how many num_accepted [B] -> the input index of each
     row's last accepted token [B] (0: the root, when none was accepted)."""
-    deepest = path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0] + 1
-    return torch.where(num_accepted > 0, deepest, 0)
+    rows = path.tolist()  # a few values: Python, not four tensor ops (each cold after a verify pass)
+    return torch.tensor([rows[b][a - 1] + 1 if a > 0 else 0 for b, a in enumerate(num_accepted.tolist())],
+                        dtype=path.dtype)
 
 
 def is_chain(parents: torch.Tensor) -> bool:

@@ -389,14 +389,15 @@ class TreeRound:
             self.proposed[b] = order
             rows.append(order)
         width = max(map(len, rows), default=0)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        parents = torch.full((len(rows), width), -1, dtype=torch.long)
+        tokens, parents = [], []  # built as lists, one tensor each (not an indexed write per node)
         for b, order in enumerate(rows):
             index = {node: j for j, node in enumerate(order)}
-            for j, node in enumerate(order):
-                tokens[b, j] = self.token[b][node]
-                parents[b, j] = index.get(self.parent[b][node], -1)
-        return tokens, parents, torch.tensor([len(r) for r in rows], dtype=torch.long)
+            pad = width - len(order)
+            tokens.append([self.token[b][node] for node in order] + [0] * pad)
+            parents.append([index.get(self.parent[b][node], -1) for node in order] + [-1] * pad)
+        return (torch.tensor(tokens, dtype=torch.long).view(len(rows), width),
+                torch.tensor(parents, dtype=torch.long).view(len(rows), width),
+                torch.tensor([len(r) for r in rows], dtype=torch.long))
 
     def forget(self, rows: list[int]) -> None:
         for b in rows:

@@ -103,4 +103,5 @@ class LookupFirst(Drafter):
     def accept(self, num_accepted: torch.Tensor, path: torch.Tensor | None = None) -> None:
         super().accept(num_accepted)  # the copies' calibration (rows that did not copy drafted no copied token)
         if self.inner_ran:  # rows that copied accepted none of the inner drafter's own tokens
-            self.inner.accept(torch.where(torch.tensor(self.copied), 0, num_accepted), path)
+            self.inner.accept(torch.where(torch.tensor(self.copied), 0, num_accepted) if any(self.copied)
+                              else num_accepted, path)

@@ -359,10 +359,11 @@ class MTPDrafter(RecurrentDrafter):
         mod, eps, w = self.module, self.module.cfg.rms_norm_eps, embeds.shape[0]
         own_pool(True)  # torch on one thread while the kernels' pool runs
         x = quant.qlinear(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1), mod.pre_projection.kernel_weight)
-        if self._rope is None or self._rope[:2] != (position, w):  # a round's steps share their position
-            cos, sin = rope_cos_sin(mod.inv_freq[FULL], torch.full((1, w), position))
-            self._rope = (position, w, cos.contiguous(), sin.contiguous())
-        cos, sin = self._rope[2:]
+        if self._rope is None or self._rope[0] != position or self._rope[1] < w:  # a round's steps share their
+            # position: its rows computed once, for up to 8 branches (the first w of them a contiguous slice)
+            cos, sin = rope_cos_sin(mod.inv_freq[FULL], torch.full((1, max(w, 8)), position))
+            self._rope = (position, max(w, 8), cos.contiguous(), sin.contiguous())
+        cos, sin = self._rope[2][:, :w], self._rope[3][:, :w]
         cache = ctx.cache
         quant.run_stack(self.stack, x, position, {FULL: (cos, sin)}, cache.pointers()[self.sources], cache.capacity,
                         eps, mod.cfg.attn_scale)

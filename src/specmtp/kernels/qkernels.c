@@ -1574,6 +1574,29 @@ static int argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
     return 0;
 }
 
+/* A verified tree's accepted path moved into place: in each of `outer` planes of `slots` slots of `d` floats
+ * (x + o * slots * d: every layer, K and V, KV head of one row), slot src[i] copied to dst[i], i in order. Each src
+ * lies past every earlier dst and each dst before every later src (paths only move down), so in order every slot is
+ * read before anything overwrites it. */
+static PyObject *py_move_slots(PyObject *self, PyObject *args) {
+    unsigned long long x, src, dst;
+    long long outer, stride, slots, d, count;
+    if (!PyArg_ParseTuple(args, "KLLLLKKL", &x, &outer, &stride, &slots, &d, &src, &dst, &count)) return NULL;
+    const int64_t *from = (const int64_t *)src, *to = (const int64_t *)dst;
+    for (int64_t i = 0; i < count; i++)
+        if (from[i] < 0 || from[i] >= slots || to[i] < 0 || to[i] >= slots || (i && to[i] <= to[i - 1]) ||
+            to[i] > from[i]) {
+            PyErr_SetString(PyExc_ValueError, "move_slots: slots out of range, or not moving down in order");
+            return NULL;
+        }
+    for (int64_t o = 0; o < outer; o++) {
+        float *plane = (float *)x + o * stride;
+        for (int64_t i = 0; i < count; i++)
+            memcpy(plane + to[i] * d, plane + from[i] * d, sizeof(float) * (size_t)d);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_argmax(PyObject *self, PyObject *args) {
     unsigned long long x, out;
     long long rows, n;
@@ -1655,6 +1678,8 @@ static PyMethodDef methods[] = {
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
+    {"move_slots", py_move_slots, METH_VARARGS,
+     "move_slots(x, outer, stride, slots, D, src, dst, count): in each plane slot src[i] -> dst[i], in order"},
     {"argmax", py_argmax, METH_VARARGS, "argmax(x, rows, N, out): out[r] = first index of the max of x[r, :N] (fp32)"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads for the kernels (before the first call)"},
     {"park", py_park, METH_NOARGS, "idle workers sleep now instead of spinning (another thread pool is about to run)"},
