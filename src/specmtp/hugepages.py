@@ -98,4 +98,17 @@ def adopt(tensors: list[torch.Tensor]) -> int:
             else:
                 t.set_(dst)
             offset += size
+    release_freed()
     return sum(sizes)
+
+
+def release_freed() -> None:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim). The weights' old storages, freed by the
+    move, otherwise stay resident in malloc's heap: Qwen2.5-Coder-1.5B with q4 weights 2.64 GB resident, 1.85 GB
+    after the trim (1.99 GB without the move). Nothing where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
