@@ -141,3 +141,21 @@ def test_llamacpp_comparison_reads_its_timings_and_reports_failures(tmp_path):
         llamacpp_binary(str(tmp_path / "empty"))
     with pytest.raises(SpecMTPError, match="not found"):
         llamacpp_binary(str(tmp_path / "missing"))
+
+
+def test_compare_names_a_sampled_difference_as_a_sample_not_an_error(tiny_dir):
+    """`generate --compare` with sampling: the speculative sample may differ from target-only's (same distribution,
+    other random draws) and is reported as such; greedy output must be identical."""
+    model = str(tiny_dir("llama"))
+    common = ("generate", "--model", model, "--drafter", "ngram", "--prompt", "the cat the cat the cat the cat",
+              "--max-new-tokens", "40", "--compare")
+    greedy = cli(*common)
+    assert greedy.returncode == 0 and "output identical" in greedy.stdout, greedy.stdout + greedy.stderr
+    outs = []
+    for seed in ("2", "3", "4"):  # copies drafted and sampled: other draws (seed 2 here; others where kernels differ)
+        sampled = cli(*common, "--temperature", "0.7", "--seed", seed)
+        assert sampled.returncode == 0 and "DIFFERENT" not in sampled.stdout, sampled.stdout + sampled.stderr
+        outs.append(sampled.stdout)
+        if "a different sample" in sampled.stdout:
+            break
+    assert "a different sample" in outs[-1], outs

@@ -154,7 +154,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
     _print_stats(stats, stats.total_s)
     if compare is not None:
-        same = "identical" if compare["identical"] else "DIFFERENT (sampling differs between runs unless --seed)"
+        if compare["identical"]:
+            same = "identical"
+        elif sampling.greedy:
+            same = "DIFFERENT"
+        else:  # the same distribution, other random draws: speculative sampling reads the stream differently
+            same = "a different sample (speculative sampling keeps the target's distribution, not its random draws)"
         print(f"[target-only: {compare['target_only_tok_s']:.1f} tok/s; speculative decoding with "
               f"{args.drafter}: {compare['speedup_vs_target_only']:.2f}x; output {same}]")
     return 0
