@@ -1001,14 +1001,16 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl"))) static void weigh_many
         weigh_n_avx512(3, o, w, v, n, vstride);
 }
 
-/* How many of the queries x[0 .. left) from the first on (at most 4) see exactly the slots [s0, s1) of block
- * [b0, b1), as x[0] does */
-static int same_slots(const att_query *x, int left, int64_t b0, int64_t b1, int64_t s0, int64_t s1) {
+/* The slots [first, last) of block [b0, b1) that query x sees before pos0 (first >= last: none) */
+static inline int64_t first_seen(const att_query *x, int64_t b0) { return b0 > x->lo ? b0 : x->lo; }
+static inline int64_t last_seen(const att_query *x, int64_t b1) { return b1 < x->lo + x->pre ? b1 : x->lo + x->pre; }
+
+/* How many of the queries x[0 .. left) from the first on (at most 4) see exactly the slots of block [b0, b1) that
+ * x[0] sees */
+static int same_slots(const att_query *x, int left, int64_t b0, int64_t b1) {
+    const int64_t s0 = first_seen(x, b0), s1 = last_seen(x, b1);
     int run = 1;
-    for (; run < left && run < 4; run++) {
-        const att_query *y = x + run;
-        if ((b0 > y->lo ? b0 : y->lo) != s0 || (b1 < y->lo + y->pre ? b1 : y->lo + y->pre) != s1) break;
-    }
+    while (run < left && run < 4 && first_seen(x + run, b0) == s0 && last_seen(x + run, b1) == s1) run++;
     return run;
 }
 
@@ -1032,9 +1034,9 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_group_avx2(const att
         const int64_t b1 = b0 + block < b_hi ? b0 + block : b_hi;
         for (int u = 0; u < nq; u++) {  /* the queries that see the same slots of the block together */
             const att_query *x = qs + u;
-            const int64_t s0 = b0 > x->lo ? b0 : x->lo, s1 = b1 < x->lo + x->pre ? b1 : x->lo + x->pre;
+            const int64_t s0 = first_seen(x, b0), s1 = last_seen(x, b1);
             if (s0 >= s1) continue;
-            const int run = same_slots(x, nq - u, b0, b1, s0, s1);
+            const int run = same_slots(x, nq - u, b0, b1);
             if (isa == ISA_VNNI && run >= 3 && (s1 - s0) % 4 == 0) {
                 const float *qv[4];
                 float *sv[4];
@@ -1065,9 +1067,9 @@ __attribute__((target("avx2,fma,f16c"))) static void attend_group_avx2(const att
             const int64_t b1 = b0 + block < b_hi ? b0 + block : b_hi;
             for (int u = 0; u < nq; u++) {
                 const att_query *x = qs + u;
-                const int64_t s0 = b0 > x->lo ? b0 : x->lo, s1 = b1 < x->lo + x->pre ? b1 : x->lo + x->pre;
+                const int64_t s0 = first_seen(x, b0), s1 = last_seen(x, b1);
                 if (s0 >= s1) continue;
-                const int run = same_slots(x, nq - u, b0, b1, s0, s1);
+                const int run = same_slots(x, nq - u, b0, b1);
                 if (isa == ISA_VNNI && width == 8 && run >= 3) {  /* 3 or 4 at a time */
                     float *os[4];
                     const float *ws[4];
