@@ -382,10 +382,12 @@ def test_dense_kernel_matches_matmul(tokens, n, k, path):
 def test_dense_kernel_is_batch_invariant(path):
     """A verify pass of T tokens computes bit for bit what T one-token steps would."""
     g = torch.Generator().manual_seed(4)
-    w, x = torch.randn(1030, 576, generator=g), torch.randn(13, 576, generator=g)  # large enough to use every thread
-    alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(13)])
-    for t in (2, 3, 4, 5, 7, 8, 9, 12, 13):  # tiles of 2 and (with AVX-512) of 4 and 8 tokens, spare ones included
-        assert torch.equal(sgemm(x[:t], w, None), alone[:t]), t
+    for k in (576, 353):  # 353: products past the last whole 8-float chunk
+        w, x = torch.randn(1030, k, generator=g), torch.randn(41, k, generator=g)  # large enough to use every thread
+        alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(41)])
+        # tiles of 2 and (with AVX-512) of 4, 8 and 16 tokens, spare ones included, and groups of both wide tiles
+        for t in (2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 24, 25, 32, 41):
+            assert torch.equal(sgemm(x[:t], w, None), alone[:t]), (k, t)
 
 
 def test_dense_kernel_vector_paths_agree_bit_for_bit():
