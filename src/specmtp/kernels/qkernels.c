@@ -612,8 +612,8 @@ static void pair_tokens(const float *x, int64_t t, int64_t k, int64_t g, float *
 /* 3 rows x 16 tokens (9 to 16 tokens of a verify pass or a batch): one 512-bit accumulator per (row, token pair)
    holds the two tokens' 8-lane sums side by side, each row's 8-float chunk broadcast to both halves: 24
    accumulators, twice the multiply-adds per instruction of the 8-token tile's 8-lane ones. Two 8-token passes
-   cost 1.7x one token's on SmolLM2's layers and Qwen2.5-Coder-1.5B's, this tile 1.3-1.5x. (At 8 tokens it is no
-   faster than sdot_tile8x3_avx512, which streams from memory at the speed one token does.) xp: pair_tokens' layout;
+   cost 1.7-1.9x one token's on SmolLM2's layers and Qwen2.5-Coder-1.5B's, this tile 1.3-1.35x. (With 4 pairs for 5
+   to 8 tokens it ran 5% slower than sdot_tile8x3_avx512, 1.12x one token's.) xp: pair_tokens' layout;
    x: the tokens' rows, for the products past the last whole chunk. Each lane sees the FMAs of sdot_tile_avx2's
    lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_avx512(
@@ -624,8 +624,13 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_a
     const int64_t chunks = k / 8;
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t i = c * 8;
-        if (next && (i & 15) == 0)
-            for (int r = 0; r < 3; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
+        if (next && (i & 15) == 0) {  /* into L2 only where the 16 tokens (64 K bytes) fit in L1 beside the tile's
+                                         rows: SmolLM2's 16-token products 11% faster; with K = 1536, 2% slower */
+            if (k <= 640)
+                for (int r = 0; r < 3; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T1);
+            else
+                for (int r = 0; r < 3; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
+        }
         __m512 wv[3];
         for (int r = 0; r < 3; r++)  /* the chunk in both halves */
             wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
