@@ -90,7 +90,7 @@ def test_verify_tree_walks_the_targets_picks():
     chain = chain_parents(1, 3)
     logits = torch.nn.functional.one_hot(torch.tensor([[4, 5, 9, 2]]), 10).float()
     d = torch.tensor([[4, 5, 1]])
-    t1, n1 = verify_greedy(logits, d, torch.tensor([3]))
+    t1, n1 = verify_greedy(logits.argmax(-1), d, torch.tensor([3]))
     t2, n2, p2 = verify_tree(logits.argmax(-1), d, chain, torch.tensor([3]))
     assert n1.tolist() == n2.tolist() == [2] and t1[0, :3].tolist() == t2[0, :3].tolist() == [4, 5, 9]
 

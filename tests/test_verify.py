@@ -20,7 +20,7 @@ def test_greedy_accept_reject_bonus():
     # target argmax per position: row0 agrees with all drafts (bonus 7); row1 rejects at 2nd; row2 at 1st
     logits = one_hot_logits([[1, 2, 3, 7], [1, 5, 3, 4], [6, 2, 3, 4]])
     drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
-    tokens, acc = verify_greedy(logits, drafts, torch.tensor([3, 3, 3]))
+    tokens, acc = verify_greedy(logits.argmax(-1), drafts, torch.tensor([3, 3, 3]))
     assert acc.tolist() == [3, 1, 0]
     assert tokens[0, :4].tolist() == [1, 2, 3, 7]  # accepted + bonus
     assert tokens[1, :2].tolist() == [1, 5]  # accepted + recovered
@@ -29,7 +29,7 @@ def test_greedy_accept_reject_bonus():
 
 def test_greedy_respects_num_drafts():
     logits = one_hot_logits([[1, 2, 3, 7]])
-    tokens, acc = verify_greedy(logits, torch.tensor([[1, 2, 3]]), torch.tensor([1]))
+    tokens, acc = verify_greedy(logits.argmax(-1), torch.tensor([[1, 2, 3]]), torch.tensor([1]))
     assert acc.tolist() == [1] and tokens[0, 1].item() == 2  # padding drafts never count
 
 

@@ -55,13 +55,16 @@ def measure_read_bandwidth(gib: float = 1.0) -> float:
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every matrix once; the embedding table only as the head."""
+    """Bytes of weights one greedy decode step reads: every matrix once; the embedding table only as the head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
     if model.lm_head is not None or model.head_q is not None:  # the lookup reads one row, not the table
         total -= model.embed.weight.numel() * model.embed.weight.element_size()
     if model.head_q is not None:
         total += model.head_q.nbytes
+    screen = model.head_screen
+    if screen is not None:  # a greedy step reads the head's q8 copy instead (and a few of its fp32 rows: screen.py)
+        total += screen.nbytes - screen.weight.numel() * screen.weight.element_size()
     return total
 
 

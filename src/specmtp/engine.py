@@ -19,7 +19,7 @@ import torch
 from specmtp.drafters.base import DraftContext, Drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
-from specmtp.sampling import SamplingParams, argmax, probabilities, sample
+from specmtp.sampling import SamplingParams, probabilities, sample
 from specmtp.schedule import Schedule, make_schedule
 from specmtp.tree import depths, input_parents, is_chain, last_input
 from specmtp.verify import verify_greedy, verify_sampled, verify_tree
@@ -269,7 +269,8 @@ class Engine:
         hidden, tapped = model.features(tokens, torch.arange(width).expand(bsz, width), cache, taps)  # [B, W, H]
         last_hidden = hidden[batch, lengths - 1]  # [B, H]
         cache.lengths.copy_(lengths)
-        first = self._pick(model.logits(last_hidden), sampling, generator)  # [B]
+        first = model.greedy(last_hidden) if sampling.greedy else sample(
+            probabilities(model.logits(last_hidden), sampling), generator)  # [B]
         deltas = [Delta(b, self._finish(r, [int(first[b])], budgets[b], stop), r.finish_reason)
                   for b, r in enumerate(rows)]
         sequences = [r.prompt + r.tokens for r in rows]  # the last token of each is not yet cached
@@ -310,16 +311,17 @@ class Engine:
                 reach = torch.tensor([max(d[1 : 1 + k], default=0) for d, k in zip(depth.tolist(), num_drafts.tolist(),
                                                                                     strict=True)])
             hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
-            logits = model.logits(hidden)  # [B, n+1, V]
+            # the target's greedy tokens, or its distributions when sampling: [B, n+1] / [B, n+1, V]
+            choice = model.greedy(hidden) if sampling.greedy else None
+            p = probabilities(model.logits(hidden), sampling) if choice is None else None
             path = None  # [B, n] a tree's accepted nodes, root-down
             if parents is not None:
-                choice = argmax(logits) if sampling.greedy else sample(
-                    probabilities(logits.flatten(0, 1), sampling), generator).view(bsz, -1)  # [B, n+1]
+                if choice is None:
+                    choice = sample(p.flatten(0, 1), generator).view(bsz, -1)
                 out, num_accepted, path = verify_tree(choice, drafts, parents, num_drafts)
-            elif sampling.greedy:
-                out, num_accepted = verify_greedy(logits, drafts, num_drafts)
+            elif choice is not None:
+                out, num_accepted = verify_greedy(choice, drafts, num_drafts)
             else:
-                p = probabilities(logits, sampling)
                 if q is not None and q.shape[-1] < p.shape[-1]:
                     q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
                 out, num_accepted = verify_sampled(p, drafts, q, num_drafts, generator)
@@ -355,9 +357,3 @@ class Engine:
             yield deltas
         stats.total_s = time.perf_counter() - t_start
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-        """logits: [B, V] -> tokens [B]"""
-        if sampling.greedy:
-            return argmax(logits)
-        return sample(probabilities(logits, sampling), generator)

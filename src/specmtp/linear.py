@@ -67,18 +67,27 @@ def own_pool(active: bool) -> None:
             _torch_threads = None
 
 
+def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def through_kernel(x: torch.Tensor, weight) -> bool:
+    """Whether linear(x, weight) takes specmtp's dense kernel (x: [..., in], weight: a dense tensor)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (isinstance(weight, torch.Tensor) and _fast(x, weight) and 0 < rows <= SMALL_ROWS
+            and weight.is_contiguous() and quant.dense_kernel())
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in] (dense, or a quant.QuantWeight), bias: [out] -> [..., out]"""
     if not isinstance(weight, torch.Tensor):
         own_pool(True)  # the quantized kernels run on specmtp's pool too
         return quant.qlinear(x, weight, bias)
-    fast = (
-        _enabled and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
+    fast = _fast(x, weight)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    small = fast and 0 < x2.shape[0] <= SMALL_ROWS and weight.is_contiguous() and quant.dense_kernel()
+    small = through_kernel(x, weight)
     own_pool(small)
     if small:
         y = quant.sgemm(x2, weight, bias)

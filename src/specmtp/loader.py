@@ -59,10 +59,11 @@ def load_model(ref: str, dtype: str = "fp32", progress: bool = True, weights: st
         raise SpecMTPError(f"unknown weights {weights!r} (choose from {', '.join(WEIGHTS)})")
     path = checkpoint_dir(ref, progress=progress)
     if weights == "dense":
-        from specmtp import quant
+        from specmtp import quant, screen
 
         config, model = load_hf_dir(path, DTYPES[dtype])
-        quant.fuse_dense_layers(model)  # fp32 on a CPU with specmtp's kernels: its layers through them too
+        if quant.fuse_dense_layers(model):  # fp32 on a CPU with specmtp's kernels: its layers through them too
+            model.head_screen = screen.build(model.head_weight)  # greedy tokens through a q8 copy of the head
     else:
         from specmtp import quant
 

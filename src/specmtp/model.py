@@ -2,6 +2,7 @@
 
     hidden = model(tokens, positions, cache)   # [B, T, H], after the final norm
     logits = model.logits(hidden)              # [B, T, V]
+    tokens = model.greedy(hidden)              # [B, T] the argmax of those logits (screen.py: without them all)
 
 The forward writes each layer's keys/values for `tokens` at `positions` into `cache` and attends to every
 cached slot at or before each query's position (and within the sliding window on sliding layers). It
@@ -24,7 +25,8 @@ from torch import nn
 from specmtp import quant
 from specmtp.cache import KVCache
 from specmtp.config import FULL, SLIDING, ModelConfig, RopeConfig
-from specmtp.linear import SMALL_ROWS, Linear, fast_paths, linear, own_pool
+from specmtp.linear import SMALL_ROWS, Linear, fast_paths, linear, own_pool, through_kernel
+from specmtp.sampling import argmax
 from specmtp.tree import ancestors
 
 
@@ -392,6 +394,7 @@ class Transformer(nn.Module):
 
     head_q = None  # a quant.QuantWeight output head, when the model was quantized
     stack = None  # quant.stack_descriptor of the layers, when all are plain quantized ones: one kernel call for all
+    head_screen = None  # a screen.HeadScreen of the dense fp32 head: greedy tokens through its q8 copy
 
     @property
     def head_weight(self):  # [V, H] dense tensor, or QuantWeight
@@ -489,6 +492,16 @@ class Transformer(nn.Module):
             if i in taps:
                 kept.append(x)
         return rms_norm(x, self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., H] -> [...] the first index of the largest of logits(hidden), bit for bit: through the head's
+        screen where the full product would run through the dense kernel too (screen.py), else the logits."""
+        screen = self.head_screen
+        if screen is not None and not self.cfg.final_logit_softcap and through_kernel(hidden, screen.weight) \
+                and screen.weight is self.head_weight:
+            own_pool(True)
+            return screen.argmax(hidden)
+        return argmax(self.logits(hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> logits [..., V] (soft-capped where the family does so)"""

@@ -94,14 +94,14 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantWeight:
     if k % QK:
         raise SpecMTPError(f"cannot quantize a weight with {k} inputs: not a multiple of {QK}")
     bits = FORMATS[fmt]
-    parts = [pack(bits, *_quantize_rows(w[i : i + ROWS_PER_CHUNK], bits)) for i in range(0, n, ROWS_PER_CHUNK)]
+    parts = [pack(bits, *quantize_rows(w[i : i + ROWS_PER_CHUNK], bits)) for i in range(0, n, ROWS_PER_CHUNK)]
     if len(parts) == 1:
         return parts[0]
     m = torch.cat([q.m for q in parts]) if parts[0].m is not None else None  # chunks are whole row groups
     return QuantWeight(bits, (n, k), torch.cat([q.qs for q in parts]), torch.cat([q.d for q in parts]), m)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w: [n, K] -> values [n, K/32, 32], fp16 scales [n, K/32] (and q4's fp16 offsets)"""
     n, k = w.shape
     blocks = w.detach().float().reshape(n, k // QK, QK)
@@ -313,6 +313,15 @@ def move_slots(planes: torch.Tensor, src: list[int], dst: list[int]) -> None:
 def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     """x: [R, N] fp32 contiguous, out: [R] int64 <- the first index of each row's largest value."""
     _qkernels.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+
+
+def screen_argmax(x: torch.Tensor, screen, out: torch.Tensor) -> int:
+    """x: [R, K] fp32 contiguous (R <= 64), screen: a screen.HeadScreen, out: [R] int64 <- each row's greedy token
+    (screen.py). Returns how many rows took the full fp32 product (too many rows left by the screen)."""
+    q = screen.q
+    return _qkernels.screen_argmax(x.data_ptr(), x.shape[0], x.shape[1], q.qs.data_ptr(), q.d.data_ptr(),
+                            screen.weight.data_ptr(), screen.alpha.data_ptr(), screen.beta.data_ptr(), screen.g,
+                            q.shape[0], out.data_ptr())
 
 
 def park() -> None:

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from specmtp.sampling import argmax
-
 
 def verify_greedy(
-    target_logits: torch.Tensor,  # [B, N+1, V] logits at the last context token and at each draft
+    target: torch.Tensor,  # [B, N+1] the target's greedy tokens at the last context token and at each draft
     drafts: torch.Tensor,  # [B, N]
     num_drafts: torch.Tensor,  # [B] valid drafts per row
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, N+1], num_accepted [B]
-    """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]."""
-    target = argmax(target_logits)  # [B, N+1]
+    """Emitted tokens of row b are tokens[b, : num_accepted[b] + 1]. (The target's greedy tokens: the argmax of
+    its logits, Transformer.greedy.)"""
     n = drafts.shape[1]
     valid = torch.arange(n, device=drafts.device) < num_drafts[:, None]  # [B, N]
     match = (drafts == target[:, :n]) & valid

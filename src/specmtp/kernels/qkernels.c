@@ -1653,6 +1653,189 @@ static int argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------------------------- */
+/* Greedy tokens of a dense fp32 output head, read mostly through its q8 copy (screen.py has the bound). For a   */
+/* token x, the q8 logits a_j bound the fp32 ones: |l_j - a_j| <= e_j = X alpha_j + Y beta_j, X = |x| and Y from  */
+/* x's own int8 quantization error. A row whose a_j + e_j is below max_i (a_i - e_i) has a logit below another's, */
+/* so it is not the argmax; the rest (one to three rows, typically) are computed by the dense kernel, each (row,  */
+/* token) the same bits the full fp32 product gives it, and the first largest wins: the full head's argmax,      */
+/* exactly. A token with more than SCREEN_CAP rows left, or a non-finite input, takes the full fp32 product.     */
+
+#define SCREEN_CAP 256
+#ifdef SPECMTP_X86
+__attribute__((target("avx2,fma"))) static float screen_low_avx2(const float *a, const float *al, const float *be,
+                                                                 float X, float Y, int64_t n) {
+    const __m256 vx = _mm256_set1_ps(X), vy = _mm256_set1_ps(Y);
+    __m256 lo = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = _mm256_fmadd_ps(vx, _mm256_loadu_ps(al + j), _mm256_mul_ps(vy, _mm256_loadu_ps(be + j)));
+        lo = _mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(a + j), e));
+    }
+    float l[8];
+    _mm256_storeu_ps(l, lo);
+    float m = l[0];
+    for (int j = 1; j < 8; j++) m = l[j] > m ? l[j] : m;
+    return m;
+}
+
+/* screen_rows' 8 rows at a time, the rows left picked out of a lane mask */
+__attribute__((target("avx2,fma"))) static int32_t screen_rows_avx2(const float *a, const float *al, const float *be,
+                                                                    float X, float Y, float lo, int64_t n,
+                                                                    int32_t *cand) {
+    const __m256 vx = _mm256_set1_ps(X), vy = _mm256_set1_ps(Y), vlo = _mm256_set1_ps(lo);
+    int32_t c = 0;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = _mm256_fmadd_ps(vx, _mm256_loadu_ps(al + j), _mm256_mul_ps(vy, _mm256_loadu_ps(be + j)));
+        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(a + j), e), vlo,
+                                                                   _CMP_GE_OQ));
+        for (; mask; mask &= mask - 1) {
+            if (c == SCREEN_CAP) return -1;
+            cand[c++] = (int32_t)(j + __builtin_ctz(mask));
+        }
+    }
+    for (; j < n; j++)
+        if (a[j] + (X * al[j] + Y * be[j]) >= lo) {
+            if (c == SCREEN_CAP) return -1;
+            cand[c++] = (int32_t)j;
+        }
+    return c;
+}
+#endif
+
+typedef struct {
+    const float *approx;         /* [T, N] the q8 logits */
+    const float *x;              /* [T, K] */
+    const float *alpha, *beta;   /* [N] */
+    int64_t t, k, n;
+    double g;                    /* the rounding term of both products (screen.py) */
+    int32_t *cand;               /* [T, SCREEN_CAP] the rows left per token, ascending */
+    int32_t *count;              /* [T] how many; -1: take the full product */
+} screen_args;
+
+/* max_j (a_j - (X alpha_j + Y beta_j)), and (with lo given) the rows j with a_j + X alpha_j + Y beta_j >= lo */
+static float screen_low(const float *a, const float *al, const float *be, float X, float Y, int64_t n) {
+    float lo = -INFINITY;
+    int64_t j = 0;
+#ifdef SPECMTP_X86
+    if (use_avx2) {
+        lo = screen_low_avx2(a, al, be, X, Y, n);
+        j = n & ~(int64_t)7;
+    }
+#endif
+    for (; j < n; j++) {
+        const float v = a[j] - (X * al[j] + Y * be[j]);
+        lo = v > lo ? v : lo;
+    }
+    return lo;
+}
+
+static int32_t screen_rows(const float *a, const float *al, const float *be, float X, float Y, float lo, int64_t n,
+                           int32_t *cand) {
+#ifdef SPECMTP_X86
+    if (use_avx2) return screen_rows_avx2(a, al, be, X, Y, lo, n, cand);
+#endif
+    int32_t c = 0;
+    for (int64_t j = 0; j < n; j++)
+        if (a[j] + (X * al[j] + Y * be[j]) >= lo) {
+            if (c == SCREEN_CAP) return -1;
+            cand[c++] = (int32_t)j;
+        }
+    return c;
+}
+
+static void screen_part(const void *arg, int part, int parts) {  /* each thread: a range of tokens */
+    const screen_args *s = (const screen_args *)arg;
+    const int64_t per = (s->t + parts - 1) / parts, i0 = per * part, i1 = i0 + per < s->t ? i0 + per : s->t;
+    for (int64_t i = i0; i < i1; i++) {
+        const float *x = s->x + i * s->k;
+        double xx = 0.0, dd = 0.0;  /* |x|^2, and |x - its int8 blocks as the q8 product reads them|^2 */
+        for (int64_t b = 0; b < s->k / QK; b++) {
+            int8_t q[QK];
+            float xd, xs;
+            quantize_block(x + b * QK, q, &xd, &xs);
+            for (int j = 0; j < QK; j++) {
+                const double v = x[b * QK + j], dv = v - (double)xd * q[j];
+                xx += v * v;
+                dd += dv * dv;
+            }
+        }
+        const double X = sqrt(xx), D = sqrt(dd);
+        if (!isfinite(X)) {
+            s->count[i] = -1;
+            continue;
+        }
+        /* each bound term rounded up well past float's own rounding of e_j (1e-5 against 2^-22) */
+        const float Xf = (float)(X * (1.0 + 1e-5)), Yf = (float)((D + s->g * (X + D)) * (1.0 + 1e-5));
+        const float *a = s->approx + i * s->n;
+        float lo = screen_low(a, s->alpha, s->beta, Xf, Yf, s->n);
+        lo -= 1e-5f * (fabsf(lo) + 1.0f);  /* the additions' rounding, near lo */
+        s->count[i] = screen_rows(a, s->alpha, s->beta, Xf, Yf, lo, s->n, s->cand + i * SCREEN_CAP);
+    }
+}
+
+static float *screen_approx = NULL, *screen_rows_buf = NULL;
+static int64_t screen_approx_cap = 0, screen_rows_cap = 0;
+
+/* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd) and
+   only the rows of W the screen leaves. 0, or -1 when scratch memory cannot be had. */
+static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd, const float *w,
+                      const float *alpha, const float *beta, double g, int64_t n, int64_t *out, int64_t *nfull_out) {
+    if (t > MAX_TREE || t > SCREEN_CAP) return -2;
+    if (t * n > screen_approx_cap) {
+        free(screen_approx);
+        screen_approx = (float *)malloc(sizeof(float) * (size_t)(t * n));
+        screen_approx_cap = screen_approx ? t * n : 0;
+        if (!screen_approx) return -1;
+    }
+    if (SCREEN_CAP * k > screen_rows_cap) {
+        free(screen_rows_buf);
+        screen_rows_buf = (float *)malloc(sizeof(float) * (size_t)(SCREEN_CAP * k));
+        screen_rows_cap = screen_rows_buf ? SCREEN_CAP * k : 0;
+        if (!screen_rows_buf) return -1;
+    }
+    int32_t *cand = (int32_t *)malloc(sizeof(int32_t) * (size_t)(t * (SCREEN_CAP + 1)));
+    if (!cand) return -1;
+    int32_t *count = cand + t * SCREEN_CAP;
+    if (gemm_run(8, x, t, k, qs, qd, NULL, NULL, screen_approx, n, PRE_NONE, NULL, 0.0f, NULL, 0)) {
+        free(cand);
+        return -1;
+    }
+    screen_args s = {screen_approx, x, alpha, beta, t, k, n, g, cand, count};
+    run_parts(screen_part, &s, t * n);
+    float y[SCREEN_CAP];
+    int64_t full = 0;  /* tokens that take the full product: gathered into scratch_full, then one call for all */
+    for (int64_t i = 0; i < t; i++) {
+        const int32_t c = count[i], *rows = cand + i * SCREEN_CAP;
+        if (c < 0) {
+            count[full++] = (int32_t)i;  /* count[] is read in order: entry i is never needed again */
+            continue;
+        }
+        for (int32_t r = 0; r < c; r++) memcpy(screen_rows_buf + r * k, w + (int64_t)rows[r] * k, sizeof(float) * k);
+        sgemm_args a = {x + i * k, screen_rows_buf, NULL, NULL, y, 1, k, c, 0, NULL};
+        sgemm_part(&a, 0, 1);  /* one token, narrow tiles: each row's sum as the full product computes it */
+        int32_t best = 0;
+        for (int32_t r = 1; r < c; r++)
+            if (y[r] > y[best]) best = r;  /* ascending rows: the first largest */
+        out[i] = rows[best];
+    }
+    if (full) {  /* the q8 logits are no longer needed: their scratch takes the tokens [full, K] and their logits */
+        float *xs = screen_rows_buf, *logits = screen_approx;
+        int64_t *at = (int64_t *)cand;  /* t int64 fit in cand's t (SCREEN_CAP + 1) int32 */
+        int32_t which[MAX_TREE];
+        for (int64_t f = 0; f < full; f++) which[f] = count[f];
+        for (int64_t f = 0; f < full; f++) memcpy(xs + f * k, x + (int64_t)which[f] * k, sizeof(float) * k);
+        if (sgemm_run(xs, full, k, w, NULL, logits, n, NULL) || argmax_rows(logits, full, n, at)) {
+            free(cand);
+            return -1;
+        }
+        for (int64_t f = 0; f < full; f++) out[which[f]] = at[f];
+    }
+    nfull_out[0] = full;
+    free(cand);
+    return 0;
+}
+
 /* A verified tree's accepted path moved into place: in each of `outer` planes of `slots` slots of `d` floats
  * (x + o * slots * d: every layer, K and V, KV head of one row), slot src[i] copied to dst[i], i in order. Each src
  * lies past every earlier dst and each dst before every later src (paths only move down), so in order every slot is
@@ -1674,6 +1857,26 @@ static PyObject *py_move_slots(PyObject *self, PyObject *args) {
             memcpy(plane + to[i] * d, plane + from[i] * d, sizeof(float) * (size_t)d);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *py_screen_argmax(PyObject *self, PyObject *args) {
+    unsigned long long x, qs, qd, w, alpha, beta, out;
+    long long t, k, n;
+    double g;
+    if (!PyArg_ParseTuple(args, "KLLKKKKKdLK", &x, &t, &k, &qs, &qd, &w, &alpha, &beta, &g, &n, &out)) return NULL;
+    if (t < 1 || k < 1 || k % QK || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "screen_argmax: T and N must be positive and K a positive multiple of 32");
+        return NULL;
+    }
+    int64_t full = 0;
+    const int rc = screen_run((const float *)x, t, k, (const uint8_t *)qs, (const uint16_t *)qd, (const float *)w,
+                              (const float *)alpha, (const float *)beta, g, n, (int64_t *)out, &full);
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "screen_argmax: at most 64 tokens a call");
+        return NULL;
+    }
+    if (rc) return PyErr_NoMemory();
+    return PyLong_FromLongLong(full);
 }
 
 static PyObject *py_argmax(PyObject *self, PyObject *args) {
@@ -1755,6 +1958,9 @@ static PyMethodDef methods[] = {
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
      "in place (a chain, or a tree)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
+    {"screen_argmax", py_screen_argmax, METH_VARARGS,
+     "screen_argmax(x, T, K, qs, qd, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
+     "tokens of a dense head via its q8 copy"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
     {"move_slots", py_move_slots, METH_VARARGS,
