@@ -1769,8 +1769,13 @@ static void screen_part(const void *arg, int part, int parts) {  /* each thread:
         const float Xf = (float)(X * (1.0 + 1e-5)), Yf = (float)((D + s->g * (X + D)) * (1.0 + 1e-5));
         const float *a = s->approx + i * s->n;
         float lo = screen_low(a, s->alpha, s->beta, Xf, Yf, s->n);
+        if (!isfinite(lo)) {  /* logits past float's range: the full product decides */
+            s->count[i] = -1;
+            continue;
+        }
         lo -= 1e-5f * (fabsf(lo) + 1.0f);  /* the additions' rounding, near lo */
-        s->count[i] = screen_rows(a, s->alpha, s->beta, Xf, Yf, lo, s->n, s->cand + i * SCREEN_CAP);
+        const int32_t c = screen_rows(a, s->alpha, s->beta, Xf, Yf, lo, s->n, s->cand + i * SCREEN_CAP);
+        s->count[i] = c > 0 ? c : -1;  /* the row that set lo is always left; none left: not finite somewhere */
     }
 }
 
