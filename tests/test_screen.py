@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from specmtp import Engine, load_model, quant, screen
+from specmtp.quant import _qkernels
 from specmtp.sampling import argmax
 
 pytestmark = pytest.mark.skipif(not quant.dense_kernel(), reason="no dense kernel on this CPU")
+
+
+def supported(isa: str) -> bool:
+    return isa in _qkernels.info()["available"]
 
 
 def full_argmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -27,17 +32,25 @@ def near_ties(k: int = 96, v: int = 700, seed: int = 0) -> tuple[torch.Tensor, t
     return w.contiguous(), x.contiguous()
 
 
-def test_screen_is_the_full_heads_argmax_on_near_ties():
+@pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
+def test_screen_is_the_full_heads_argmax_on_near_ties(isa):
+    """The q8 logits come from the screen's own VNNI product where the CPU has it, else from the q8 kernel."""
+    if isa != "best" and not supported(isa):
+        pytest.skip(f"no {isa} path here")
     w, x = near_ties()
     sc = screen.build(w)
-    want = full_argmax(x, w)
-    for t in (1, 2, 5, 8, 16):
-        for i in range(0, 32, t):
-            assert torch.equal(sc.argmax(x[i : i + t]), want[i : i + t]), (t, i)
+    _qkernels.set_isa(isa)
+    try:
+        want = full_argmax(x, w)  # (the scalar path's fp32 sums round differently: its own full product)
+        for t in (1, 2, 5, 8, 16):
+            for i in range(0, 32, t):
+                assert torch.equal(sc.argmax(x[i : i + t]), want[i : i + t]), (t, i)
+    finally:
+        _qkernels.set_isa("best")
     assert sc.full_rows == 0  # a few rows left each time, never the whole head
     approx = argmax(quant.qlinear(x, sc.q))
     assert not torch.equal(approx, want)  # the q8 copy alone gets some of them wrong
-    loose = screen.HeadScreen(sc.weight, sc.q, torch.zeros_like(sc.alpha), torch.zeros_like(sc.beta), 0.0)
+    loose = screen.HeadScreen(sc.weight, sc.q, sc.sums, torch.zeros_like(sc.alpha), torch.zeros_like(sc.beta), 0.0)
     assert not torch.equal(loose.argmax(x), want)  # so the screen's bound is what makes it exact
 
 

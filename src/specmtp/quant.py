@@ -122,7 +122,7 @@ def pack(fmt: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> 
     """Row-major values q [N, B, 32] (int8, or uint8 0..15 for q4), scales d [N, B] and offsets m [N, B] (fp16)
     -> the kernels' interleaved QuantWeight."""
     n, nb, _ = q.shape
-    return QuantWeight(fmt, (n, nb * QK), _interleave(q, fmt), _group(d), _group(m) if m is not None else None)
+    return QuantWeight(fmt, (n, nb * QK), _interleave(q, fmt), group_rows(d), group_rows(m) if m is not None else None)
 
 
 def unpack(qw: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -139,7 +139,7 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((8 - n % 8, *t.shape[1:]))])
 
 
-def _group(d: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N8, B, 8]
+def group_rows(d: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N8, B, 8]
     d = _pad_rows(d)
     return d.reshape(-1, 8, d.shape[1]).transpose(1, 2).contiguous()
 
@@ -320,8 +320,8 @@ def screen_argmax(x: torch.Tensor, screen, out: torch.Tensor) -> int:
     (screen.py). Returns how many rows took the full fp32 product (too many rows left by the screen)."""
     q = screen.q
     return _qkernels.screen_argmax(x.data_ptr(), x.shape[0], x.shape[1], q.qs.data_ptr(), q.d.data_ptr(),
-                            screen.weight.data_ptr(), screen.alpha.data_ptr(), screen.beta.data_ptr(), screen.g,
-                            q.shape[0], out.data_ptr())
+                                   screen.sums.data_ptr(), screen.weight.data_ptr(), screen.alpha.data_ptr(),
+                                   screen.beta.data_ptr(), screen.g, q.shape[0], out.data_ptr())
 
 
 def park() -> None:

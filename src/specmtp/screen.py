@@ -35,6 +35,7 @@ ROWS_PER_CHUNK = 4096  # rows of the head quantized and measured at a time (temp
 class HeadScreen:
     weight: torch.Tensor  # [V, H] the dense fp32 head (the model's own tensor)
     q: quant.QuantWeight  # its q8 copy
+    sums: torch.Tensor  # int16 [V8, H/32, 8]: each row's block sums, grouped as q's scales (the VNNI product's term)
     alpha: torch.Tensor  # [V] fp32, rounded up: |w_j - w~_j| + g |w_j|
     beta: torch.Tensor  # [V] fp32, rounded up: |w~_j|
     g: float
@@ -43,7 +44,7 @@ class HeadScreen:
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + 4 * (self.alpha.numel() + self.beta.numel())
+        return self.q.nbytes + 2 * self.sums.numel() + 4 * (self.alpha.numel() + self.beta.numel())
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] fp32 -> [...] the first index of the largest of x @ weight.T, as the dense kernel computes it."""
@@ -64,7 +65,7 @@ def build(weight: torch.Tensor) -> HeadScreen | None:
         return None
     v, k = weight.shape
     g = 2.0 * (k + 8) * 2.0**-24
-    parts, alpha, beta = [], [], []
+    parts, alpha, beta, sums = [], [], [], []
     for i in range(0, v, ROWS_PER_CHUNK):
         rows = weight.detach()[i : i + ROWS_PER_CHUNK]
         if not bool(torch.isfinite(rows).all()):
@@ -74,9 +75,10 @@ def build(weight: torch.Tensor) -> HeadScreen | None:
         alpha.append((rows - stored).norm(dim=1) + g * rows.norm(dim=1))
         beta.append(stored.norm(dim=1))
         parts.append(quant.pack(8, values, scales, None))
+        sums.append(quant.group_rows(values.sum(-1, dtype=torch.int16)))
     q = parts[0] if len(parts) == 1 else quant.QuantWeight(
         8, (v, k), torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), None)
     # fp32 norms of K squares are within K 2^-24 of their value (build() takes K below 16k), and w - w~ is exact in
     # fp32 (w~ a scaled int8): a relative margin of 1e-3 keeps both bounds upper ones
     up = 1.0 + 1e-3
-    return HeadScreen(weight, q, torch.cat(alpha) * up, torch.cat(beta) * up, g)
+    return HeadScreen(weight, q, torch.cat(sums), torch.cat(alpha) * up, torch.cat(beta) * up, g)

@@ -1779,13 +1779,112 @@ static void screen_part(const void *arg, int part, int parts) {  /* each thread:
     }
 }
 
+/* The screen's q8 logits where AVX-512 VNNI is: the bound holds for any exact integer dot and the same float steps
+   per block (acc += float(dot) * (d_w * d_x)), so this product need not match the q8 kernel's path, only its
+   arithmetic. Each token's int8 block is shifted to unsigned (x + 128) so that vpdpbusd takes it as it is (no sign
+   trick: one instruction a word instead of two), and 128 times the row's block sum (sums: [N8, K/32, 8] int16) is
+   taken back off; two words (8 weights of 8 rows) go through one 512-bit instruction, the halves added at the end
+   of the block. Each block's weights are loaded once for up to 8 tokens, whose words are laid out broadcast
+   beforehand (8 times their bytes: no shuffles in the loop). Threads split the row groups. */
+#ifdef SPECMTP_X86
+typedef struct {
+    const uint8_t *xu;     /* [T, K/32, 256] the tokens' int8 blocks + 128, each word broadcast to 8 lanes */
+    const float *xd;       /* [T, K/32] their scales */
+    const uint8_t *wq;     /* q8 [N8, K/32, 256] */
+    const uint16_t *wd;    /* [N8, K/32, 8] fp16 */
+    const int16_t *sums;   /* [N8, K/32, 8] */
+    float *y;              /* [T, N] */
+    int64_t t, k, n;
+} screen_q8_args;
+
+/* Row group g against tokens t0 .. t0 + TN - 1 (TN a constant after inlining: the accumulators stay in registers) */
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inline)) static inline void screen_q8_tile(
+    const screen_q8_args *a, int64_t g, int64_t t0, const int TN) {
+    const int64_t nb = a->k / QK;
+    const uint8_t *wq = a->wq + g * nb * 256;
+    const uint16_t *wd = a->wd + g * nb * 8;
+    const int16_t *sm = a->sums + g * nb * 8;
+    __m256 acc[8];
+    for (int i = 0; i < TN; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i w[4];
+        for (int c = 0; c < 4; c++) w[c] = _mm512_loadu_si512((const void *)(wq + b * 256 + c * 64));
+        const __m256i corr = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(sm + b * 8))), 7);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
+        for (int i = 0; i < TN; i++) {
+            const uint8_t *x = a->xu + ((t0 + i) * nb + b) * 256;  /* 4 x 64 bytes: words 2c | 2c + 1, broadcast */
+            __m512i s = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) s = _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)(x + 64 * c)), w[c]);
+            const __m256i dot = _mm256_sub_epi32(
+                _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1)), corr);
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->xd[(t0 + i) * nb + b]));
+            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), scale));
+        }
+    }
+    const int rows = a->n - g * 8 < 8 ? (int)(a->n - g * 8) : 8;
+    for (int i = 0; i < TN; i++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[i]);
+        for (int r = 0; r < rows; r++) a->y[(t0 + i) * a->n + g * 8 + r] = out[r];
+    }
+}
+
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) static void screen_q8_part(
+    const void *arg, int part, int parts) {
+    const screen_q8_args *a = (const screen_q8_args *)arg;
+    const int64_t groups = (a->n + 7) / 8, per = (groups + parts - 1) / parts;
+    const int64_t g0 = per * part < groups ? per * part : groups, g1 = g0 + per < groups ? g0 + per : groups;
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t t0 = 0; t0 < a->t; t0 += 8)
+            switch (a->t - t0 < 8 ? a->t - t0 : 8) {
+                case 1: screen_q8_tile(a, g, t0, 1); break;
+                case 2: screen_q8_tile(a, g, t0, 2); break;
+                case 3: screen_q8_tile(a, g, t0, 3); break;
+                case 4: screen_q8_tile(a, g, t0, 4); break;
+                case 5: screen_q8_tile(a, g, t0, 5); break;
+                case 6: screen_q8_tile(a, g, t0, 6); break;
+                case 7: screen_q8_tile(a, g, t0, 7); break;
+                default: screen_q8_tile(a, g, t0, 8); break;
+            }
+}
+
+static uint8_t *screen_xu = NULL;
+static float *screen_xd = NULL;
+static int64_t screen_x_cap = 0;
+
+/* y[T, N] = the tokens' q8 blocks . the q8 rows (screen_q8_part), or -1 when scratch memory cannot be had */
+static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
+                     const int16_t *sums, float *y, int64_t n) {
+    if (t * k > screen_x_cap) {  /* each token's 4-byte words, each broadcast to 8 lanes: 8 times its K bytes */
+        free(screen_xu);
+        free(screen_xd);
+        screen_xu = (uint8_t *)malloc((size_t)(8 * t * k));
+        screen_xd = (float *)malloc(sizeof(float) * (size_t)(t * k / QK));
+        screen_x_cap = screen_xu && screen_xd ? t * k : 0;
+        if (!screen_x_cap) return -1;
+    }
+    for (int64_t i = 0; i < t * k / QK; i++) {  /* block i (token i / nb): 8 words of 4 bytes, + 128 */
+        int8_t q[QK];
+        float xs;
+        quantize_block(x + i * QK, q, &screen_xd[i], &xs);
+        uint8_t *dst = screen_xu + i * 256;
+        for (int c = 0; c < 8; c++)  /* word c to lanes 8 (c % 2) .. 8 (c % 2) + 7 of 64-byte vector c / 2 */
+            for (int l = 0; l < 8; l++)
+                for (int j = 0; j < 4; j++) dst[(c / 2) * 64 + (c % 2) * 32 + 4 * l + j] = (uint8_t)(q[4 * c + j] + 128);
+    }
+    screen_q8_args a = {screen_xu, screen_xd, wq, wd, sums, y, t, k, n};
+    run_parts(screen_q8_part, &a, n * k * t);
+    return 0;
+}
+#endif
+
 static float *screen_approx = NULL, *screen_rows_buf = NULL;
 static int64_t screen_approx_cap = 0, screen_rows_cap = 0;
 
 /* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd) and
    only the rows of W the screen leaves. 0, or -1 when scratch memory cannot be had. */
-static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd, const float *w,
-                      const float *alpha, const float *beta, double g, int64_t n, int64_t *out, int64_t *nfull_out) {
+static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd,
+                      const int16_t *sums, const float *w, const float *alpha, const float *beta, double g, int64_t n, int64_t *out, int64_t *nfull_out) {
     if (t > MAX_TREE || t > SCREEN_CAP) return -2;
     if (t * n > screen_approx_cap) {
         free(screen_approx);
@@ -1802,7 +1901,14 @@ static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, c
     int32_t *cand = (int32_t *)malloc(sizeof(int32_t) * (size_t)(t * (SCREEN_CAP + 1)));
     if (!cand) return -1;
     int32_t *count = cand + t * SCREEN_CAP;
-    if (gemm_run(8, x, t, k, qs, qd, NULL, NULL, screen_approx, n, PRE_NONE, NULL, 0.0f, NULL, 0)) {
+    int rc;
+#ifdef SPECMTP_X86
+    if (isa == ISA_VNNI && sums)
+        rc = screen_q8(x, t, k, qs, qd, sums, screen_approx, n);
+    else
+#endif
+        rc = gemm_run(8, x, t, k, qs, qd, NULL, NULL, screen_approx, n, PRE_NONE, NULL, 0.0f, NULL, 0);
+    if (rc) {
         free(cand);
         return -1;
     }
@@ -1865,16 +1971,18 @@ static PyObject *py_move_slots(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_screen_argmax(PyObject *self, PyObject *args) {
-    unsigned long long x, qs, qd, w, alpha, beta, out;
+    unsigned long long x, qs, qd, sums, w, alpha, beta, out;
     long long t, k, n;
     double g;
-    if (!PyArg_ParseTuple(args, "KLLKKKKKdLK", &x, &t, &k, &qs, &qd, &w, &alpha, &beta, &g, &n, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "KLLKKKKKKdLK", &x, &t, &k, &qs, &qd, &sums, &w, &alpha, &beta, &g, &n, &out))
+        return NULL;
     if (t < 1 || k < 1 || k % QK || n < 1) {
         PyErr_SetString(PyExc_ValueError, "screen_argmax: T and N must be positive and K a positive multiple of 32");
         return NULL;
     }
     int64_t full = 0;
-    const int rc = screen_run((const float *)x, t, k, (const uint8_t *)qs, (const uint16_t *)qd, (const float *)w,
+    const int rc = screen_run((const float *)x, t, k, (const uint8_t *)qs, (const uint16_t *)qd,
+                              (const int16_t *)sums, (const float *)w,
                               (const float *)alpha, (const float *)beta, g, n, (int64_t *)out, &full);
     if (rc == -2) {
         PyErr_SetString(PyExc_ValueError, "screen_argmax: at most 64 tokens a call");
@@ -1964,7 +2072,7 @@ static PyMethodDef methods[] = {
      "in place (a chain, or a tree)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"screen_argmax", py_screen_argmax, METH_VARARGS,
-     "screen_argmax(x, T, K, qs, qd, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
+     "screen_argmax(x, T, K, qs, qd, sums, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
      "tokens of a dense head via its q8 copy"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
