@@ -58,8 +58,8 @@ def large_tensors(module: nn.Module, extra: tuple = ()) -> list[torch.Tensor]:
         for attr in ("qweight", "head_q"):
             if getattr(m, attr, None) is not None:
                 found.extend(weight_tensors(getattr(m, attr)))
-        if getattr(m, "head_screen", None) is not None:  # the dense head's q8 copy (screen.py)
-            found.extend(weight_tensors(m.head_screen.q))
+        if getattr(m, "head_screen", None) is not None:  # the dense head's q8 copy and its block sums (screen.py)
+            found.extend([*weight_tensors(m.head_screen.q), m.head_screen.sums])
     for w in extra:
         found.extend(weight_tensors(w))
     by_storage: dict[int, list[torch.Tensor]] = {}

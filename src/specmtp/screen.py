@@ -78,7 +78,7 @@ def build(weight: torch.Tensor) -> HeadScreen | None:
         sums.append(quant.group_rows(values.sum(-1, dtype=torch.int16)))
     q = parts[0] if len(parts) == 1 else quant.QuantWeight(
         8, (v, k), torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), None)
-    # fp32 norms of K squares are within K 2^-24 of their value (build() takes K below 16k), and w - w~ is exact in
-    # fp32 (w~ a scaled int8): a relative margin of 1e-3 keeps both bounds upper ones
+    # w~ = q d is exact in fp32 (7 by 11 significant bits), w - w~ within 2^-24 of its value, and fp32 norms of K
+    # squares within K 2^-24 of theirs (build() takes K below 16k): a relative margin of 1e-3 keeps both upper bounds
     up = 1.0 + 1e-3
     return HeadScreen(weight, q, torch.cat(sums), torch.cat(alpha) * up, torch.cat(beta) * up, g)

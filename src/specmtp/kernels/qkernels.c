@@ -1881,10 +1881,12 @@ static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, co
 static float *screen_approx = NULL, *screen_rows_buf = NULL;
 static int64_t screen_approx_cap = 0, screen_rows_cap = 0;
 
-/* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd) and
-   only the rows of W the screen leaves. 0, or -1 when scratch memory cannot be had. */
+/* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd; sums:
+   its rows' block sums for the VNNI product, or NULL) and only the rows of W the screen leaves; *nfull_out: the
+   tokens that took the full product. 0; -1 when scratch memory cannot be had; -2 past 64 tokens. */
 static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd,
-                      const int16_t *sums, const float *w, const float *alpha, const float *beta, double g, int64_t n, int64_t *out, int64_t *nfull_out) {
+                      const int16_t *sums, const float *w, const float *alpha, const float *beta, double g, int64_t n,
+                      int64_t *out, int64_t *nfull_out) {
     if (t > MAX_TREE || t > SCREEN_CAP) return -2;
     if (t * n > screen_approx_cap) {
         free(screen_approx);
