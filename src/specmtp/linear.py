@@ -72,11 +72,14 @@ def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+def _small(rows: int, weight: torch.Tensor) -> bool:
+    return 0 < rows <= SMALL_ROWS and weight.is_contiguous() and quant.dense_kernel()
+
+
 def through_kernel(x: torch.Tensor, weight) -> bool:
     """Whether linear(x, weight) takes specmtp's dense kernel (x: [..., in], weight: a dense tensor)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (isinstance(weight, torch.Tensor) and _fast(x, weight) and 0 < rows <= SMALL_ROWS
-            and weight.is_contiguous() and quant.dense_kernel())
+    return isinstance(weight, torch.Tensor) and _fast(x, weight) and _small(rows, weight)
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +90,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     fast = _fast(x, weight)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    small = through_kernel(x, weight)
+    small = fast and _small(x2.shape[0], weight)
     own_pool(small)
     if small:
         y = quant.sgemm(x2, weight, bias)

@@ -49,6 +49,17 @@
 #define FMT_F32 32  /* gemm_run's format for dense fp32 weights */
 #define MAX_THREADS 64
 
+/* Scratch memory that grows: *buf holds at least `need` elements of `size` bytes, 64-byte aligned, reallocated (its
+   contents lost) when it held fewer. 0, or -1 when the memory cannot be had (then *buf is NULL and *cap 0). */
+static int grow(void **buf, int64_t *cap, int64_t need, size_t size) {
+    if (need <= *cap) return 0;
+    free(*buf);
+    *buf = aligned_alloc(64, ((size_t)need * size + 63) / 64 * 64);
+    *cap = *buf ? need : 0;
+    return *buf ? 0 : -1;
+}
+#define GROW(buf, cap, need) grow((void **)&(buf), &(cap), (need), sizeof *(buf))
+
 /* ---------------------------------------------------------------------------------------------------------- */
 /* activation quantization                                                                                    */
 
@@ -776,13 +787,7 @@ static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const
     }
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && t >= 9) {  /* the 16-token tile reads its tokens in pairs */
-        const int64_t need = (t + 15) / 16 * 16 * k;
-        if (need > scratch_xp_cap) {
-            free(scratch_xp);
-            scratch_xp = (float *)aligned_alloc(64, sizeof(float) * (size_t)need);
-            scratch_xp_cap = scratch_xp ? need : 0;
-            if (!scratch_xp) return -1;
-        }
+        if (GROW(scratch_xp, scratch_xp_cap, (t + 15) / 16 * 16 * k)) return -1;
         for (int64_t g = 0; g + 8 < t; g += 16) pair_tokens(x, t, k, g, scratch_xp + g * k);
         a.xp = scratch_xp;
     }
@@ -1251,7 +1256,7 @@ static void attend_part(const void *arg, int part, int parts) { attend_queries(a
 
 static int8_t *scratch_q = NULL;
 static float *scratch_f = NULL;
-static int64_t scratch_cap = 0;  /* T K of the activations they hold */
+static int64_t scratch_q_cap = 0, scratch_f_cap = 0;
 
 /* What the kernel does to each token's activations before quantizing them (per token, so batch-invariant) */
 enum { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2, PRE_TAPNORM = 3 };
@@ -1312,26 +1317,9 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
                     const uint16_t *wm, const float *bias, float *y, int64_t n, int pre, const float *norm, float eps,
                     const float *res, int64_t seg) {
     const int64_t nb = k / QK;
-    if (t * k > scratch_cap) {
-        free(scratch_q);
-        free(scratch_f);
-        scratch_cap = t * k;
-        scratch_q = (int8_t *)malloc((size_t)scratch_cap);
-        scratch_f = (float *)malloc(sizeof(float) * (size_t)(2 * scratch_cap / QK + scratch_cap + 2));
-        if (!scratch_q || !scratch_f) {
-            scratch_cap = 0;
-            return -1;
-        }
-    }
-    if (fmt == FMT_F32 && pre != PRE_NONE && t * k > scratch_x_cap) {
-        free(scratch_x);
-        scratch_x_cap = t * k;
-        scratch_x = (float *)malloc(sizeof(float) * (size_t)scratch_x_cap);
-        if (!scratch_x) {
-            scratch_x_cap = 0;
-            return -1;
-        }
-    }
+    if (GROW(scratch_q, scratch_q_cap, t * k) || GROW(scratch_f, scratch_f_cap, 2 * t * nb + t * k + 2) ||
+        (fmt == FMT_F32 && pre != PRE_NONE && GROW(scratch_x, scratch_x_cap, t * k)))
+        return -1;
     float *xd = scratch_f, *xs = scratch_f + t * nb, *rscale = scratch_f + 2 * t * nb;
     if (pre == PRE_RMSNORM)
         for (int64_t i = 0; i < t; i++) {
@@ -1389,15 +1377,7 @@ static int tree_paths(const int64_t *parents, int64_t t) {
 /* The pool started and ATT_QC score rows of s slots per thread: 0, or -1 when out of memory. */
 static int attn_reserve(int64_t s) {
     if (!pool_started) pool_start(pool_size);
-    if ((int64_t)pool_size * ATT_QC * s > attn_cap) {
-        free(attn_scratch);
-        attn_cap = (int64_t)pool_size * ATT_QC * s;
-        attn_scratch = (float *)malloc(sizeof(float) * (size_t)attn_cap);
-        if (!attn_scratch) {
-            attn_cap = 0;
-            return -1;
-        }
-    }
+    if (GROW(attn_scratch, attn_cap, (int64_t)pool_size * ATT_QC * s)) return -1;
     return 0;
 }
 
@@ -1466,15 +1446,7 @@ static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, i
         w_att = f[LF_HQ] * f[LF_D] > w_att ? f[LF_HQ] * f[LF_D] : w_att;
         w_gu = f[14] > w_gu ? f[14] : w_gu;
     }
-    if (t * (w_qkv + w_att + w_gu) > stack_cap) {
-        free(stack_buf);
-        stack_cap = t * (w_qkv + w_att + w_gu);
-        stack_buf = (float *)malloc(sizeof(float) * (size_t)stack_cap);
-        if (!stack_buf) {
-            stack_cap = 0;
-            return -1;
-        }
-    }
+    if (GROW(stack_buf, stack_cap, t * (w_qkv + w_att + w_gu))) return -1;
     float *qkv = stack_buf, *att = qkv + t * w_qkv, *gu = att + t * w_att;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t *f = desc + l * LF_FIELDS;
@@ -1850,19 +1822,13 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))) static void
 
 static uint8_t *screen_xu = NULL;
 static float *screen_xd = NULL;
-static int64_t screen_x_cap = 0;
+static int64_t screen_xu_cap = 0, screen_xd_cap = 0;
 
 /* y[T, N] = the tokens' q8 blocks . the q8 rows (screen_q8_part), or -1 when scratch memory cannot be had */
 static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
                      const int16_t *sums, float *y, int64_t n) {
-    if (t * k > screen_x_cap) {  /* each token's 4-byte words, each broadcast to 8 lanes: 8 times its K bytes */
-        free(screen_xu);
-        free(screen_xd);
-        screen_xu = (uint8_t *)malloc((size_t)(8 * t * k));
-        screen_xd = (float *)malloc(sizeof(float) * (size_t)(t * k / QK));
-        screen_x_cap = screen_xu && screen_xd ? t * k : 0;
-        if (!screen_x_cap) return -1;
-    }
+    /* each token's 4-byte words, each broadcast to 8 lanes: 8 times its K bytes */
+    if (GROW(screen_xu, screen_xu_cap, 8 * t * k) || GROW(screen_xd, screen_xd_cap, t * k / QK)) return -1;
     for (int64_t i = 0; i < t * k / QK; i++) {  /* block i (token i / nb): 8 words of 4 bytes, + 128 */
         int8_t q[QK];
         float xs;
@@ -1879,7 +1845,8 @@ static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, co
 #endif
 
 static float *screen_approx = NULL, *screen_rows_buf = NULL;
-static int64_t screen_approx_cap = 0, screen_rows_cap = 0;
+static int32_t *screen_cand = NULL;  /* [T, SCREEN_CAP] rows left, then [T] their counts */
+static int64_t screen_approx_cap = 0, screen_rows_cap = 0, screen_cand_cap = 0;
 
 /* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd; sums:
    its rows' block sums for the VNNI product, or NULL) and only the rows of W the screen leaves; *nfull_out: the
@@ -1888,21 +1855,10 @@ static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, c
                       const int16_t *sums, const float *w, const float *alpha, const float *beta, double g, int64_t n,
                       int64_t *out, int64_t *nfull_out) {
     if (t > MAX_TREE || t > SCREEN_CAP) return -2;
-    if (t * n > screen_approx_cap) {
-        free(screen_approx);
-        screen_approx = (float *)malloc(sizeof(float) * (size_t)(t * n));
-        screen_approx_cap = screen_approx ? t * n : 0;
-        if (!screen_approx) return -1;
-    }
-    if (SCREEN_CAP * k > screen_rows_cap) {
-        free(screen_rows_buf);
-        screen_rows_buf = (float *)malloc(sizeof(float) * (size_t)(SCREEN_CAP * k));
-        screen_rows_cap = screen_rows_buf ? SCREEN_CAP * k : 0;
-        if (!screen_rows_buf) return -1;
-    }
-    int32_t *cand = (int32_t *)malloc(sizeof(int32_t) * (size_t)(t * (SCREEN_CAP + 1)));
-    if (!cand) return -1;
-    int32_t *count = cand + t * SCREEN_CAP;
+    if (GROW(screen_approx, screen_approx_cap, t * n) || GROW(screen_rows_buf, screen_rows_cap, SCREEN_CAP * k) ||
+        GROW(screen_cand, screen_cand_cap, t * (SCREEN_CAP + 1)))
+        return -1;
+    int32_t *cand = screen_cand, *count = cand + t * SCREEN_CAP;
     int rc;
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && sums)
@@ -1910,18 +1866,15 @@ static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, c
     else
 #endif
         rc = gemm_run(8, x, t, k, qs, qd, NULL, NULL, screen_approx, n, PRE_NONE, NULL, 0.0f, NULL, 0);
-    if (rc) {
-        free(cand);
-        return -1;
-    }
+    if (rc) return -1;
     screen_args s = {screen_approx, x, alpha, beta, t, k, n, g, cand, count};
     run_parts(screen_part, &s, t * n);
     float y[SCREEN_CAP];
-    int64_t full = 0;  /* tokens that take the full product: gathered into scratch_full, then one call for all */
+    int64_t full = 0, which[MAX_TREE];  /* the tokens that take the full product, then one call for all of them */
     for (int64_t i = 0; i < t; i++) {
         const int32_t c = count[i], *rows = cand + i * SCREEN_CAP;
         if (c < 0) {
-            count[full++] = (int32_t)i;  /* count[] is read in order: entry i is never needed again */
+            which[full++] = i;
             continue;
         }
         for (int32_t r = 0; r < c; r++) memcpy(screen_rows_buf + r * k, w + (int64_t)rows[r] * k, sizeof(float) * k);
@@ -1934,18 +1887,12 @@ static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, c
     }
     if (full) {  /* the q8 logits are no longer needed: their scratch takes the tokens [full, K] and their logits */
         float *xs = screen_rows_buf, *logits = screen_approx;
-        int64_t *at = (int64_t *)cand;  /* t int64 fit in cand's t (SCREEN_CAP + 1) int32 */
-        int32_t which[MAX_TREE];
-        for (int64_t f = 0; f < full; f++) which[f] = count[f];
-        for (int64_t f = 0; f < full; f++) memcpy(xs + f * k, x + (int64_t)which[f] * k, sizeof(float) * k);
-        if (sgemm_run(xs, full, k, w, NULL, logits, n, NULL) || argmax_rows(logits, full, n, at)) {
-            free(cand);
-            return -1;
-        }
+        int64_t at[MAX_TREE];
+        for (int64_t f = 0; f < full; f++) memcpy(xs + f * k, x + which[f] * k, sizeof(float) * k);
+        if (sgemm_run(xs, full, k, w, NULL, logits, n, NULL) || argmax_rows(logits, full, n, at)) return -1;
         for (int64_t f = 0; f < full; f++) out[which[f]] = at[f];
     }
     nfull_out[0] = full;
-    free(cand);
     return 0;
 }
 
