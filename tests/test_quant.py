@@ -423,6 +423,27 @@ def test_dense_kernel_tiles_agree_bit_for_bit():
         _qkernels.sgemm_tiles("fast")
 
 
+def test_dense_kernel_thread_split_never_changes_bits(path):
+    """The threads claim chunks of rows as they go (or take a fixed share each): every row, once, with the bits
+    any split gives it, including a last chunk that is short and rows past the last whole tile."""
+    g = torch.Generator().manual_seed(8)
+    w, x = torch.randn(1030, 353, generator=g), torch.randn(17, 353, generator=g)
+    ref = x.double() @ w.double().T
+    out, before = {}, _qkernels.sgemm_chunks(0)
+    try:
+        for chunks in (0, 1, 6, 50):
+            _qkernels.sgemm_chunks(chunks)
+            out[chunks] = [sgemm(x[:t], w, None) for t in (1, 2, 4, 5, 8, 9, 17)]
+    finally:
+        _qkernels.sgemm_chunks(before)
+    for chunks, ys in out.items():
+        for y, y0 in zip(ys, out[0], strict=True):
+            assert torch.equal(y, y0), chunks
+            assert torch.allclose(y.double(), ref[: y.shape[0]], rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="chunks must be"):
+        _qkernels.sgemm_chunks(-1)
+
+
 def test_linear_gives_torch_its_threads_back_for_large_products():
     from specmtp import linear as L
 

@@ -479,6 +479,8 @@ typedef struct {
     int64_t t, k, n;
     int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first) */
     const float *xp;  /* groups of 9 to 16 tokens in pairs: tokens g .. g + 15 at xp + g K (pair_tokens) */
+    int64_t chunk;  /* row tiles a claim takes (0: each thread one contiguous share, as one call: sgemm_part) */
+    atomic_long claimed;  /* chunks claimed so far */
 } sgemm_args;
 
 /* the vector paths' order, without fused multiply-adds (so not their bits; linear.py uses it only in tests) */
@@ -673,10 +675,8 @@ static inline void sgemm_store(const sgemm_args *a, int64_t t, int64_t n, float 
     a->y[at] = a->res ? a->res[at] + y : y;
 }
 
-static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: a contiguous range of row tiles */
-    const sgemm_args *a = (const sgemm_args *)arg;
-    const int64_t tiles = (a->n + 3) / 4, per = (tiles + parts - 1) / parts;
-    const int64_t t0 = per * part < tiles ? per * part : tiles, t1 = per * (part + 1) < tiles ? per * (part + 1) : tiles;
+/* Row tiles t0 .. t1 - 1 of 4 rows each (the last one may be short) for every token. */
+static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && (a->wide || a->t >= 5)) {  /* the thread's rows 3 at a time (spares: n0 again), each tile
                                                          over every group of 8 tokens while its rows are in cache */
@@ -742,6 +742,27 @@ static void sgemm_part(const void *arg, int part, int parts) {  /* each thread: 
     }
 }
 
+/* Each thread claims chunks of row tiles until none is left, so a call ends when the work is done, not when its
+   slower thread's half is: on a virtual machine one core often runs slower than the other (another tenant on its
+   host thread), and with a fixed half each the faster one waited at every call's end. a->chunk 0: one contiguous
+   share each. Which thread computes a row never changes its bits. */
+static void sgemm_part(const void *arg, int part, int parts) {
+    sgemm_args *a = (sgemm_args *)arg;
+    const int64_t tiles = (a->n + 3) / 4;
+    if (a->chunk <= 0 || parts == 1) {
+        const int64_t per = (tiles + parts - 1) / parts;
+        const int64_t t0 = per * part < tiles ? per * part : tiles;
+        const int64_t t1 = per * (part + 1) < tiles ? per * (part + 1) : tiles;
+        sgemm_range(a, t0, t1);
+        return;
+    }
+    for (;;) {
+        const int64_t t0 = (int64_t)atomic_fetch_add(&a->claimed, 1) * a->chunk;
+        if (t0 >= tiles) return;
+        sgemm_range(a, t0, t0 + a->chunk < tiles ? t0 + a->chunk : tiles);
+    }
+}
+
 /* Which tile takes 1-2 and 3-4 tokens where the 8-token tile exists: the narrow ones (4 rows x 2 or 4 tokens) or
    the 8-token tile with spare tokens. They give the same bits, not the same speed: on a 2-core Zen 4 the narrow
    tiles stream weights faster while memory is fast (the 8-token tile is then bound by its multiply-adds) and slower
@@ -766,6 +787,21 @@ static tune_slot *tune_find(int64_t n, int64_t k) {
     return &tune[tune_used++];
 }
 
+static int sgemm_chunks = -1;  /* claims per thread a call aims at (SPECMTP_CHUNKS; 0: fixed halves) */
+
+/* Row tiles a claim takes: about sgemm_chunks claims per thread, in multiples of 3 tiles (12 rows: the 3-row tiles
+   of 5 or more tokens then need no spare rows inside a call). */
+static int64_t sgemm_chunk(int64_t n) {
+    if (sgemm_chunks < 0) {
+        const char *env = getenv("SPECMTP_CHUNKS");
+        sgemm_chunks = env ? atoi(env) : 6;
+    }
+    if (!pool_started) pool_start(pool_size);
+    if (sgemm_chunks == 0 || pool_size <= 1) return 0;
+    const int64_t tiles = (n + 3) / 4, per = (tiles + (int64_t)pool_size * sgemm_chunks - 1) / ((int64_t)pool_size * sgemm_chunks);
+    return per < 3 ? 3 : (per + 2) / 3 * 3;
+}
+
 static float *scratch_xp = NULL;  /* the 16-token tile's tokens in pairs (64-byte aligned) */
 static int64_t scratch_xp_cap = 0;
 
@@ -774,6 +810,7 @@ static int64_t scratch_xp_cap = 0;
 static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const float *bias, float *y, int64_t n,
                       const float *res) {
     sgemm_args a = {x, w, bias, res, y, t, k, n, 0};
+    a.chunk = sgemm_chunk(n);
     tune_slot *slot = NULL;
     const int cls = t > 2;
     if (isa == ISA_VNNI && t <= 4) {
@@ -2005,6 +2042,19 @@ static PyObject *py_sgemm_tiles(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_sgemm_chunks(PyObject *self, PyObject *args) {
+    int chunks;
+    if (!PyArg_ParseTuple(args, "i", &chunks)) return NULL;
+    if (chunks < 0) {
+        PyErr_Format(PyExc_ValueError, "chunks must be >= 0, got %d", chunks);
+        return NULL;
+    }
+    sgemm_chunk(0);  /* the setting as the environment gave it, if not yet read */
+    const int previous = sgemm_chunks;
+    sgemm_chunks = chunks;
+    return PyLong_FromLong(previous);
+}
+
 static PyObject *py_park(PyObject *self, PyObject *args) {
     atomic_store(&pool_park, 1);
     Py_RETURN_NONE;
@@ -2025,6 +2075,8 @@ static PyMethodDef methods[] = {
      "tokens of a dense head via its q8 copy"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
+    {"sgemm_chunks", py_sgemm_chunks, METH_VARARGS,
+     "sgemm_chunks(n) -> the previous n: row chunks per thread a dense product's threads claim (0: a fixed share each; tests, benchmarks)"},
     {"move_slots", py_move_slots, METH_VARARGS,
      "move_slots(x, outer, stride, slots, D, src, dst, count): in each plane slot src[i] -> dst[i], in order"},
     {"argmax", py_argmax, METH_VARARGS, "argmax(x, rows, N, out): out[r] = first index of the max of x[r, :N] (fp32)"},
