@@ -404,21 +404,26 @@ def test_dense_kernel_vector_paths_agree_bit_for_bit():
 
 
 def test_dense_kernel_tiles_agree_bit_for_bit():
-    """1 to 4 tokens go through the narrow tiles or the 8-token one (spare tokens), whichever runs faster at the
-    time (measured per weight shape): both give the same bits, so the choice never changes an output."""
+    """1 to 4 tokens go through the narrow tiles or the 8-token one (spare tokens), 5 to 8 through the 8-token tile
+    or the pair tile, whichever runs faster at the time (measured per weight shape): all give the same bits, so the
+    choice never changes an output."""
     if not supported("vnni"):
         pytest.skip("the 8-token tile needs AVX-512")
     g = torch.Generator().manual_seed(7)
-    w, x = torch.randn(1030, 353, generator=g), torch.randn(4, 353, generator=g)  # every thread; a ragged tail
+    w, x = torch.randn(1030, 353, generator=g), torch.randn(8, 353, generator=g)  # every thread; a ragged tail
+    counts = range(1, 9)
     out = {}
     try:
         for mode in ("narrow", "wide", "measured"):
             _qkernels.sgemm_tiles(mode)
-            out[mode] = [sgemm(x[:t], w, None) for t in (1, 2, 3, 4) for _ in range(20)]
+            out[mode] = [sgemm(x[:t], w, None) for t in counts for _ in range(20)]
     finally:
         _qkernels.sgemm_tiles("measured")
-    for t in range(4 * 20):
-        assert torch.equal(out["narrow"][t], out["wide"][t]) and torch.equal(out["narrow"][t], out["measured"][t])
+    ref = x.double() @ w.double().T
+    for i, t in enumerate(t for t in counts for _ in range(20)):
+        assert torch.equal(out["narrow"][i], out["wide"][i]) and torch.equal(out["narrow"][i], out["measured"][i]), t
+        assert torch.allclose(out["wide"][i].double(), ref[:t], rtol=0, atol=1e-3), t
+        assert torch.equal(out["narrow"][i][:1], out["narrow"][0][:1])  # batch-invariant: token 0's row alone
     with pytest.raises(ValueError, match="unknown tile mode"):
         _qkernels.sgemm_tiles("fast")
 

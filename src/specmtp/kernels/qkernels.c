@@ -477,8 +477,9 @@ typedef struct {
     const float *x, *w, *bias, *res;  /* res: [T, N] added last (may be y itself), or NULL */
     float *y;
     int64_t t, k, n;
-    int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first) */
-    const float *xp;  /* groups of 9 to 16 tokens in pairs: tokens g .. g + 15 at xp + g K (pair_tokens) */
+    int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first); 5 to 8 in the pair tile */
+    const float *xp;  /* tokens in pairs (pair_tokens): 5 to 8 tokens (wide) at xp, width 8; groups of 9 to 16
+                         tokens: tokens g .. g + 15 at xp + g K, width 16 */
     int64_t chunk;  /* row tiles a claim takes (0: each thread one contiguous share, as one call: sgemm_part) */
     atomic_long claimed;  /* chunks claimed so far */
 } sgemm_args;
@@ -613,13 +614,63 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8x3_av
     }
 }
 
-/* The 16-token tile's tokens in pairs: chunk c of K (8 floats) of tokens g .. g + 15 side by side, [K / 8][16][8],
-   so one 512-bit load holds the same 8 floats of two tokens (spares: token g again). */
-static void pair_tokens(const float *x, int64_t t, int64_t k, int64_t g, float *out) {
-    for (int u = 0; u < 16; u++) {
+/* The pair tiles' tokens in pairs: chunk c of K (8 floats) of tokens g .. g + width - 1 side by side,
+   [K / 8][width][8], so one 512-bit load holds the same 8 floats of two tokens (spares: token g again). */
+static void pair_tokens(const float *x, int64_t t, int64_t k, int64_t g, int width, float *out) {
+    for (int u = 0; u < width; u++) {
         const float *row = x + (g + u < t ? g + u : g) * k;
-        for (int64_t c = 0; c < k / 8; c++) memcpy(out + (c * 16 + u) * 8, row + c * 8, 8 * sizeof(float));
+        for (int64_t c = 0; c < k / 8; c++) memcpy(out + (c * width + u) * 8, row + c * 8, 8 * sizeof(float));
     }
+}
+
+/* 3 rows x 5 to 8 tokens in 512-bit pairs (P = 3 or 4 pairs; the other tile for these tokens, whichever streams
+   faster at the time: sgemm_run): 3P accumulators, each row's chunk broadcast to both halves, half the
+   multiply-add instructions of sdot_tile8x3_avx512 and for 5 or 6 tokens no spare pair. On an Intel Xeon whose 2
+   cores stream about 28 GB/s, SmolLM2's layer products for 5 to 8 tokens ran 3-8% faster through it; on the AMD
+   machine of session 23 a 4-pair version ran 5% slower. xp: pair_tokens' layout of width 8. Each lane sees the FMAs
+   of sdot_tile_avx2's lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void sdot_tile8p(
+    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next,
+    const int pairs) {
+    __m512 acc[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int u = 0; u < pairs; u++) acc[r][u] = _mm512_setzero_ps();
+    const int64_t chunks = k / 8;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i = c * 8;
+        if (next && (i & 15) == 0)
+            for (int r = 0; r < 3; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T0);
+        __m512 wv[3];
+        for (int r = 0; r < 3; r++)  /* the chunk in both halves */
+            wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
+        for (int u = 0; u < pairs; u++) {
+            __m512 v = _mm512_load_ps(xp + (c * 8 + 2 * u) * 8);
+            __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile8x3_avx512) */
+            for (int r = 0; r < 3; r++) acc[r][u] = _mm512_fmadd_ps(wv[r], v, acc[r][u]);
+        }
+    }
+    for (int r = 0; r < 3; r++) {
+        __m256 lanes[8];  /* token 2u in the low half, 2u + 1 in the high one; missing pairs: zeros, not stored */
+        for (int u = 0; u < 4; u++) {
+            if (u < pairs) {
+                lanes[2 * u] = _mm512_castps512_ps256(acc[r][u]);
+                lanes[2 * u + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][u]), 1));
+            } else {
+                lanes[2 * u] = lanes[2 * u + 1] = _mm256_setzero_ps();
+            }
+        }
+        float sums[8];
+        lane_sums8(lanes, w[r], x, chunks * 8, k, sums);
+        for (int u = 0; u < 2 * pairs; u++) out[3 * u + r] = sums[u];
+    }
+}
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile6p_avx512(
+    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next) {
+    sdot_tile8p(w, xp, x, k, out, next, 3);
+}
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8p_avx512(
+    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next) {
+    sdot_tile8p(w, xp, x, k, out, next, 4);
 }
 
 /* 3 rows x 16 tokens (9 to 16 tokens of a verify pass or a batch): one 512-bit accumulator per (row, token pair)
@@ -694,6 +745,10 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
                 const float *const *pf = g == 0 && n0 + 3 < r1 ? next : NULL;
                 if (a->t - g > 8)
                     sdot_tile16x3_avx512(w, a->xp + g * a->k, x, a->k, out, pf);
+                else if (a->wide && a->t >= 5 && a->t <= 6)
+                    sdot_tile6p_avx512(w, a->xp, x, a->k, out, pf);
+                else if (a->wide && a->t >= 7 && a->t <= 8)
+                    sdot_tile8p_avx512(w, a->xp, x, a->k, out, pf);
                 else
                     sdot_tile8x3_avx512(w, x, a->k, out, pf);
                 for (int u = 0; u < 16 && g + u < a->t; u++)
@@ -764,20 +819,21 @@ static void sgemm_part(const void *arg, int part, int parts) {
 }
 
 /* Which tile takes 1-2 and 3-4 tokens where the 8-token tile exists: the narrow ones (4 rows x 2 or 4 tokens) or
-   the 8-token tile with spare tokens. They give the same bits, not the same speed: on a 2-core Zen 4 the narrow
-   tiles stream weights faster while memory is fast (the 8-token tile is then bound by its multiply-adds) and slower
-   while it is slow (another tenant's traffic), by 10-25% either way, and that changes from minute to minute. So
-   the choice is measured as it runs: per weight shape and token class, a moving average of each tile's time per
-   weight, the one not in use timed every 16th call. */
+   the 8-token tile with spare tokens; and 5-8 tokens: the 8-token tile or the pair tile. They give the same bits,
+   not the same speed: on a 2-core Zen 4 the narrow tiles stream weights faster while memory is fast (the 8-token
+   tile is then bound by its multiply-adds) and slower while it is slow (another tenant's traffic), by 10-25% either
+   way, and that changes from minute to minute. So the choice is measured as it runs: per weight shape and token
+   class, a moving average of each tile's time per weight, the one not in use timed every 16th call. */
 #define TUNE_SLOTS 64
 typedef struct {
     int64_t n, k;
-    double cost[2][2];  /* [class: 1-2, 3-4 tokens][narrow, wide] seconds per weight; 0: not yet measured */
-    uint32_t calls[2];
+    double cost[3][2];  /* [class: 1-2, 3-4, 5-8 tokens][narrow, wide] seconds per weight; 0: not yet measured */
+    uint32_t calls[3];
 } tune_slot;
 static tune_slot tune[TUNE_SLOTS];
 static int tune_used = 0;
-static int tile_mode = -1;  /* -1: measured; 0: always narrow; 1: always wide (tests, benchmarks) */
+static int tile_mode = -1;  /* -1: measured; 0: always narrow (8-token tile for 5-8); 1: always wide (8-token tile
+                                for 1-4, pair tile for 5-8) (tests, benchmarks) */
 
 static tune_slot *tune_find(int64_t n, int64_t k) {
     for (int i = 0; i < tune_used; i++)
@@ -812,8 +868,8 @@ static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const
     sgemm_args a = {x, w, bias, res, y, t, k, n, 0};
     a.chunk = sgemm_chunk(n);
     tune_slot *slot = NULL;
-    const int cls = t > 2;
-    if (isa == ISA_VNNI && t <= 4) {
+    const int cls = t <= 2 ? 0 : t <= 4 ? 1 : 2;
+    if (isa == ISA_VNNI && t <= 8) {
         if (tile_mode >= 0)
             a.wide = tile_mode;
         else if ((slot = tune_find(n, k)) != NULL) {
@@ -825,7 +881,11 @@ static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && t >= 9) {  /* the 16-token tile reads its tokens in pairs */
         if (GROW(scratch_xp, scratch_xp_cap, (t + 15) / 16 * 16 * k)) return -1;
-        for (int64_t g = 0; g + 8 < t; g += 16) pair_tokens(x, t, k, g, scratch_xp + g * k);
+        for (int64_t g = 0; g + 8 < t; g += 16) pair_tokens(x, t, k, g, 16, scratch_xp + g * k);
+        a.xp = scratch_xp;
+    } else if (isa == ISA_VNNI && t >= 5 && a.wide) {  /* so does the pair tile */
+        if (GROW(scratch_xp, scratch_xp_cap, 8 * k)) return -1;
+        pair_tokens(x, t, k, 0, 8, scratch_xp);
         a.xp = scratch_xp;
     }
 #endif
@@ -2074,7 +2134,7 @@ static PyMethodDef methods[] = {
      "screen_argmax(x, T, K, qs, qd, sums, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
      "tokens of a dense head via its q8 copy"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
-     "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 tokens (tests, benchmarks)"},
+     "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 and 5 to 8 tokens (tests, benchmarks)"},
     {"sgemm_chunks", py_sgemm_chunks, METH_VARARGS,
      "sgemm_chunks(n) -> the previous n: row chunks per thread a dense product's threads claim (0: a fixed share each; tests, benchmarks)"},
     {"move_slots", py_move_slots, METH_VARARGS,
