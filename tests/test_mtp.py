@@ -243,6 +243,25 @@ def test_weight_decay_and_feature_noise_are_seeded_and_held_on_resume(target, tm
         train_drafter(target, tmp_path / "a", again, progress=False, prompts=CORPUS, resume=True)
 
 
+def test_greedy_share_decides_how_the_answers_are_decoded(target, tmp_path):
+    """--greedy-share: 1 answers every prompt greedily, 0.5 (the default) alternates chunks; the card says which, the
+    data key holds it, and it is checked."""
+    opts = tiny_opts(2)
+    opts.greedy_share = 1.0
+    train_drafter(target, tmp_path / "greedy", opts, progress=False, prompts=CORPUS)
+    assert all(s.greedy for s in stored_samples(tmp_path / "greedy"))
+    assert "all greedy;" in (tmp_path / "greedy" / "README.md").read_text()
+    train_drafter(target, tmp_path / "half", tiny_opts(2), progress=False, prompts=CORPUS)
+    kinds = [s.greedy for s in stored_samples(tmp_path / "half")]
+    assert True in kinds and False in kinds
+    assert "half greedy, half sampled" in (tmp_path / "half" / "README.md").read_text()
+    with pytest.raises(SpecMTPError, match="other settings.*greedy_share"):
+        train_drafter(target, tmp_path / "greedy", tiny_opts(4), progress=False, prompts=CORPUS, resume=True)
+    opts.greedy_share = 1.5
+    with pytest.raises(SpecMTPError, match="--greedy-share must be between 0 and 1"):
+        train_drafter(target, tmp_path / "bad", opts, progress=False, prompts=CORPUS)
+
+
 def test_precision_is_resolved_recorded_and_held_on_resume(target, tmp_path):
     with pytest.raises(SpecMTPError, match="unknown precision 'fp8'"):
         train_drafter(target, tmp_path / "bad", TrainOptions(precision="fp8"), progress=False, prompts=CORPUS)

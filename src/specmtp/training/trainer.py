@@ -80,6 +80,7 @@ class TrainOptions:
     prompt_set: int = 2  # the offline prompt set's version (1: the one before more chat topics and templates; 3:
     # more programming tasks; 4: set 3 with a quarter of the prompts the target's own requests)
     exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
+    greedy_share: float = 0.5  # the share of answers decoded greedily (the rest sampled), spread evenly over chunks
 
 
 @dataclass
@@ -256,7 +257,8 @@ def _dense(module: torch.nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
 def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], progress: bool, shards: Path,
                prompts: list[str] | None = None, taps: tuple[int, ...] = ()) -> list[Sample]:
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
-    in chunks of `gen_batch` prompts of similar length, alternately greedy and sampled. Each chunk is saved as a
+    in chunks of `gen_batch` prompts of similar length, greedy or sampled (`greedy_share` of the chunks greedy, spread
+    evenly: 0.5 alternates). Each chunk is saved as a
     shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
     shards.mkdir(parents=True, exist_ok=True)
     prompts = prompts or _prompt_set(target, opts, progress, shards)
@@ -284,10 +286,15 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
         bar.set_postfix(tokens=sum(len(s.tokens) - s.prompt_len for p in parts.values() for s in p))
 
     if todo:
-        distill_stream(target, [(chunks[i], i % 2 == 0, opts.seed + i) for i in todo], opts.answer_tokens,
-                       opts.max_len, sources, opts.topk, opts.gen_batch, done, taps)
+        distill_stream(target, [(chunks[i], greedy_chunk(i, opts.greedy_share), opts.seed + i) for i in todo],
+                       opts.answer_tokens, opts.max_len, sources, opts.topk, opts.gen_batch, done, taps)
     bar.close()
     return [s for i in range(len(chunks)) for s in parts[i]]
+
+
+def greedy_chunk(i: int, share: float) -> bool:
+    """Whether answer chunk i is decoded greedily: a `share` of the chunks, evenly spaced (0.5: the even ones)."""
+    return (i * share) % 1.0 < share
 
 
 def _prompt_set(target: LoadedModel, opts: TrainOptions, progress: bool, shards: Path) -> list[str]:
@@ -462,6 +469,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     hidden, inter, heads = _default_shape(target, opts)
     assistant = tc.family == "gemma4"  # a Gemma 4 target gets a Gemma4Assistant, in the released format
     taps = tap_layers(opts, tc.num_layers)
+    if not 0.0 <= opts.greedy_share <= 1.0:
+        raise SpecMTPError(f"--greedy-share must be between 0 and 1, got {opts.greedy_share}")
     if opts.prompt_set not in PROMPT_SETS:
         raise SpecMTPError(f"unknown --prompt-set {opts.prompt_set} (choose from {', '.join(map(str, PROMPT_SETS))})")
     if assistant:
@@ -482,6 +491,8 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
         key["taps"] = list(taps)
     if opts.prompt_set != 1:
         key["prompt_set"] = opts.prompt_set
+    if opts.greedy_share != 0.5:  # (keys of runs with half greedy answers predate this entry)
+        key["greedy_share"] = opts.greedy_share
     head_q = getattr(target.model, "head_q", None)
     if head_q is not None:  # data read through quantized weights is not the dense target's (dense keys predate this)
         key["weights"] = f"q{head_q.fmt}"
@@ -529,7 +540,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     if ck is not None:
         free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
         older = {"precision": "fp32", "taps": "none", "prompt_set": 1, "weight_decay": 0.0,
-                 "noise": 0.0}  # checkpoints from before these options
+                 "noise": 0.0, "greedy_share": 0.5}  # checkpoints from before these options
         saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
                                                                                dataclasses.asdict(opts)))
         if saved != now:
@@ -651,6 +662,14 @@ def _load(path: Path, what: str) -> Any:
         raise SpecMTPError(f"corrupt or truncated {what} {path}: {e}; delete it to start over") from None
 
 
+def _decoding(share: float) -> str:
+    if share == 0.5:
+        return "half greedy, half sampled"
+    if share in (0.0, 1.0):
+        return "all greedy" if share else "all sampled"
+    return f"{share:.0%} greedy, the rest sampled"
+
+
 def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
     cfg, opts = module.cfg, meta["options"]
     params = sum(p.numel() for p in module.parameters())
@@ -684,6 +703,7 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
                  "hidden state)" if taps else "")
     regular = "".join(f", {name} {opts[key]}" for key, name in (("weight_decay", "weight decay"),
                                                                 ("noise", "feature noise")) if opts.get(key))
+    decoding = _decoding(opts.get("greedy_share", 0.5))
     return f"""# specmtp {kind} for `{meta['target_name']}`
 
 Trained with `specmtp train-drafter` (self-distillation on the CPU).
@@ -694,7 +714,7 @@ Trained with `specmtp train-drafter` (self-distillation on the CPU).
 {head_line}
 - Data: {answered} self-distilled sequences ({answered_tokens} tokens) from {opts['prompts']} offline prompts
   (prompt set {opts.get('prompt_set', 1)}: Python standard library code + instruction templates{own_line}), answers
-  of up to {opts['answer_tokens']} tokens, half greedy, half sampled; none of the benchmark prompts{raw_line};
+  of up to {opts['answer_tokens']} tokens, {decoding}; none of the benchmark prompts{raw_line};
   the target's weights while answering and reading: {meta.get('data_weights', 'fp32')}
 - Training: {meta['steps']} steps, batch {opts['batch']} x {opts['anchors']} anchors, unrolled over {opts['unroll']}
   draft steps, lr {opts['lr']}, seed {opts['seed']}, {opts['precision']} matmuls{regular}
