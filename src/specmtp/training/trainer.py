@@ -258,8 +258,8 @@ def build_data(target: LoadedModel, opts: TrainOptions, sources: list[int], prog
                prompts: list[str] | None = None, taps: tuple[int, ...] = ()) -> list[Sample]:
     """The target's answers to the prompt set, recorded as it decodes (continuous batching over `gen_batch` rows),
     in chunks of `gen_batch` prompts of similar length, greedy or sampled (`greedy_share` of the chunks greedy, spread
-    evenly: 0.5 alternates). Each chunk is saved as a
-    shard under `shards` once all its answers are done, so an interrupted run resumes with the next chunk."""
+    evenly: 0.5 alternates). Each chunk is saved as a shard under `shards` once all its answers are done, so an
+    interrupted run resumes with the next chunk."""
     shards.mkdir(parents=True, exist_ok=True)
     prompts = prompts or _prompt_set(target, opts, progress, shards)
     chat = target.tokenizer.has_chat_template
@@ -663,11 +663,9 @@ def _load(path: Path, what: str) -> Any:
 
 
 def _decoding(share: float) -> str:
-    if share == 0.5:
-        return "half greedy, half sampled"
-    if share in (0.0, 1.0):
-        return "all greedy" if share else "all sampled"
-    return f"{share:.0%} greedy, the rest sampled"
+    """The card's words for --greedy-share."""
+    named = {0.5: "half greedy, half sampled", 1.0: "all greedy", 0.0: "all sampled"}
+    return named.get(share, f"{share:.0%} greedy, the rest sampled")
 
 
 def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
