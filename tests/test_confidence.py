@@ -103,6 +103,25 @@ def test_lookup_first_cuts_copies_by_position_and_asks_the_inner_drafter_when_cu
     assert all(copied[:40]) and sum(copied[-100:]) < 34
 
 
+def test_lookup_first_rates_copies_by_the_length_of_their_match():
+    """Copies after a 4-token match keep being accepted, copies after a 2-token match keep failing: with keys by
+    match length the first still pass the price and the second are cut; keyed by position alone, one rate blends
+    them and the sure copies are cut too."""
+    seqs = {4: [[1, 2, 3, 4, 5, 6, 1, 2, 3, 4]], 2: [[1, 2, 3, 9, 5, 6, 8, 2, 3]]}  # tails "1 2 3 4" and "2 3"
+    results = {}
+    for by_match in (True, False):
+        drafter = LookupFirst(Unsure(), min_match=2, by_match=by_match)
+        for _ in range(40):  # alternate: the long match's copy accepted, the short one's rejected
+            for m, accepted in ((4, 1), (2, 0)):
+                drafter.propose(DraftContext(seqs[m], torch.zeros(1, 1), None, None, SamplingParams(), None), 1)
+                drafter.accept(torch.tensor([accepted]))
+        results[by_match] = [drafter.propose(DraftContext(seqs[m], torch.zeros(1, 1), None, None, SamplingParams(),
+                                                          None), 1, Price(verify=0.6)).num.item() for m in (4, 2)]
+        drafter.accept(torch.tensor([0]))
+    assert results[True] == [1, 0]  # 4-token matches: rate near 1; 2-token matches: near 0
+    assert results[False] == [0, 0]  # one blended rate near 0.5, under the price
+
+
 def test_adaptive_with_a_calibrated_drafter_allows_its_maximum_and_prices_from_measurements():
     s = Adaptive(3, max_n=10, calibrated=True)
     assert s.next() == 3 and s.price == FREE  # nothing measured yet

@@ -155,11 +155,12 @@ class RecurrentDrafter(Drafter):
         return stacked(drafts, probs, chain.num)
 
     def propose_tree(self, ctx: DraftContext, n: int, price: Price,
-                     seeds: tuple[list[list[int]], Calibration] | None = None) -> Proposal:
+                     seeds: tuple[list[list[int]], Calibration, list[list[int]]] | None = None) -> Proposal:
         """A tree of up to n nodes per row: each depth, the round's best unexpanded nodes (at most `branches`
         per row) are stepped side by side and their children scored; TreeRound keeps the nodes worth verifying.
-        seeds: per row a chain from another source (a copy from the context) and the calibration of its
-        positions; it competes for the n nodes, and merges where the steps propose the same tokens."""
+        seeds: per row a chain from another source (a copy from the context), the calibration that scores it and
+        per row its tokens' keys there; it competes for the n nodes, and merges where the steps propose the same
+        tokens."""
         bsz = len(ctx.sequences)
         positions = torch.tensor([len(s) - 1 for s in ctx.sequences])  # [B]
         if self.calibration is None:

@@ -306,15 +306,16 @@ class TreeRound:
         self.feed[b].append(feed)
         return len(self.token[b]) - 1
 
-    def seed(self, chains: list[list[int]], calibration: Calibration) -> None:
+    def seed(self, chains: list[list[int]], calibration: Calibration, keys: list[list[int]] | None = None) -> None:
         """Per row, a chain of drafts below the root from another source (a copy from the context); its k-th
-        token's rate is `calibration`'s for key k. Such nodes are never stepped unless a drafter step proposes
-        them too (then they merge, and the step's state is theirs)."""
+        token's rate is `calibration`'s for keys[b][k] (default: key k). Such nodes are never stepped unless a
+        drafter step proposes them too (then they merge, and the step's state is theirs)."""
         table = calibration.rate_list()
         for b, chain in enumerate(chains):
             node = -1
             for k, tok in enumerate(chain):
-                node = self._add(b, node, tok, table[min(k, len(table) - 1)], (calibration, k), None)
+                key = min(k if keys is None else keys[b][k], len(table) - 1)
+                node = self._add(b, node, tok, table[key], (calibration, key), None)
                 if node is None:
                     break
 

@@ -6,8 +6,9 @@ Text that copies (code naming its variables again, a quoted prompt, a list that 
 for free and often further ahead than a small model drafter reaches, while the model drafter covers new text.
 With a batch of one row drafting chains, the model drafter is not run at all when the lookup hits.
 
-Under a price (confidence.py) a copy is cut where it stops being worth verifying: its k-th token is scored by k,
-calibrated on how often copies' k-th tokens were accepted; a row whose copy is cut to nothing asks the wrapped
+Under a price (confidence.py) a copy is cut where it stops being worth verifying: its k-th token is scored by k and
+by the length of the match it follows (a copy after 4 matching tokens is surer than one after 2), calibrated on how
+often such copied tokens were accepted; a row whose copy is cut to nothing asks the wrapped
 drafter instead.
 
 Under greedy decoding with a drafter that drafts trees (RecurrentDrafter, `branches` > 1) the two sources are not
@@ -26,16 +27,18 @@ import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal, RecurrentDrafter
 from specmtp.drafters.confidence import FREE, Calibration, Price
-from specmtp.drafters.ngram import lookup
+from specmtp.drafters.ngram import lookup_match
 from specmtp.loader import LoadedModel
 from specmtp.tree import chain_parents
 
-MAX_COPY = 32  # copied tokens are scored by position; later positions share the last key
+MAX_COPY = 32  # copied tokens are scored by position (later positions share the last key) and match length
 
 
 class LookupFirst(Drafter):
-    def __init__(self, inner: Drafter, min_match: int = 2, max_ngram: int = 4, merge: bool = True) -> None:
+    def __init__(self, inner: Drafter, min_match: int = 2, max_ngram: int = 4, merge: bool = True,
+                 by_match: bool = True) -> None:
         self.inner, self.min_match, self.max_ngram = inner, min_match, max_ngram
+        self.by_match = by_match  # copies keyed by match length and position (False: by position alone)
         self.merge = merge  # copies join a tree-drafting inner drafter's trees (greedy), instead of replacing them
         self.name = f"ngram+{inner.name}"
         self.default_num_draft_tokens = inner.default_num_draft_tokens
@@ -43,9 +46,15 @@ class LookupFirst(Drafter):
         self.calibrated = inner.calibrated
         self.taps = inner.taps
         self.branches = inner.branches
-        self.calibration = Calibration([0.7] * MAX_COPY)  # key: a copied token's position in its copy
+        # key: (max_ngram - the match's length) * MAX_COPY + a copied token's position in its copy
+        self.calibration = Calibration([0.7] * MAX_COPY * (max_ngram - min_match + 1))
         self.copied: list[bool] = []  # per row: the last proposal was copied (the inner drafter's was not used)
         self.inner_ran = False
+
+    def _key(self, match: int, k: int) -> int:
+        """The calibration key of the k-th token copied after a match of `match` tokens."""
+        level = self.max_ngram - match if self.by_match else 0
+        return level * MAX_COPY + min(k, MAX_COPY - 1)
 
     def set_branches(self, k: int) -> None:
         self.inner.set_branches(k)
@@ -58,14 +67,18 @@ class LookupFirst(Drafter):
         self.inner.begin(ctx)
 
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
-        copies = [lookup(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
+        found = [lookup_match(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
+        copies = [c for c, _ in found]
+        # each copied token's calibration key: [B][its copy's length]
+        keys = [[self._key(m, k) for k in range(len(c))] for c, m in found]
         bsz = len(copies)
         if self.merge and isinstance(self.inner, RecurrentDrafter) and self.inner.branches > 1 and ctx.sampling.greedy:
             self.chain, self.copied, self.inner_ran = None, [False] * bsz, True  # one tree: the inner round's
-            return self.inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration))
+            return self.inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration, keys))
         chain = self.new_chain(bsz, price)
         for k in range(max(map(len, copies), default=0)):  # cut each copy where it is no longer worth verifying
-            chain.push(torch.full((bsz,), k), torch.tensor([k < len(c) for c in copies]))
+            chain.push(torch.tensor([r[k] if k < len(r) else 0 for r in keys]),
+                       torch.tensor([k < len(c) for c in copies]))
         copies = [c[: int(m)] for c, m in zip(copies, chain.num, strict=True)]
         self.copied = [len(c) > 0 for c in copies]
         self.inner_ran = not all(self.copied)

@@ -15,14 +15,21 @@ from specmtp.drafters.confidence import FREE, Price
 
 def lookup(seq: list[int], n: int, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> list[int]:
     """Continuation (up to n tokens) of the most recent earlier match of seq's last k tokens."""
+    return lookup_match(seq, n, max_ngram, min_ngram, window)[0]
+
+
+def lookup_match(seq: list[int], n: int, max_ngram: int = 3, min_ngram: int = 1,
+                 window: int = 4096) -> tuple[list[int], int]:
+    """lookup's continuation and the length k of the match it follows (0 with no match): the longest k from
+    max_ngram down to min_ngram that occurred earlier, its most recent occurrence."""
     size = len(seq)
     lo = max(0, size - window)
     for k in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         tail = seq[size - k :]
         for start in range(size - k - 1, lo - 1, -1):  # most recent first, excluding the tail itself
             if seq[start : start + k] == tail:
-                return seq[start + k : start + k + n]
-    return []
+                return seq[start + k : start + k + n], k
+    return [], 0
 
 
 class NgramDrafter(Drafter):
