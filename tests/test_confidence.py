@@ -9,6 +9,7 @@ import torch
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
 from specmtp.drafters.confidence import BINS, FREE, Calibration, Chain, Price, TreeRound, monotone, prob_keys
 from specmtp.drafters.hybrid import LookupFirst
+from specmtp.drafters.ngram import lookup_match
 from specmtp.sampling import SamplingParams
 from specmtp.schedule import Adaptive
 
@@ -120,6 +121,14 @@ def test_lookup_first_rates_copies_by_the_length_of_their_match():
         drafter.accept(torch.tensor([0]))
     assert results[True] == [1, 0]  # 4-token matches: rate near 1; 2-token matches: near 0
     assert results[False] == [0, 0]  # one blended rate near 0.5, under the price
+
+
+def test_a_copy_after_one_matching_token_never_replaces_the_inner_drafters_chain():
+    """Only in a tree does a copy follow a single matching token (there it competes by its own rate)."""
+    assert lookup_match([1, 5, 1], 2, max_ngram=4, min_ngram=1) == ([5, 1], 1)
+    drafter = LookupFirst(Unsure())  # chains: copies need 2 matching tokens by default
+    ctx = DraftContext([[1, 5, 1]], torch.zeros(1, 1), None, None, SamplingParams(), None)
+    assert drafter.propose(ctx, 2).tokens[0].tolist() == [7, 7] and not drafter.copied[0]
 
 
 def test_adaptive_with_a_calibrated_drafter_allows_its_maximum_and_prices_from_measurements():

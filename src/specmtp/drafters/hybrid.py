@@ -8,14 +8,15 @@ With a batch of one row drafting chains, the model drafter is not run at all whe
 
 Under a price (confidence.py) a copy is cut where it stops being worth verifying: its k-th token is scored by k and
 by the length of the match it follows (a copy after 4 matching tokens is surer than one after 2), calibrated on how
-often such copied tokens were accepted; a row whose copy is cut to nothing asks the wrapped
-drafter instead.
+often such copied tokens were accepted; a row whose copy is cut to nothing asks the wrapped drafter instead.
 
 Under greedy decoding with a drafter that drafts trees (RecurrentDrafter, `branches` > 1) the two sources are not
 alternatives but one tree: the copy is a chain of candidate nodes beside the drafter's, each scored by its
 calibrated rate, and the tree round keeps whichever nodes are likeliest (a copied token the drafter also proposes
 is one node). A copy that goes wrong early then still leaves the drafter's candidates, and new text still gets
-the copy's long reach where it repeats. `merge=False` keeps the alternatives (to measure the difference).
+the copy's long reach where it repeats. There a copy may follow a single matching token (`tree_min_match`): its
+nodes carry that match's own, lower rates and are kept only where they beat the drafter's candidates. `merge=False`
+keeps the alternatives (to measure the difference).
 
 Lossless with sampling: the choice of source depends on the context only, and a copied draft is deterministic,
 so its q is one-hot (the wrapped drafter's rows keep their own q).
@@ -36,8 +37,12 @@ MAX_COPY = 32  # copied tokens are scored by position (later positions share the
 
 class LookupFirst(Drafter):
     def __init__(self, inner: Drafter, min_match: int = 2, max_ngram: int = 4, merge: bool = True,
-                 by_match: bool = True) -> None:
+                 by_match: bool = True, tree_min_match: int = 1) -> None:
+        """min_match: the shortest match a copy follows where it replaces the inner drafter's drafts;
+        tree_min_match: where it joins the inner drafter's tree instead (its nodes kept only where their rates,
+        by match length, beat the drafter's candidates: a single matching token is enough there)."""
         self.inner, self.min_match, self.max_ngram = inner, min_match, max_ngram
+        self.tree_min_match = min(tree_min_match, min_match)
         self.by_match = by_match  # copies keyed by match length and position (False: by position alone)
         self.merge = merge  # copies join a tree-drafting inner drafter's trees (greedy), instead of replacing them
         self.name = f"ngram+{inner.name}"
@@ -47,7 +52,7 @@ class LookupFirst(Drafter):
         self.taps = inner.taps
         self.branches = inner.branches
         # key: (max_ngram - the match's length) * MAX_COPY + a copied token's position in its copy
-        self.calibration = Calibration([0.7] * MAX_COPY * (max_ngram - min_match + 1))
+        self.calibration = Calibration([0.7] * MAX_COPY * (max_ngram - self.tree_min_match + 1))
         self.copied: list[bool] = []  # per row: the last proposal was copied (the inner drafter's was not used)
         self.inner_ran = False
 
@@ -67,12 +72,15 @@ class LookupFirst(Drafter):
         self.inner.begin(ctx)
 
     def propose(self, ctx: DraftContext, n: int, price: Price = FREE) -> Proposal:
-        found = [lookup_match(seq, n, self.max_ngram, self.min_match) for seq in ctx.sequences]
+        tree = self.merge and isinstance(self.inner, RecurrentDrafter) and self.inner.branches > 1 and \
+            ctx.sampling.greedy
+        shortest = self.tree_min_match if tree else self.min_match
+        found = [lookup_match(seq, n, self.max_ngram, shortest) for seq in ctx.sequences]
         copies = [c for c, _ in found]
         # each copied token's calibration key: [B][its copy's length]
         keys = [[self._key(m, k) for k in range(len(c))] for c, m in found]
         bsz = len(copies)
-        if self.merge and isinstance(self.inner, RecurrentDrafter) and self.inner.branches > 1 and ctx.sampling.greedy:
+        if tree:
             self.chain, self.copied, self.inner_ran = None, [False] * bsz, True  # one tree: the inner round's
             return self.inner.propose_tree(ctx, n, price, seeds=(copies, self.calibration, keys))
         chain = self.new_chain(bsz, price)
