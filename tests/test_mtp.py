@@ -125,6 +125,10 @@ def test_tree_drafting_output_identical_to_target_only(target, trained, tiny_dir
         spec = Engine(tgt, drafter, n, schedule)
         for prompt, ref in zip(PROMPTS, base, strict=True):
             assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
+            for walk in (True, False):  # one row's picks by a walk, or one head call (schedule.GreedyPicks)
+                spec.head_walk = walk
+                assert spec.generate([prompt], max_new_tokens=20)[0].tokens == ref.tokens
+            spec.head_walk = None
         assert [c.tokens for c in spec.generate(PROMPTS, max_new_tokens=20)] == [c.tokens for c in base]
     assert any(trees) and any(off_first)
 

@@ -8,7 +8,7 @@ from specmtp.cache import KVCache
 from specmtp.loader import load_model
 from specmtp.quant import dense_kernel, quantize_model
 from specmtp.tree import ancestors, chain_parents, depths, input_parents
-from specmtp.verify import verify_greedy, verify_tree
+from specmtp.verify import greedy_walk, verify_greedy, verify_tree
 
 TREE = torch.tensor([[-1, 0, 0, 1, 1, 2, 4]])  # inputs' parents: the root, two children, ...
 PATH = [0, 1, 4, 6]  # root -> 1 -> 4 -> 6
@@ -99,3 +99,38 @@ def test_verify_tree_accepts_one_of_equal_siblings():
     drafts, parents = torch.tensor([[4, 4, 7]]), torch.tensor([[-1, -1, 1]])
     tokens, num, path = verify_tree(torch.tensor([[4, 9, 7, 0]]), drafts, parents, torch.tensor([3]))
     assert num.tolist() == [1] and path[0, 0].item() == 0 and tokens[0, :2].tolist() == [4, 9]
+
+
+def test_greedy_walk_verifies_as_every_pick_does():
+    """Picks taken only at the root and at accepted nodes (one call a depth) give chains and trees the same accepted
+    drafts and emitted tokens as the picks at every node, in 1 + (most accepted) calls; untaken picks are -1."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(300):
+        b, n = 3, 7
+        full = torch.randint(0, 3, (b, n + 1), generator=g)  # the target's pick at every input (3 tokens: many hits)
+        hidden = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(n + 1), indexing="ij"), -1).float()
+        drafts = torch.randint(0, 3, (b, n), generator=g)
+        num = torch.randint(0, n + 1, (b,), generator=g)
+        looked = []
+
+        def greedy(h: torch.Tensor, full=full, looked=looked) -> torch.Tensor:  # h [K, 2]: (row, input) -> pick
+            looked.append(h.shape[0])
+            return full[h[:, 0].long(), h[:, 1].long()]
+
+        if trial % 2:  # a tree: each node's parent an earlier node or the root
+            parents = torch.stack([torch.randint(-1, max(j, 0), (b,), generator=g) if j else torch.full((b,), -1)
+                                   for j in range(n)], 1)
+            picks, calls = greedy_walk(greedy, hidden, drafts, parents, num)
+            want, got = verify_tree(full, drafts, parents, num), verify_tree(picks, drafts, parents, num)
+            assert all(torch.equal(x, y) for x, y in zip(want, got, strict=True)), trial
+            accepted = want[1]
+        else:
+            picks, calls = greedy_walk(greedy, hidden, drafts, None, num)
+            (tok_w, acc_w), (tok_g, acc_g) = verify_greedy(full, drafts, num), verify_greedy(picks, drafts, num)
+            assert torch.equal(acc_w, acc_g), trial
+            for r in range(b):
+                assert torch.equal(tok_w[r, : acc_w[r] + 1], tok_g[r, : acc_g[r] + 1]), trial
+            accepted = acc_w
+        assert calls == len(looked) == 1 + int(accepted.max()), trial
+        assert sum(looked) == b + int(accepted.sum())  # one pick per row at the root and at each accepted node
+        assert int((picks >= 0).sum()) == sum(looked)  # and no other

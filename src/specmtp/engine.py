@@ -20,9 +20,9 @@ from specmtp.drafters.base import DraftContext, Drafter
 from specmtp.errors import SpecMTPError
 from specmtp.loader import LoadedModel
 from specmtp.sampling import SamplingParams, probabilities, sample
-from specmtp.schedule import Schedule, make_schedule
+from specmtp.schedule import GreedyPicks, Schedule, make_schedule
 from specmtp.tree import depths, input_parents, is_chain, last_input
-from specmtp.verify import verify_greedy, verify_sampled, verify_tree
+from specmtp.verify import greedy_walk, verify_greedy, verify_sampled, verify_tree
 
 MAX_DRAFT = 32
 
@@ -140,6 +140,8 @@ class Engine:
         make_schedule(self.schedule_name, self.num_draft_tokens)  # validate now
         self._adaptive: dict[int, Schedule] = {}  # batch size -> adaptive schedule, kept across requests
         self.stats = Stats()
+        self.picks = GreedyPicks()  # one row's greedy picks: one head call or a walk, by their measured costs
+        self.head_walk: bool | None = None  # None: as self.picks measures; True / False: always / never walk
 
     def _schedule(self, batch_size: int) -> Schedule:
         """Constant and heuristic start afresh per request; adaptive keeps what it measured (costs depend on
@@ -312,7 +314,14 @@ class Engine:
                                                                                     strict=True)])
             hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
             # the target's greedy tokens, or its distributions when sampling: [B, n+1] / [B, n+1, V]
-            choice = model.greedy(hidden) if sampling.greedy else None
+            walked, calls, head_t = False, 1, time.perf_counter()
+            if sampling.greedy and bsz == 1 and n_eff > 0:
+                walked = self.picks.walk(n_eff + 1) if self.head_walk is None else self.head_walk
+            if walked:  # the picks only where verification reads them (schedule.GreedyPicks)
+                choice, calls = greedy_walk(model.greedy, hidden, drafts, parents, num_drafts)
+            else:
+                choice = model.greedy(hidden) if sampling.greedy else None
+            head_s = time.perf_counter() - head_t
             p = probabilities(model.logits(hidden), sampling) if choice is None else None
             path = None  # [B, n] a tree's accepted nodes, root-down
             if parents is not None:
@@ -327,6 +336,8 @@ class Engine:
                 out, num_accepted = verify_sampled(p, drafts, q, num_drafts, generator)
             # The pending token and the accepted drafts are now cached. Finished rows stay where they are
             # (their slots are rewritten in place), so they never outgrow the cache.
+            if sampling.greedy and bsz == 1 and n_eff > 0:
+                self.picks.update(walked, n_eff + 1, head_s, calls, 1 + int(num_accepted.max()))
             live = torch.tensor(active)
             num_accepted = torch.where(live, num_accepted, 0)
             last = num_accepted  # [B] input index of each row's last accepted token (or the root)

@@ -22,6 +22,8 @@ node's pick is an independent draw; the tree is chosen before the target's distr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -39,6 +41,41 @@ def verify_greedy(
     # Accepted drafts equal the target's argmax, and the next position holds the recovered/bonus token,
     # so the target's argmax row is exactly the emitted sequence.
     return target, num_accepted
+
+
+def greedy_walk(
+    greedy: Callable[[torch.Tensor], torch.Tensor],  # hidden [K, H] -> the target's greedy tokens [K]
+    hidden: torch.Tensor,  # [B, N+1, H] a verify pass's final hidden states (input 0: the root)
+    drafts: torch.Tensor,  # [B, N]
+    parents: torch.Tensor | None,  # [B, N] a tree's parents (-1: the root); None: chains
+    num_drafts: torch.Tensor,  # [B] valid drafts per row
+) -> tuple[torch.Tensor, int]:  # picks [B, N+1] (-1 where not taken), greedy calls made
+    """The target's greedy picks only where verification reads them: at the root, then at each accepted node, one
+    depth a call (every row's node of that depth together). verify_greedy and verify_tree read a pick only there
+    (a chain's picks past its first mismatch drop out of the accepted prefix, and -1 matches no draft), so they
+    give the same result from these as from every pick. Where each greedy call costs about the same for one token
+    as for several (a head read from memory), this takes 1 + accepted calls' worth of the head instead of one call
+    over every node."""
+    b, n = drafts.shape
+    toks, nums = drafts.tolist(), num_drafts.tolist()
+    pars = parents.tolist() if parents is not None else [[j - 1 for j in range(n)]] * b
+    child = []  # per row: (parent node, token) -> the first valid node with them (verify_tree's rule)
+    for row_toks, row_pars, num in zip(toks, pars, nums, strict=True):
+        first: dict[tuple[int, int], int] = {}
+        for j in range(num):
+            first.setdefault((row_pars[j], row_toks[j]), j)
+        child.append(first)
+    picks = torch.full((b, n + 1), -1, dtype=torch.long)
+    frontier, calls = [(r, -1) for r in range(b)], 0  # (row, node whose pick is needed; -1: the root)
+    while frontier:
+        rows = torch.tensor([r for r, _ in frontier])
+        inputs = torch.tensor([node + 1 for _, node in frontier])
+        got = greedy(hidden[rows, inputs]).tolist()
+        calls += 1
+        picks[rows, inputs] = torch.tensor(got, dtype=torch.long)
+        frontier = [(r, nxt) for (r, node), pick in zip(frontier, got, strict=True)
+                    if (nxt := child[r].get((node, pick))) is not None]
+    return picks, calls
 
 
 def verify_sampled(
