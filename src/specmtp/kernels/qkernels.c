@@ -807,7 +807,8 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
         }
         return;  /* every token done */
     }
-    if (isa == ISA_AVX2 && a->t >= 3 && tile_mode != 0) {  /* the thread's rows 3 at a time, each tile over every group of 4 tokens */
+    if (isa == ISA_AVX2 && a->t >= 3 && tile_mode != 0) {  /* the thread's rows 3 at a time, each tile over
+                                                               every group of 4 tokens */
         const int64_t r0 = t0 * 4, r1 = t1 * 4 < a->n ? t1 * 4 : a->n;
         for (int64_t n0 = r0; n0 < r1; n0 += 3) {
             const float *w[3], *next[3];
@@ -906,7 +907,6 @@ typedef struct {
 } tune_slot;
 static tune_slot tune[TUNE_SLOTS];
 static int tune_used = 0;
-
 
 static tune_slot *tune_find(int64_t n, int64_t k) {
     for (int i = 0; i < tune_used; i++)
