@@ -33,6 +33,12 @@ from specmtp.drafters.confidence import FREE, Price, monotone
 from specmtp.errors import SpecMTPError
 
 
+def low_median(samples: deque[float]) -> float:
+    """The lower median of recent timings: robust to one-off setup costs and to a busy CPU's upward noise."""
+    ordered = sorted(samples)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 class Schedule(ABC):
     name: str
     price: Price = FREE  # a calibrated drafter's per-row stop (confidence.py); free: never stops early
@@ -90,18 +96,13 @@ class Adaptive(Schedule):
         self.window = window
         self.steps = 0
 
-    @staticmethod
-    def _low_median(samples: deque[float]) -> float:
-        ordered = sorted(samples)
-        return ordered[(len(ordered) - 1) // 2]
-
     @property
     def draft_cost(self) -> float | None:
-        return self._low_median(self.draft_samples) if self.draft_samples else None
+        return low_median(self.draft_samples) if self.draft_samples else None
 
     @property
     def verify_cost(self) -> dict[int, float]:
-        return {t: self._low_median(v) for t, v in self.verify_samples.items()}
+        return {t: low_median(v) for t, v in self.verify_samples.items()}
 
     @staticmethod
     def _interpolate(known: dict[int, float], t: int) -> float:
@@ -207,7 +208,7 @@ class GreedyPicks:
             return True
         if not whole:
             return False
-        cheaper = Adaptive._low_median(self.per_call) * self.levels < Adaptive._low_median(whole)
+        cheaper = low_median(self.per_call) * self.levels < low_median(whole)
         return cheaper != (self.passes % self.explore_every == 0)
 
     def update(self, walked: bool, tokens: int, seconds: float, calls: int, levels: int) -> None:
