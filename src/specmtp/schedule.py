@@ -185,7 +185,7 @@ class GreedyPicks:
     """How a greedy verify pass of one row takes the target's picks: one head call over all its tokens, or a walk
     (verify.greedy_walk: the root, then each accepted node, one call a depth). Which costs less depends on how the
     head is read: where it streams from memory (larger than the cache: SmolLM2's screened head is 30 MB, and a
-    2-core AMD EPYC has 8 MB of L3) one call of four tokens costs about 2.6 calls of one, and a walk takes 1 +
+    2-core AMD EPYC has 8 MB of L3) one call of four tokens costs 2.3-2.7 calls of one, and a walk takes 1 +
     accepted calls; where it stays in cache (an Intel Xeon with hundreds of MB of L3) 5 tokens cost 1.6 calls of
     one, and a walk costs more. Both are measured as they run: the walk's seconds per call, one call's seconds by
     its tokens (low medians of recent samples) and the calls a walk takes (1 + accepted, known after any pass);
