@@ -315,7 +315,8 @@ class Engine:
             hidden, tapped = model.features(inputs, positions, cache, taps, tree)  # [B, n+1, H], [B, n+1, taps, H]
             # the target's greedy tokens, or its distributions when sampling: [B, n+1] / [B, n+1, V]
             walked, calls, head_t = False, 1, time.perf_counter()
-            if sampling.greedy and bsz == 1 and n_eff > 0:
+            one_row_greedy = sampling.greedy and bsz == 1 and n_eff > 0  # where a walk may take the picks
+            if one_row_greedy:
                 walked = self.picks.walk(n_eff + 1) if self.head_walk is None else self.head_walk
             if walked:  # the picks only where verification reads them (schedule.GreedyPicks)
                 choice, calls = greedy_walk(model.greedy, hidden, drafts, parents, num_drafts)
@@ -336,7 +337,7 @@ class Engine:
                 out, num_accepted = verify_sampled(p, drafts, q, num_drafts, generator)
             # The pending token and the accepted drafts are now cached. Finished rows stay where they are
             # (their slots are rewritten in place), so they never outgrow the cache.
-            if sampling.greedy and bsz == 1 and n_eff > 0:
+            if one_row_greedy:
                 self.picks.update(walked, n_eff + 1, head_s, calls, 1 + int(num_accepted.max()))
             live = torch.tensor(active)
             num_accepted = torch.where(live, num_accepted, 0)

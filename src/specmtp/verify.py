@@ -43,6 +43,15 @@ def verify_greedy(
     return target, num_accepted
 
 
+def _first_children(tokens: list[int], parents: list[int], num: int) -> dict[tuple[int, int], int]:
+    """One row's (parent node, token) -> the first of its valid nodes with them: of siblings with the same token
+    only the first can be accepted."""
+    first: dict[tuple[int, int], int] = {}
+    for j in range(num):
+        first.setdefault((parents[j], tokens[j]), j)
+    return first
+
+
 def greedy_walk(
     greedy: Callable[[torch.Tensor], torch.Tensor],  # hidden [K, H] -> the target's greedy tokens [K]
     hidden: torch.Tensor,  # [B, N+1, H] a verify pass's final hidden states (input 0: the root)
@@ -59,12 +68,7 @@ def greedy_walk(
     b, n = drafts.shape
     toks, nums = drafts.tolist(), num_drafts.tolist()
     pars = parents.tolist() if parents is not None else [[j - 1 for j in range(n)]] * b
-    child = []  # per row: (parent node, token) -> the first valid node with them (verify_tree's rule)
-    for row_toks, row_pars, num in zip(toks, pars, nums, strict=True):
-        first: dict[tuple[int, int], int] = {}
-        for j in range(num):
-            first.setdefault((row_pars[j], row_toks[j]), j)
-        child.append(first)
+    child = [_first_children(t, p, k) for t, p, k in zip(toks, pars, nums, strict=True)]
     picks = torch.full((b, n + 1), -1, dtype=torch.long)
     frontier, calls = [(r, -1) for r in range(b)], 0  # (row, node whose pick is needed; -1: the root)
     while frontier:
@@ -122,9 +126,7 @@ def verify_tree(
     picks, tokens_l, parents_l, nums = choice.tolist(), drafts.tolist(), parents.tolist(), num_drafts.tolist()
     order, counts, emitted = [], [], []  # per row: accepted nodes root-down then the others; how many; tokens
     for pick, toks, par, num in zip(picks, tokens_l, parents_l, nums, strict=True):  # a walk of a few nodes
-        child: dict[tuple[int, int], int] = {}  # (parent, token) -> the first such node
-        for j in range(num):
-            child.setdefault((par[j], toks[j]), j)
+        child = _first_children(toks, par, num)
         walk, node = [], -1  # node: the last accepted draft (-1: the root)
         while (nxt := child.get((node, pick[node + 1]))) is not None:
             walk.append(nxt)
