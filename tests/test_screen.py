@@ -34,23 +34,29 @@ def near_ties(k: int = 96, v: int = 700, seed: int = 0) -> tuple[torch.Tensor, t
 
 @pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
 def test_screen_is_the_full_heads_argmax_on_near_ties(isa):
-    """The q8 logits come from the screen's own VNNI product where the CPU has it, else from the q8 kernel."""
+    """The q8 logits come from the screen's own VNNI product where the CPU has it, else from the q8 kernel (or, for
+    a screen built for VNNI, a plain product of its layout)."""
     if isa != "best" and not supported(isa):
         pytest.skip(f"no {isa} path here")
     w, x = near_ties()
-    sc = screen.build(w)
+    sc = screen.build(w)  # where VNNI is, its q8 rows in the VNNI product's layout (read without it too)
     _qkernels.set_isa(isa)
     try:
+        own = screen.build(w)  # built for the ISA it runs on
+        assert own.pairs == (_qkernels.info()["isa"] == "vnni")
         want = full_argmax(x, w)  # (the scalar path's fp32 sums round differently: its own full product)
-        for t in (1, 2, 5, 8, 16):
-            for i in range(0, 32, t):
-                assert torch.equal(sc.argmax(x[i : i + t]), want[i : i + t]), (t, i)
+        for s in (sc, own):
+            for t in (1, 2, 5, 8, 16):
+                for i in range(0, 32, t):
+                    assert torch.equal(s.argmax(x[i : i + t]), want[i : i + t]), (t, i)
     finally:
         _qkernels.set_isa("best")
-    assert sc.full_rows == 0  # a few rows left each time, never the whole head
-    approx = argmax(quant.qlinear(x, sc.q))
+    assert sc.full_rows == 0 and own.full_rows == 0  # a few rows left each time, never the whole head
+    values, scales, _ = quant.quantize_rows(w, 8)
+    approx = argmax(quant.qlinear(x, quant.pack(8, values, scales, None)))
     assert not torch.equal(approx, want)  # the q8 copy alone gets some of them wrong
-    loose = screen.HeadScreen(sc.weight, sc.q, sc.sums, torch.zeros_like(sc.alpha), torch.zeros_like(sc.beta), 0.0)
+    loose = screen.HeadScreen(sc.weight, sc.qs, sc.d, sc.sums, torch.zeros_like(sc.alpha), torch.zeros_like(sc.beta),
+                              0.0, sc.pairs)
     assert not torch.equal(loose.argmax(x), want)  # so the screen's bound is what makes it exact
 
 

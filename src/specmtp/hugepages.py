@@ -59,7 +59,7 @@ def large_tensors(module: nn.Module, extra: tuple = ()) -> list[torch.Tensor]:
             if getattr(m, attr, None) is not None:
                 found.extend(weight_tensors(getattr(m, attr)))
         if getattr(m, "head_screen", None) is not None:  # the dense head's q8 copy and its block sums (screen.py)
-            found.extend([*weight_tensors(m.head_screen.q), m.head_screen.sums])
+            found.extend([m.head_screen.qs, m.head_screen.d, m.head_screen.sums])
     for w in extra:
         found.extend(weight_tensors(w))
     by_storage: dict[int, list[torch.Tensor]] = {}

@@ -315,13 +315,27 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     _qkernels.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
 
 
+def screen_pairs() -> bool:
+    """Whether a head screen built now keeps its q8 rows in the layout of the kernel's VNNI product (pair_words)."""
+    return _qkernels is not None and _qkernels.info()["isa"] == "vnni"
+
+
+def pair_words(qs: torch.Tensor) -> torch.Tensor:
+    """q8 qs [N8, B, 8, 32] (chunk c: word c of rows 0..7) -> [N8, B, 256], the screen's VNNI layout: in each 64-byte
+    vector c (chunks 2c, 2c + 1), 4-byte lanes 2r and 2r + 1 hold row r's words 2c and 2c + 1 (qkernels.c,
+    screen_q8)."""
+    n8, nb = qs.shape[0], qs.shape[1]
+    words = qs.contiguous().view(torch.int32).reshape(n8, nb, 4, 2, 8)  # [N8, B, vector, word in pair, row]
+    return words.transpose(3, 4).contiguous().view(torch.int8).reshape(n8, nb, 256)
+
+
 def screen_argmax(x: torch.Tensor, screen, out: torch.Tensor) -> int:
     """x: [R, K] fp32 contiguous (R <= 64), screen: a screen.HeadScreen, out: [R] int64 <- each row's greedy token
     (screen.py). Returns how many rows took the full fp32 product (too many rows left by the screen)."""
-    q = screen.q
-    return _qkernels.screen_argmax(x.data_ptr(), x.shape[0], x.shape[1], q.qs.data_ptr(), q.d.data_ptr(),
-                                   screen.sums.data_ptr(), screen.weight.data_ptr(), screen.alpha.data_ptr(),
-                                   screen.beta.data_ptr(), screen.g, q.shape[0], out.data_ptr())
+    return _qkernels.screen_argmax(x.data_ptr(), x.shape[0], x.shape[1], screen.qs.data_ptr(), screen.d.data_ptr(),
+                                   screen.sums.data_ptr(), screen.pairs, screen.weight.data_ptr(),
+                                   screen.alpha.data_ptr(), screen.beta.data_ptr(), screen.g, screen.weight.shape[0],
+                                   out.data_ptr())
 
 
 def park() -> None:

@@ -34,17 +34,19 @@ ROWS_PER_CHUNK = 4096  # rows of the head quantized and measured at a time (temp
 @dataclass
 class HeadScreen:
     weight: torch.Tensor  # [V, H] the dense fp32 head (the model's own tensor)
-    q: quant.QuantWeight  # its q8 copy
-    sums: torch.Tensor  # int16 [V8, H/32, 8]: each row's block sums, grouped as q's scales (the VNNI product's term)
+    qs: torch.Tensor  # its q8 copy: int8 [V8, H/32, 256], quant.py's layout, or with pairs the screen's own
+    d: torch.Tensor  # fp16 [V8, H/32, 8]: the q8 blocks' scales (quant.py's)
+    sums: torch.Tensor  # int16 [V8, H/32, 8]: each row's block sums, grouped as the scales (the VNNI product's term)
     alpha: torch.Tensor  # [V] fp32, rounded up: |w_j - w~_j| + g |w_j|
     beta: torch.Tensor  # [V] fp32, rounded up: |w~_j|
     g: float
+    pairs: bool = False  # qs in the layout of the kernel's VNNI product (quant.pair_words), else quant.py's
     rows: int = 0  # rows screened so far
     full_rows: int = 0  # of which took the full fp32 product (the screen left more than 256 rows)
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + 2 * self.sums.numel() + 4 * (self.alpha.numel() + self.beta.numel())
+        return self.qs.numel() + 2 * (self.d.numel() + self.sums.numel()) + 4 * (self.alpha.numel() + self.beta.numel())
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] fp32 -> [...] the first index of the largest of x @ weight.T, as the dense kernel computes it."""
@@ -76,9 +78,11 @@ def build(weight: torch.Tensor) -> HeadScreen | None:
         beta.append(stored.norm(dim=1))
         parts.append(quant.pack(8, values, scales, None))
         sums.append(quant.group_rows(values.sum(-1, dtype=torch.int16)))
-    q = parts[0] if len(parts) == 1 else quant.QuantWeight(
-        8, (v, k), torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), None)
+    qs, d = torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts])
+    pairs = quant.screen_pairs()
+    if pairs:  # where the VNNI product reads it: its own layout, which needs no copy of quant.py's
+        qs = quant.pair_words(qs)
     # w~ = q d is exact in fp32 (7 by 11 significant bits), w - w~ within 2^-24 of its value, and fp32 norms of K
     # squares within K 2^-24 of theirs (build() takes K below 16k): a relative margin of 1e-3 keeps both upper bounds
     up = 1.0 + 1e-3
-    return HeadScreen(weight, q, torch.cat(sums), torch.cat(alpha) * up, torch.cat(beta) * up, g)
+    return HeadScreen(weight, qs, d, torch.cat(sums), torch.cat(alpha) * up, torch.cat(beta) * up, g, pairs)

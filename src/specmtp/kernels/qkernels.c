@@ -1923,16 +1923,20 @@ static void screen_part(const void *arg, int part, int parts) {  /* each thread:
 
 /* The screen's q8 logits where AVX-512 VNNI is: the bound holds for any exact integer dot and the same float steps
    per block (acc += float(dot) * (d_w * d_x)), so this product need not match the q8 kernel's path, only its
-   arithmetic. Each token's int8 block is shifted to unsigned (x + 128) so that vpdpbusd takes it as it is (no sign
-   trick: one instruction a word instead of two), and 128 times the row's block sum (sums: [N8, K/32, 8] int16) is
-   taken back off; two words (8 weights of 8 rows) go through one 512-bit instruction, the halves added at the end
-   of the block. Each block's weights are loaded once for up to 8 tokens, whose words are laid out broadcast
-   beforehand (8 times their bytes: no shuffles in the loop). Threads split the row groups. */
+   arithmetic. The screen keeps its q8 rows in a layout of its own (screen.py, "pairs"): in each 64-byte vector
+   c of a group of 8 rows and a block, lanes 2r and 2r + 1 hold row r's words 2c and 2c + 1, so a token's two
+   words 2c, 2c + 1 (8 bytes) broadcast to every lane pair straight from memory (one load, no shuffle) and its
+   block is 32 bytes: every token's blocks stay in L1 while the rows stream. Each token's int8 block is shifted to
+   unsigned (x + 128) so that vpdpbusd takes it as it is (no sign trick), and 128 times the row's block sum (sums:
+   [N8, K/32, 8] int16) is taken back off; a row's two lanes are added at the end of the block. Each block's
+   weights are loaded once for up to 8 tokens. Threads split the row groups. (Before, each token's words were laid
+   out broadcast beforehand, 8 times its bytes: 8 tokens, 295 KB for SmolLM2's head, were read from L2 at every
+   block, which bound the product on a Zen 4: 8 tokens 2.65 -> 1.39 ms, 4 tokens 1.74 -> 1.14.) */
 #ifdef SPECMTP_X86
 typedef struct {
-    const uint8_t *xu;     /* [T, K/32, 256] the tokens' int8 blocks + 128, each word broadcast to 8 lanes */
+    const uint8_t *xu;     /* [T, K/32, 32] the tokens' int8 blocks + 128 */
     const float *xd;       /* [T, K/32] their scales */
-    const uint8_t *wq;     /* q8 [N8, K/32, 256] */
+    const uint8_t *wq;     /* q8 [N8, K/32, 4, 8 rows, 2 words] (the pair layout) */
     const uint16_t *wd;    /* [N8, K/32, 8] fp16 */
     const int16_t *sums;   /* [N8, K/32, 8] */
     float *y;              /* [T, N] */
@@ -1954,11 +1958,15 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"), always_inlin
         const __m256i corr = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(sm + b * 8))), 7);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
         for (int i = 0; i < TN; i++) {
-            const uint8_t *x = a->xu + ((t0 + i) * nb + b) * 256;  /* 4 x 64 bytes: words 2c | 2c + 1, broadcast */
+            const uint8_t *x = a->xu + ((t0 + i) * nb + b) * QK;
             __m512i s = _mm512_setzero_si512();
-            for (int c = 0; c < 4; c++) s = _mm512_dpbusd_epi32(s, _mm512_loadu_si512((const void *)(x + 64 * c)), w[c]);
-            const __m256i dot = _mm256_sub_epi32(
-                _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1)), corr);
+            for (int c = 0; c < 4; c++) {  /* words 2c, 2c + 1 to every lane pair */
+                int64_t words;
+                memcpy(&words, x + 8 * c, 8);
+                s = _mm512_dpbusd_epi32(s, _mm512_set1_epi64(words), w[c]);
+            }
+            s = _mm512_add_epi32(s, _mm512_srli_epi64(s, 32));  /* row r's two lanes, in the low half of qword r */
+            const __m256i dot = _mm256_sub_epi32(_mm512_cvtepi64_epi32(s), corr);
             const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->xd[(t0 + i) * nb + b]));
             acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), scale));
         }
@@ -1997,16 +2005,12 @@ static int64_t screen_xu_cap = 0, screen_xd_cap = 0;
 /* y[T, N] = the tokens' q8 blocks . the q8 rows (screen_q8_part), or -1 when scratch memory cannot be had */
 static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, const uint16_t *wd,
                      const int16_t *sums, float *y, int64_t n) {
-    /* each token's 4-byte words, each broadcast to 8 lanes: 8 times its K bytes */
-    if (GROW(screen_xu, screen_xu_cap, 8 * t * k) || GROW(screen_xd, screen_xd_cap, t * k / QK)) return -1;
-    for (int64_t i = 0; i < t * k / QK; i++) {  /* block i (token i / nb): 8 words of 4 bytes, + 128 */
+    if (GROW(screen_xu, screen_xu_cap, t * k) || GROW(screen_xd, screen_xd_cap, t * k / QK)) return -1;
+    for (int64_t i = 0; i < t * k / QK; i++) {  /* block i (token i / nb), + 128 */
         int8_t q[QK];
         float xs;
         quantize_block(x + i * QK, q, &screen_xd[i], &xs);
-        uint8_t *dst = screen_xu + i * 256;
-        for (int c = 0; c < 8; c++)  /* word c to lanes 8 (c % 2) .. 8 (c % 2) + 7 of 64-byte vector c / 2 */
-            for (int l = 0; l < 8; l++)
-                for (int j = 0; j < 4; j++) dst[(c / 2) * 64 + (c % 2) * 32 + 4 * l + j] = (uint8_t)(q[4 * c + j] + 128);
+        for (int j = 0; j < QK; j++) screen_xu[i * QK + j] = (uint8_t)(q[j] + 128);
     }
     screen_q8_args a = {screen_xu, screen_xd, wq, wd, sums, y, t, k, n};
     run_parts(screen_q8_part, &a, n * k * t);
@@ -2014,27 +2018,59 @@ static int screen_q8(const float *x, int64_t t, int64_t k, const uint8_t *wq, co
 }
 #endif
 
+/* The same q8 logits from the pair layout without VNNI (where the ISA was switched after the screen was built: the
+   tests): each (row, block) dot exact in int32, then the same float steps. */
+static int screen_q8_plain(const float *x, int64_t t, int64_t k, const int8_t *wq, const uint16_t *wd, float *y,
+                           int64_t n) {
+    const int64_t nb = k / QK;
+    if (GROW(screen_xd, screen_xd_cap, t * k / QK)) return -1;
+    int8_t *xq = (int8_t *)malloc((size_t)(t * k));
+    if (!xq) return -1;
+    for (int64_t i = 0; i < t * nb; i++) {
+        float xs;
+        quantize_block(x + i * QK, xq + i * QK, &screen_xd[i], &xs);
+    }
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t g = j / 8, r = j % 8;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *wb = wq + (g * nb + b) * 256, *xb = xq + (i * nb + b) * QK;
+                int32_t dot = 0;
+                for (int c = 0; c < 8; c++)  /* word c of row r: vector c / 2, lane 2r + c % 2 */
+                    for (int p = 0; p < 4; p++) dot += (int32_t)wb[(c / 2) * 64 + (2 * r + c % 2) * 4 + p] * xb[4 * c + p];
+                acc += (float)dot * (half_to_float(wd[(g * nb + b) * 8 + r]) * screen_xd[i * nb + b]);
+            }
+            y[i * n + j] = acc;
+        }
+    free(xq);
+    return 0;
+}
+
 static float *screen_approx = NULL, *screen_rows_buf = NULL;
 static int32_t *screen_cand = NULL;  /* [T, SCREEN_CAP] rows left, then [T] their counts */
 static int64_t screen_approx_cap = 0, screen_rows_cap = 0, screen_cand_cap = 0;
 
-/* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd; sums:
-   its rows' block sums for the VNNI product, or NULL) and only the rows of W the screen leaves; *nfull_out: the
+/* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd; with
+   pairs, qs in the screen's own layout and sums its rows' block sums, for screen_q8; else quant.py's) and only the rows of W the screen leaves; *nfull_out: the
    tokens that took the full product. 0; -1 when scratch memory cannot be had; -2 past 64 tokens. */
 static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd,
-                      const int16_t *sums, const float *w, const float *alpha, const float *beta, double g, int64_t n,
-                      int64_t *out, int64_t *nfull_out) {
+                      const int16_t *sums, int pairs, const float *w, const float *alpha, const float *beta, double g,
+                      int64_t n, int64_t *out, int64_t *nfull_out) {
     if (t > MAX_TREE || t > SCREEN_CAP) return -2;
     if (GROW(screen_approx, screen_approx_cap, t * n) || GROW(screen_rows_buf, screen_rows_cap, SCREEN_CAP * k) ||
         GROW(screen_cand, screen_cand_cap, t * (SCREEN_CAP + 1)))
         return -1;
     int32_t *cand = screen_cand, *count = cand + t * SCREEN_CAP;
     int rc;
+    if (pairs) {  /* the screen's own layout (screen_q8) */
 #ifdef SPECMTP_X86
-    if (isa == ISA_VNNI && sums)
-        rc = screen_q8(x, t, k, qs, qd, sums, screen_approx, n);
-    else
+        if (isa == ISA_VNNI)
+            rc = screen_q8(x, t, k, qs, qd, sums, screen_approx, n);
+        else
 #endif
+            rc = screen_q8_plain(x, t, k, (const int8_t *)qs, qd, screen_approx, n);
+    } else
         rc = gemm_run(8, x, t, k, qs, qd, NULL, NULL, screen_approx, n, PRE_NONE, NULL, 0.0f, NULL, 0);
     if (rc) return -1;
     screen_args s = {screen_approx, x, alpha, beta, t, k, n, g, cand, count};
@@ -2092,8 +2128,10 @@ static PyObject *py_move_slots(PyObject *self, PyObject *args) {
 static PyObject *py_screen_argmax(PyObject *self, PyObject *args) {
     unsigned long long x, qs, qd, sums, w, alpha, beta, out;
     long long t, k, n;
+    int pairs;
     double g;
-    if (!PyArg_ParseTuple(args, "KLLKKKKKKdLK", &x, &t, &k, &qs, &qd, &sums, &w, &alpha, &beta, &g, &n, &out))
+    if (!PyArg_ParseTuple(args, "KLLKKKpKKKdLK", &x, &t, &k, &qs, &qd, &sums, &pairs, &w, &alpha, &beta, &g, &n,
+                          &out))
         return NULL;
     if (t < 1 || k < 1 || k % QK || n < 1) {
         PyErr_SetString(PyExc_ValueError, "screen_argmax: T and N must be positive and K a positive multiple of 32");
@@ -2101,7 +2139,7 @@ static PyObject *py_screen_argmax(PyObject *self, PyObject *args) {
     }
     int64_t full = 0;
     const int rc = screen_run((const float *)x, t, k, (const uint8_t *)qs, (const uint16_t *)qd,
-                              (const int16_t *)sums, (const float *)w,
+                              (const int16_t *)sums, pairs, (const float *)w,
                               (const float *)alpha, (const float *)beta, g, n, (int64_t *)out, &full);
     if (rc == -2) {
         PyErr_SetString(PyExc_ValueError, "screen_argmax: at most 64 tokens a call");
@@ -2204,7 +2242,7 @@ static PyMethodDef methods[] = {
      "in place (a chain, or a tree)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"screen_argmax", py_screen_argmax, METH_VARARGS,
-     "screen_argmax(x, T, K, qs, qd, sums, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
+     "screen_argmax(x, T, K, qs, qd, sums, pairs, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
      "tokens of a dense head via its q8 copy"},
     {"sgemm_tiles", py_sgemm_tiles, METH_VARARGS,
      "sgemm_tiles('measured' | 'narrow' | 'wide'): which tile takes 1 to 4 and 5 to 8 tokens (tests, benchmarks)"},
