@@ -45,6 +45,24 @@ def test_adaptive_uses_measured_verify_cost_shape():
     assert best >= 4
 
 
+def test_adaptive_forgets_widths_a_slow_minute_priced_out():
+    # One slow sample at every width past 3 tokens (another tenant's busy minute) while passes of 2-3 tokens cost
+    # 1.0: a tree drafter (calibrated) then stops its trees where the priced curve rises, so those widths would
+    # never be verified again; past `stale_after` passes the exploring passes leave them out of the prices.
+    s = Adaptive(2, max_n=12, calibrated=True, stale_after=50)
+    for t in range(4, 14):
+        s.update(t - 1, torch.tensor([0]), 0.001, 10.0)
+    curves = []
+    for i in range(s.explore_every * 4 * 3):  # the small trees the slow samples allow
+        s.update(1 + i % 2, torch.tensor([1]), 0.001, 1.0)
+        s.next()
+        curves.append(s.price.verify_curve)
+    explored = [c for c in curves if c[5] == c[1] == c[11]]  # flat past the widest fresh width: the trees may grow
+    assert 1 <= len(explored) <= 3 and all(c[5] > 5 * c[1] for c in curves if c not in explored)
+    s.update(7, torch.tensor([2]), 0.001, 1.1)  # the 8-token pass an exploring tree verifies
+    assert s.verify_cost[8] == 1.1  # replaces the slow minute's sample
+
+
 def test_ngram_lookup_prefers_longest_latest_match():
     seq = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
     assert lookup(seq, 2) == [7, 8]  # "2 3" last seen before the tail at index 5 -> continues 7 8

@@ -11,7 +11,12 @@
   N = 0 (plain decoding) is a choice too, so a drafter that keeps failing is backed off; every few steps
   a neighbouring, less measured N is tried so that the estimates stay current. Costs are low medians of
   recent samples (robust to one-off kernel setup and to noise), and an engine keeps its adaptive schedule
-  across requests, so what it has measured about the hardware is not relearnt for every prompt.
+  across requests, so what it has measured about the hardware is not relearnt for every prompt. A tree
+  drafter's widths are not probed as a chain's N is, so a slow minute's samples could price a width out for
+  good (one slow sample at every width past 3 tokens held SmolLM2's trees at 2 nodes for a whole run): every
+  `explore_every` * 4 passes the prices leave out the widths not verified for `stale_after` passes (their
+  cost read off the fresh widths around them, flat past the widest), so the trees may grow into them, and a
+  stale width's first new sample replaces its old ones.
   With a calibrated drafter (one that scores its drafts, drafters/confidence.py) N is chosen per row
   instead: the schedule allows up to max drafts and sets the prices, and each row drafts while the
   probability that all its drafts are accepted is worth them. One more proposed draft adds its survival
@@ -83,7 +88,7 @@ class Adaptive(Schedule):
     name = "adaptive"
 
     def __init__(self, n: int, max_n: int = 12, decay: float = 0.97, explore_every: int = 8,
-                 window: int = 5, calibrated: bool = False) -> None:
+                 window: int = 5, calibrated: bool = False, stale_after: int = 128) -> None:
         self.n, self.max_n, self.decay, self.explore_every = n, max(1, max_n), decay, explore_every
         self.calibrated = calibrated  # the drafter honours a price: rows stop by it, not at one N
         self.tokens, self.seconds = 0.0, 0.0  # decayed tokens emitted per row, and seconds, over recent steps
@@ -95,6 +100,9 @@ class Adaptive(Schedule):
         self.verify_samples: dict[int, deque[float]] = {}  # tokens verified -> seconds
         self.window = window
         self.steps = 0
+        self.passes = 0  # verify passes reported
+        self.stale_after = stale_after
+        self.sampled_at: dict[int, int] = {}  # tokens verified -> the pass that last verified that many
 
     @property
     def draft_cost(self) -> float | None:
@@ -103,6 +111,11 @@ class Adaptive(Schedule):
     @property
     def verify_cost(self) -> dict[int, float]:
         return {t: low_median(v) for t, v in self.verify_samples.items()}
+
+    def fresh_verify_cost(self) -> dict[int, float]:
+        """verify_cost for the widths verified within the last `stale_after` passes."""
+        fresh = self.passes - self.stale_after
+        return {t: low_median(v) for t, v in self.verify_samples.items() if self.sampled_at.get(t, 0) > fresh}
 
     @staticmethod
     def _interpolate(known: dict[int, float], t: int) -> float:
@@ -135,10 +148,11 @@ class Adaptive(Schedule):
         var = sum((t - mt) ** 2 for t in ts)
         return max(0.0, sum((t - mt) * (v - mv) for t, v in zip(ts, vs, strict=True)) / var)
 
-    def measured_price(self) -> Price:
-        """One more verified token and one more draft step, in expected accepted tokens (see the module doc)."""
+    def measured_price(self, explore: bool = False) -> Price:
+        """One more verified token and one more draft step, in expected accepted tokens (see the module doc);
+        exploring, from the fresh widths alone."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        table = self.verify_cost
+        table = self.fresh_verify_cost() if explore else self.verify_cost
         # fitted non-decreasing: a few noisy samples per width, and a wider pass never costs less
         widths = range(1, self.max_n + 2)
         curve = monotone(tuple(self._interpolate(table, t) * rate for t in widths)) if len(table) > 1 else ()
@@ -152,7 +166,7 @@ class Adaptive(Schedule):
         if self.draft_cost is None or not self.verify_samples:
             return self.n
         if self.calibrated:
-            self.price = self.measured_price()
+            self.price = self.measured_price(explore=self.passes % (4 * self.explore_every) == 0)
             return self.max_n
         best = self.best()
         self.steps += 1
@@ -164,7 +178,12 @@ class Adaptive(Schedule):
 
     def update(self, n: int, num_accepted: torch.Tensor, draft_s: float, verify_s: float,
                steps: int | None = None) -> None:
-        self.verify_samples.setdefault(n + 1, deque(maxlen=self.window)).append(verify_s)
+        self.passes += 1
+        samples = self.verify_samples.setdefault(n + 1, deque(maxlen=self.window))
+        if self.sampled_at.get(n + 1, self.passes) <= self.passes - self.stale_after:
+            samples.clear()  # another minute's: this sample starts the width afresh
+        samples.append(verify_s)
+        self.sampled_at[n + 1] = self.passes
         if len(num_accepted):
             accepted = num_accepted.tolist()
             self.tokens = self.decay * self.tokens + sum(accepted) / len(accepted) + 1
