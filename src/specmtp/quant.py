@@ -321,12 +321,12 @@ def screen_pairs() -> bool:
 
 
 def pair_words(qs: torch.Tensor) -> torch.Tensor:
-    """q8 qs [N8, B, 8, 32] (chunk c: word c of rows 0..7) -> [N8, B, 256], the screen's VNNI layout: in each 64-byte
-    vector c (chunks 2c, 2c + 1), 4-byte lanes 2r and 2r + 1 hold row r's words 2c and 2c + 1 (qkernels.c,
+    """q8 qs [N8, B, 8, 32] (chunk c: word c of rows 0..7) -> the same shape in the screen's VNNI layout: in each
+    64-byte vector c (chunks 2c, 2c + 1), 4-byte lanes 2r and 2r + 1 hold row r's words 2c and 2c + 1 (qkernels.c,
     screen_q8)."""
     n8, nb = qs.shape[0], qs.shape[1]
     words = qs.contiguous().view(torch.int32).reshape(n8, nb, 4, 2, 8)  # [N8, B, vector, word in pair, row]
-    return words.transpose(3, 4).contiguous().view(torch.int8).reshape(n8, nb, 256)
+    return words.transpose(3, 4).contiguous().view(torch.int8).reshape(qs.shape)
 
 
 def screen_argmax(x: torch.Tensor, screen, out: torch.Tensor) -> int:

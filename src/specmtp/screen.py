@@ -34,7 +34,7 @@ ROWS_PER_CHUNK = 4096  # rows of the head quantized and measured at a time (temp
 @dataclass
 class HeadScreen:
     weight: torch.Tensor  # [V, H] the dense fp32 head (the model's own tensor)
-    qs: torch.Tensor  # its q8 copy: int8 [V8, H/32, 256], quant.py's layout, or with pairs the screen's own
+    qs: torch.Tensor  # its q8 copy: int8 [V8, H/32, 8, 32], quant.py's layout, or with pairs the screen's own
     d: torch.Tensor  # fp16 [V8, H/32, 8]: the q8 blocks' scales (quant.py's)
     sums: torch.Tensor  # int16 [V8, H/32, 8]: each row's block sums, grouped as the scales (the VNNI product's term)
     alpha: torch.Tensor  # [V] fp32, rounded up: |w_j - w~_j| + g |w_j|
