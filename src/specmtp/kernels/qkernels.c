@@ -2037,8 +2037,10 @@ static int screen_q8_plain(const float *x, int64_t t, int64_t k, const int8_t *w
             for (int64_t b = 0; b < nb; b++) {
                 const int8_t *wb = wq + (g * nb + b) * 256, *xb = xq + (i * nb + b) * QK;
                 int32_t dot = 0;
-                for (int c = 0; c < 8; c++)  /* word c of row r: vector c / 2, lane 2r + c % 2 */
-                    for (int p = 0; p < 4; p++) dot += (int32_t)wb[(c / 2) * 64 + (2 * r + c % 2) * 4 + p] * xb[4 * c + p];
+                for (int c = 0; c < 8; c++) {  /* word c of row r: vector c / 2, lane 2r + c % 2 */
+                    const int8_t *word = wb + (c / 2) * 64 + (2 * r + c % 2) * 4;
+                    for (int p = 0; p < 4; p++) dot += (int32_t)word[p] * xb[4 * c + p];
+                }
                 acc += (float)dot * (half_to_float(wd[(g * nb + b) * 8 + r]) * screen_xd[i * nb + b]);
             }
             y[i * n + j] = acc;
@@ -2052,8 +2054,9 @@ static int32_t *screen_cand = NULL;  /* [T, SCREEN_CAP] rows left, then [T] thei
 static int64_t screen_approx_cap = 0, screen_rows_cap = 0, screen_cand_cap = 0;
 
 /* out[T] = the argmax of x[T, K] @ W[N, K]^T (fp32, first index of the largest), reading q (q8 [N, K]: qs, qd; with
-   pairs, qs in the screen's own layout and sums its rows' block sums, for screen_q8; else quant.py's) and only the rows of W the screen leaves; *nfull_out: the
-   tokens that took the full product. 0; -1 when scratch memory cannot be had; -2 past 64 tokens. */
+   pairs, qs in the screen's own layout and sums its rows' block sums, for screen_q8; else quant.py's) and only the
+   rows of W the screen leaves; *nfull_out: the tokens that took the full product. 0; -1 when scratch memory cannot
+   be had; -2 past 64 tokens. */
 static int screen_run(const float *x, int64_t t, int64_t k, const uint8_t *qs, const uint16_t *qd,
                       const int16_t *sums, int pairs, const float *w, const float *alpha, const float *beta, double g,
                       int64_t n, int64_t *out, int64_t *nfull_out) {
