@@ -98,6 +98,37 @@ def test_code_paths_agree_bit_for_bit(fmt, path):
     assert torch.equal(y, qlinear(x, qw, bias))
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4", "dense"])
+def test_pre_ops_agree_bit_for_bit(fmt, path):
+    """SwiGLU's e^x is the kernel's own and RMSNorm's sum of squares runs in 8 lanes, the same operations in the
+    same order on every path: the same bits, so the blocks quantized after them (and a model's output) do not depend
+    on the CPU. Gate values span e^x's clamps (|x| past 87) and a NaN-free wide range."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 128, generator=g)
+    qw = w if fmt == "dense" else quantize(w, fmt)
+    if fmt == "dense" and (not supported("avx2") or path == "scalar"):
+        pytest.skip("specmtp's fp32 products are its own (the same bits on every vector path) only with AVX2")
+    gate_up = torch.randn(7, 256, generator=g) * 6
+    gate_up[0, :8] = torch.tensor([-100.0, -88.5, -87.5, -1e-3, 0.0, 87.5, 88.5, 100.0])
+    x, norm = torch.randn(7, 128, generator=g) * 3, torch.rand(128, generator=g) + 0.5
+    y = qlinear(gate_up, qw, pre="swiglu")
+    yn = qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6)
+    _qkernels.set_isa("avx2" if fmt == "dense" else "scalar")
+    assert torch.equal(y, qlinear(gate_up, qw, pre="swiglu"))
+    assert torch.equal(yn, qlinear(x, qw, pre="rms_norm", norm=norm, eps=1e-6))
+
+
+def test_swiglu_exp_is_accurate():
+    """The kernel's SwiGLU (through an identity weight, whose product is exact) within 2 ulp of silu(g) * u."""
+    if not dense_kernel():
+        pytest.skip("specmtp's fp32 kernel has no vector path on this CPU")
+    g = torch.cat([torch.linspace(-80, 80, 8192), torch.randn(8192, generator=torch.Generator().manual_seed(5)) * 5])
+    gate, up = g.view(-1, 128), torch.rand(128, 128, generator=torch.Generator().manual_seed(6)) + 0.5
+    y = qlinear(torch.cat([gate, up], 1), torch.eye(128), pre="swiglu").double()
+    ref = gate.double() * torch.sigmoid(gate.double()) * up.double()
+    assert ((y - ref).abs() / ref.abs().clamp(min=1e-30)).max() < 2 * 2.0**-23
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_interleaved_layout_round_trips_and_selects_rows(fmt):
     g = torch.Generator().manual_seed(3)

@@ -776,6 +776,24 @@ static inline void sgemm_store(const sgemm_args *a, int64_t t, int64_t n, float 
     a->y[at] = a->res ? a->res[at] + y : y;
 }
 
+#ifdef SPECMTP_X86
+/* sgemm_store for a tile's sums of tokens g .. g + nt - 1 (out[w u + r], rows n0 .. n0 + nr - 1, nr <= w <= 4): each
+   token's results in one masked vector, the same two additions per element as sgemm_store (the same bits). Written
+   one element at a time, the 3-row tiles' stores took a tenth of an 8-token pass's product time. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sgemm_store_tile(const sgemm_args *a, int64_t g,
+                                                                                  int64_t nt, int64_t n0, int nr,
+                                                                                  const float *out, int w) {
+    const __mmask8 m = (__mmask8)((1u << nr) - 1);
+    const __m128 b = a->bias ? _mm_maskz_loadu_ps(m, a->bias + n0) : _mm_setzero_ps();
+    for (int64_t u = 0; u < nt; u++) {
+        const int64_t at = (g + u) * a->n + n0;
+        __m128 y = _mm_add_ps(_mm_maskz_loadu_ps(m, out + w * u), b);
+        if (a->res) y = _mm_add_ps(_mm_maskz_loadu_ps(m, a->res + at), y);
+        _mm_mask_storeu_ps(a->y + at, m, y);
+    }
+}
+#endif
+
 /* Row tiles t0 .. t1 - 1 of 4 rows each (the last one may be short) for every token. */
 static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
 #ifdef SPECMTP_X86
@@ -801,8 +819,7 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
                     sdot_tile8p_avx512(w, a->xp, x, a->k, out, pf);
                 else
                     sdot_tile8x3_avx512(w, x, a->k, out, pf);
-                for (int u = 0; u < 16 && g + u < a->t; u++)
-                    for (int r = 0; r < 3 && n0 + r < r1; r++) sgemm_store(a, g + u, n0 + r, out[3 * u + r]);
+                sgemm_store_tile(a, g, a->t - g < 16 ? a->t - g : 16, n0, r1 - n0 < 3 ? (int)(r1 - n0) : 3, out, 3);
             }
         }
         return;  /* every token done */
@@ -846,9 +863,7 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
             for (int u = 0; u < 4; u++) x[u] = a->x + (t + u < a->t ? t + u : t) * a->k;
             float out[16];
             sdot_tile4_avx512(w, x, a->k, out, pf);
-            for (int u = 0; u < 4 && t + u < a->t; u++)
-                for (int r = 0; r < 4 && n0 + r < a->n; r++)
-                    sgemm_store(a, t + u, n0 + r, out[4 * u + r]);
+            sgemm_store_tile(a, t, a->t - t < 4 ? a->t - t : 4, n0, a->n - n0 < 4 ? (int)(a->n - n0) : 4, out, 4);
         }
 #endif
         for (; t < a->t; t += 2) {
@@ -1446,6 +1461,107 @@ typedef struct {
     int64_t seg;           /* tapnorm's segment width (a multiple of 32) */
 } prep_args;
 
+/* SwiGLU, silu(g) * u = g / (1 + e^-g) * u, for one block of 32 values, with e^x of our own: x clamped to [-87, 88],
+   n = nearest integer to x log2(e), r = x - n ln2 (in two fused steps, ln2 split in a short high part and the rest),
+   e^r = 1 + r + r^2 p(r) (the classic degree-5 minimax p), times 2^n built in the exponent bits. Every path (plain
+   C with fmaf, AVX2, AVX-512) does these same operations in the same order: the same bits on every CPU, so the
+   blocks quantized after it agree across ISAs as before. Within 2 ulp of e^x. glibc's expf, one value at a time,
+   was most of a verify pass's per-token work outside the products (an 8-token SmolLM2 pass: 0.5 ms). */
+#define EXP_LO (-87.0f)
+#define EXP_HI 88.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+static const float exp_poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                                  1.6666665459e-1f, 5.0000001201e-1f};
+
+static inline float exp_scalar(float x) {
+    x = x > EXP_LO ? x : EXP_LO;  /* as the vector max / min: a NaN becomes EXP_LO */
+    x = x < EXP_HI ? x : EXP_HI;
+    const float n = rintf(x * EXP_LOG2E);
+    float r = fmaf(n, -EXP_LN2_HI, x);
+    r = fmaf(n, -EXP_LN2_LO, r);
+    float p = exp_poly[0];
+    for (int i = 1; i < 6; i++) p = fmaf(p, r, exp_poly[i]);
+    const float z = r * r;
+    const float y = fmaf(p, z, r) + 1.0f;
+    union { uint32_t u; float f; } two_n = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return y * two_n.f;
+}
+
+static void swiglu_scalar(const float *g, const float *u, float *out) {
+    for (int j = 0; j < QK; j++) out[j] = g[j] / (1.0f + exp_scalar(-g[j])) * u[j];
+}
+
+#ifdef SPECMTP_X86
+__attribute__((target("avx2,fma"))) static void swiglu_avx2(const float *g, const float *u, float *out) {
+    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI), one = _mm256_set1_ps(1.0f);
+    for (int j = 0; j < QK; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), gv);  /* -g, exactly */
+        x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_HI), x);
+        r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_LO), r);
+        __m256 p = _mm256_set1_ps(exp_poly[0]);
+        for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_poly[i]));
+        const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), one);
+        const __m256 two_n = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        const __m256 e = _mm256_mul_ps(y, two_n);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+    }
+}
+
+__attribute__((target("avx2,fma,avx512f"))) static void swiglu_avx512(const float *g, const float *u, float *out) {
+    const __m512 lo = _mm512_set1_ps(EXP_LO), hi = _mm512_set1_ps(EXP_HI), one = _mm512_set1_ps(1.0f);
+    for (int j = 0; j < QK; j += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + j);
+        __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), gv);
+        x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_HI), x);
+        r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_LO), r);
+        __m512 p = _mm512_set1_ps(exp_poly[0]);
+        for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[i]));
+        const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), one);
+        const __m512 two_n = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+        const __m512 e = _mm512_mul_ps(y, two_n);
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+    }
+}
+#endif
+
+static void swiglu_block(const float *g, const float *u, float *out) {
+#ifdef SPECMTP_X86
+    if (isa == ISA_VNNI) {
+        swiglu_avx512(g, u, out);
+        return;
+    }
+    if (use_avx2) {
+        swiglu_avx2(g, u, out);
+        return;
+    }
+#endif
+    swiglu_scalar(g, u, out);
+}
+
+/* sum of x[i]^2 in 8 lanes (lane l: i = l mod 8, in order), the lanes added in order, then the rest: 8 independent
+   chains, not one (the norm's scale of a token was a serial chain of K additions: 0.3 ms of an 8-token pass) */
+static float sum_squares(const float *x, int64_t n) {
+    float lane[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += x[i + l] * x[i + l];
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += lane[l];
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
 /* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
  * result does not depend on the split. */
 static void prep_part(const void *arg, int part, int parts) {
@@ -1467,7 +1583,7 @@ static void prep_part(const void *arg, int part, int parts) {
             for (int j = 0; j < QK; j++) dst[j] = a->norm[b * QK + j] * (row[j] * r);
             src = dst;
         } else if (a->pre == PRE_SWIGLU) {  /* silu(gate) * up */
-            for (int j = 0; j < QK; j++) dst[j] = row[j] / (1.0f + expf(-row[j])) * row[a->k + j];
+            swiglu_block(row, row + a->k, dst);
             src = dst;
         } else if (a->xf) {
             memcpy(dst, row, sizeof(float) * QK);
@@ -1493,19 +1609,13 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
     float *xd = scratch_f, *xs = scratch_f + t * nb, *rscale = scratch_f + 2 * t * nb;
     if (pre == PRE_RMSNORM)
         for (int64_t i = 0; i < t; i++) {
-            const float *row = x + i * k;
-            float ss = 0.0f;
-            for (int64_t j = 0; j < k; j++) ss += row[j] * row[j];
-            rscale[i] = 1.0f / sqrtf(ss / (float)k + eps);
+            rscale[i] = 1.0f / sqrtf(sum_squares(x + i * k, k) / (float)k + eps);
         }
     if (pre == PRE_TAPNORM)
         for (int64_t i = 0; i < t; i++)
-            for (int64_t sg = 0; sg < k / seg - 1; sg++) {
-                const float *part = x + i * k + sg * seg;
-                float ss = 0.0f;
-                for (int64_t j = 0; j < seg; j++) ss += part[j] * part[j];
-                rscale[i * (k / seg - 1) + sg] = 1.0f / sqrtf(ss / (float)seg + eps);
-            }
+            for (int64_t sg = 0; sg < k / seg - 1; sg++)
+                rscale[i * (k / seg - 1) + sg] =
+                    1.0f / sqrtf(sum_squares(x + i * k + sg * seg, seg) / (float)seg + eps);
     if (fmt == FMT_F32) {
         if (pre != PRE_NONE) {
             prep_args p = {pre, x, norm, rscale, t, k, NULL, NULL, NULL, scratch_x, seg};
