@@ -1464,7 +1464,7 @@ typedef struct {
 /* SwiGLU, silu(g) * u = g / (1 + e^-g) * u, for one block of 32 values, with e^x of our own: x clamped to [-87, 88],
    n = nearest integer to x log2(e), r = x - n ln2 (in two fused steps, ln2 split in a short high part and the rest),
    e^r = 1 + r + r^2 p(r) (the classic degree-5 minimax p), times 2^n built in the exponent bits. Every path (plain
-   C with fmaf, AVX2, AVX-512) does these same operations in the same order: the same bits on every CPU, so the
+   C with fmaf, AVX2) does these same operations in the same order: the same bits on every CPU, so the
    blocks quantized after it agree across ISAs as before. Within 2 ulp of e^x. glibc's expf, one value at a time,
    was most of a verify pass's per-token work outside the products (an 8-token SmolLM2 pass: 0.5 ms). */
 #define EXP_LO (-87.0f)
@@ -1513,35 +1513,11 @@ __attribute__((target("avx2,fma"))) static void swiglu_avx2(const float *g, cons
         _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
     }
 }
-
-__attribute__((target("avx2,fma,avx512f"))) static void swiglu_avx512(const float *g, const float *u, float *out) {
-    const __m512 lo = _mm512_set1_ps(EXP_LO), hi = _mm512_set1_ps(EXP_HI), one = _mm512_set1_ps(1.0f);
-    for (int j = 0; j < QK; j += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + j);
-        __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), gv);
-        x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_HI), x);
-        r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_LO), r);
-        __m512 p = _mm512_set1_ps(exp_poly[0]);
-        for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[i]));
-        const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), one);
-        const __m512 two_n = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-        const __m512 e = _mm512_mul_ps(y, two_n);
-        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
-    }
-}
 #endif
 
 static void swiglu_block(const float *g, const float *u, float *out) {
 #ifdef SPECMTP_X86
-    if (isa == ISA_VNNI) {
-        swiglu_avx512(g, u, out);
-        return;
-    }
-    if (use_avx2) {
+    if (use_avx2) {  /* AVX-512 CPUs too: the blocks are a small share of a pass (and Zen 4 splits 512-bit vectors) */
         swiglu_avx2(g, u, out);
         return;
     }
@@ -1549,18 +1525,10 @@ static void swiglu_block(const float *g, const float *u, float *out) {
     swiglu_scalar(g, u, out);
 }
 
-/* sum of x[i]^2 in 8 lanes (lane l: i = l mod 8, in order), the lanes added in order, then the rest: 8 independent
-   chains, not one (the norm's scale of a token was a serial chain of K additions: 0.3 ms of an 8-token pass) */
-static float sum_squares(const float *x, int64_t n) {
-    float lane[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += x[i + l] * x[i + l];
-    float s = 0.0f;
-    for (int l = 0; l < 8; l++) s += lane[l];
-    for (; i < n; i++) s += x[i] * x[i];
-    return s;
-}
+/* sum of x[i]^2 in 8 lanes (lane l: i = l mod 8, in order), the lanes added in order, then the rest (sdot_scalar's
+   order): 8 independent chains, not one (the norm's scale of a token was a serial chain of K additions: 0.3 ms of an
+   8-token pass) */
+static inline float sum_squares(const float *x, int64_t n) { return sdot_scalar(x, x, n); }
 
 /* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
  * result does not depend on the split. */
