@@ -1525,10 +1525,11 @@ static void swiglu_block(const float *g, const float *u, float *out) {
     swiglu_scalar(g, u, out);
 }
 
-/* sum of x[i]^2 in 8 lanes (lane l: i = l mod 8, in order), the lanes added in order, then the rest (sdot_scalar's
-   order): 8 independent chains, not one (the norm's scale of a token was a serial chain of K additions: 0.3 ms of an
-   8-token pass) */
-static inline float sum_squares(const float *x, int64_t n) { return sdot_scalar(x, x, n); }
+/* RMSNorm's scale of x[n], 1 / sqrt(mean(x^2) + eps), its sum of squares in sdot_scalar's 8 lanes: 8 independent
+   chains, not one (a token's scale was a serial chain of K additions: 0.3 ms of an 8-token pass) */
+static inline float rms_scale(const float *x, int64_t n, float eps) {
+    return 1.0f / sqrtf(sdot_scalar(x, x, n) / (float)n + eps);
+}
 
 /* Threads split the (token, block) pairs: each block is prepared (norm or SwiGLU) and quantized on its own, so the
  * result does not depend on the split. */
@@ -1576,14 +1577,11 @@ static int gemm_run(int fmt, const float *x, int64_t t, int64_t k, const uint8_t
         return -1;
     float *xd = scratch_f, *xs = scratch_f + t * nb, *rscale = scratch_f + 2 * t * nb;
     if (pre == PRE_RMSNORM)
-        for (int64_t i = 0; i < t; i++) {
-            rscale[i] = 1.0f / sqrtf(sum_squares(x + i * k, k) / (float)k + eps);
-        }
+        for (int64_t i = 0; i < t; i++) rscale[i] = rms_scale(x + i * k, k, eps);
     if (pre == PRE_TAPNORM)
         for (int64_t i = 0; i < t; i++)
             for (int64_t sg = 0; sg < k / seg - 1; sg++)
-                rscale[i * (k / seg - 1) + sg] =
-                    1.0f / sqrtf(sum_squares(x + i * k + sg * seg, seg) / (float)seg + eps);
+                rscale[i * (k / seg - 1) + sg] = rms_scale(x + i * k + sg * seg, seg, eps);
     if (fmt == FMT_F32) {
         if (pre != PRE_NONE) {
             prep_args p = {pre, x, norm, rscale, t, k, NULL, NULL, NULL, scratch_x, seg};
