@@ -8,6 +8,7 @@ import torch
 from conftest import prefilled_pair
 
 from specmtp import Engine, load_model
+from specmtp.model import INVARIANT_MAX_T
 from specmtp.drafters import DraftModelDrafter, NgramDrafter
 from specmtp.errors import SpecMTPError
 from specmtp.quant import (
@@ -189,6 +190,26 @@ def test_forward_is_bit_identical_in_one_call_or_token_by_token(tiny_dir, family
     alone = torch.cat([model.logits(model(block[:, i : i + 1], torch.tensor([[40 + i]]), caches[1]))
                        for i in range(7)], dim=1)
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("weights", ["q4", "dense"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefill_through_the_stack_is_token_by_token(tiny_dir, family, weights):
+    """A prefill of one row runs as the stack's kernel calls in pieces of INVARIANT_MAX_T tokens (dense fp32 weights
+    too, outside autograd): every token's hidden state, tapped features and K/V are those of one-token steps."""
+    needs_dense_kernel(weights)
+    model = load_model(str(tiny_dir(family)), weights=weights).model
+    assert model.stack is not None
+    n, taps = INVARIANT_MAX_T + 9, (0,)  # two pieces
+    tokens = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+    caches = [model.new_cache(1, n + 4) for _ in range(2)]
+    with torch.inference_mode():
+        hidden, tapped = model.features(tokens, torch.arange(n)[None], caches[0], taps)
+        steps = [model.features(tokens[:, i : i + 1], torch.tensor([[i]]), caches[1], taps) for i in range(n)]
+    assert torch.equal(hidden, torch.cat([h for h, _ in steps], 1))
+    assert torch.equal(tapped, torch.cat([t for _, t in steps], 1))
+    a, b = caches
+    assert all(torch.equal(x[:, :, :n], y[:, :, :n]) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
