@@ -8,9 +8,9 @@ import torch
 from conftest import prefilled_pair
 
 from specmtp import Engine, load_model
-from specmtp.model import INVARIANT_MAX_T
 from specmtp.drafters import DraftModelDrafter, NgramDrafter
 from specmtp.errors import SpecMTPError
+from specmtp.model import INVARIANT_MAX_T
 from specmtp.quant import (
     _qkernels,
     available,

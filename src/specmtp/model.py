@@ -472,22 +472,16 @@ class Transformer(nn.Module):
             # oneDNN's products at a prompt's sizes (SmolLM2, 48 tokens: 80 ms against 130)
             own_pool(True)
             x = x[0].contiguous()  # [T, H]
-            kv, t = cache.pointers(), x.shape[0]
+            t, h = x.shape
+            tapped = x.new_empty(1, t, len(taps), h) if taps else None  # the kernel copies x out after each tap
             parents = None if tree is None else tree[0].contiguous()
             for c0 in range(0, t, INVARIANT_MAX_T):  # a tree (a verify pass) is always one piece
-                c1 = min(t, c0 + INVARIANT_MAX_T)
-                piece = {kind: (cos[:, c0:c1], sin[:, c0:c1]) for kind, (cos, sin) in ropes.items()}
-                first, xs = 0, x[c0:c1]  # [t', H], a view updated in place
-                for j, last in enumerate((*taps, cfg.num_layers - 1)):  # layers first..last in one call each
-                    if last >= first:
-                        quant.run_stack(self.stack[first : last + 1], xs, lo + c0, piece, kv[first : last + 1],
-                                        cache.capacity, cfg.rms_norm_eps, cfg.attn_scale, parents)
-                    if j < len(taps):
-                        kept.append(xs[None].clone())  # xs is updated in place by the next call
-                    first = last + 1
-            if taps and t > INVARIANT_MAX_T:  # the pieces' taps, each tap's in token order
-                kept = [torch.cat(kept[j :: len(taps)], 1) for j in range(len(taps))]
-            return rms_norm(x[None], self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
+                c1, whole = min(t, c0 + INVARIANT_MAX_T), t <= INVARIANT_MAX_T
+                piece = ropes if whole else {kind: (cos[:, c0:c1], sin[:, c0:c1]) for kind, (cos, sin) in ropes.items()}
+                quant.run_stack(self.stack, x if whole else x[c0:c1], lo + c0, piece, cache.pointers(), cache.capacity,
+                                cfg.rms_norm_eps, cfg.attn_scale, parents, self._tap_layers(taps),
+                                None if tapped is None else tapped[0] if whole else tapped[0, c0:c1])
+            return rms_norm(x[None], self.norm, cfg.rms_norm_eps), tapped
         views = {}
         masked = {layer.kind for layer in self.layers if not layer.attends_in_kernel(*tokens.shape, cache)}
         for kind, rope in ropes.items():
@@ -505,6 +499,15 @@ class Transformer(nn.Module):
             if i in taps:
                 kept.append(x)
         return rms_norm(x, self.norm, cfg.rms_norm_eps), _stacked_taps(kept)
+
+    def _tap_layers(self, taps: tuple[int, ...]) -> torch.Tensor | None:
+        """taps as the stack kernel's int64 layer indices (None for none), made once per tuple."""
+        if not taps:
+            return None
+        made = self.__dict__.setdefault("_tap_index", {})
+        if taps not in made:
+            made[taps] = torch.tensor(taps, dtype=torch.long)
+        return made[taps]
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> [...] the first index of the largest of logits(hidden), bit for bit: through the head's

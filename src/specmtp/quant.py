@@ -290,6 +290,8 @@ def run_stack(
     eps: float,
     scale: float,
     parents: torch.Tensor | None = None,  # [T] int64 contiguous: a draft tree (as `attend`), None: a chain
+    taps: torch.Tensor | None = None,  # [n] int64 contiguous: ascending layer indices of the stack
+    tap_out: torch.Tensor | None = None,  # [T, n, H] fp32 contiguous <- x after each of those layers
 ) -> None:
     """All layers of the stack in one kernel call: the same kernel calls the per-layer path makes, in C. A drafter's
     query-only layers (stack_descriptor) read the caches `kv` names, each token at position pos0 over slots [0, pos0),
@@ -298,7 +300,8 @@ def run_stack(
     sliding = rope.get("sliding_attention") or full
     t, h = x.shape
     _qkernels.layers(desc.data_ptr(), desc.shape[0], x.data_ptr(), t, h, pos0, full[0].data_ptr(), full[1].data_ptr(),
-                     sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents))
+                     sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents),
+                     _ptr(taps), _ptr(tap_out), 0 if taps is None else taps.numel())
 
 
 def move_slots(planes: torch.Tensor, src: list[int], dst: list[int]) -> None:

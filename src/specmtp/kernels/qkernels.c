@@ -1682,9 +1682,11 @@ static int mat_gemm(const int64_t *f, int m, const float *x, int64_t t, int64_t 
 static float *stack_buf = NULL;
 static int64_t stack_cap = 0;
 
-/* (attend_run's tree, tree_paths, set by the caller) */
+/* (attend_run's tree, tree_paths, set by the caller). taps: ntaps ascending layer indices after which x is copied
+   out, token i's copy after taps[j] at tap_out + (i * ntaps + j) * h (a [T, ntaps, H] tensor) */
 static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, int64_t h, int64_t pos0,
-                     const float *const rope[2][2], const int64_t *kv, int64_t s, float eps, float scale) {
+                     const float *const rope[2][2], const int64_t *kv, int64_t s, float eps, float scale,
+                     const int64_t *taps, int64_t ntaps, float *tap_out) {
     int64_t w_qkv = 0, w_att = 0, w_gu = 0;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t *f = desc + l * LF_FIELDS;
@@ -1708,6 +1710,9 @@ static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, i
             mat_gemm(f, 2, x, t, h, NULL, gu, PRE_RMSNORM, (const float *)f[LF_MLP_NORM], eps, NULL) ||
             mat_gemm(f, 3, gu, t, inter, NULL, x, PRE_SWIGLU, NULL, 0.0f, x))
             return -1;
+        for (int64_t j = 0; j < ntaps; j++)
+            if (taps[j] == l)
+                for (int64_t i = 0; i < t; i++) memcpy(tap_out + (i * ntaps + j) * h, x + i * h, h * sizeof(float));
     }
     return 0;
 }
@@ -1771,12 +1776,16 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_layers(PyObject *self, PyObject *args) {
-    unsigned long long desc, x, cos0, sin0, cos1, sin1, kv, parents = 0;
-    long long layers, t, h, pos0, s;
+    unsigned long long desc, x, cos0, sin0, cos1, sin1, kv, parents = 0, taps = 0, tap_out = 0;
+    long long layers, t, h, pos0, s, ntaps = 0;
     float eps, scale;
-    if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff|K", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1, &kv,
-                          &s, &eps, &scale, &parents))
+    if (!PyArg_ParseTuple(args, "KLKLLLKKKKKLff|KKKL", &desc, &layers, &x, &t, &h, &pos0, &cos0, &sin0, &cos1, &sin1,
+                          &kv, &s, &eps, &scale, &parents, &taps, &tap_out, &ntaps))
         return NULL;
+    if (ntaps < 0 || (ntaps > 0 && (!taps || !tap_out))) {
+        PyErr_SetString(PyExc_ValueError, "layers: taps without their layer indices or output");
+        return NULL;
+    }
     if (pos0 < 0 || pos0 + t > s || h % QK) {  /* (query-only layers write nothing; their slots lie below pos0) */
         PyErr_SetString(PyExc_ValueError, "layers: positions past the cache, or a width not a multiple of 32");
         return NULL;
@@ -1786,7 +1795,8 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
         return NULL;
     }
     const float *const rope[2][2] = {{(const float *)cos0, (const float *)sin0}, {(const float *)cos1, (const float *)sin1}};
-    if (stack_run((const int64_t *)desc, layers, (float *)x, t, h, pos0, rope, (const int64_t *)kv, s, eps, scale))
+    if (stack_run((const int64_t *)desc, layers, (float *)x, t, h, pos0, rope, (const int64_t *)kv, s, eps, scale,
+                  (const int64_t *)taps, ntaps, (float *)tap_out))
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
