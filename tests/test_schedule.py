@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from specmtp.drafters.ngram import lookup
+from specmtp.drafters.ngram import lookup, lookup_match
 from specmtp.schedule import Adaptive, Heuristic
 
 
@@ -68,6 +70,26 @@ def test_ngram_lookup_prefers_longest_latest_match():
     assert lookup(seq, 2) == [7, 8]  # "2 3" last seen before the tail at index 5 -> continues 7 8
     assert lookup([1, 2, 3], 2) == []
     assert lookup([5, 6, 5], 3) == [6, 5]
+
+
+def test_ngram_lookup_matches_a_plain_scan():
+    """The byte search finds what a scan of the list from the end finds: whole tokens only (ids whose bytes
+    straddle their neighbours' included), the longest n-gram first, within the window."""
+
+    def scan(seq, n, max_ngram, min_ngram, window):
+        lo = max(0, len(seq) - window)
+        for k in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
+            for start in range(len(seq) - k - 1, lo - 1, -1):
+                if seq[start : start + k] == seq[len(seq) - k :]:
+                    return seq[start + k : start + k + n], k
+        return [], 0
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        ids = rng.choice([[0, 1, 256, 257, 65536, 65792, 16777216], list(range(3)), list(range(70000))])
+        seq = [rng.choice(ids) for _ in range(rng.randint(0, 40))]
+        grams, window = rng.choice([(3, 1), (4, 2), (1, 1)]), rng.choice([4096, 6])
+        assert lookup_match(seq, 4, *grams, window) == scan(seq, 4, *grams, window), (seq, grams, window)
 
 
 def test_adaptive_ignores_one_off_slow_samples():

@@ -7,6 +7,8 @@ one-hot and sampled verification stays lossless.
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from specmtp.drafters.base import DraftContext, Drafter, Proposal
@@ -24,11 +26,19 @@ def lookup_match(seq: list[int], n: int, max_ngram: int = 3, min_ngram: int = 1,
     max_ngram down to min_ngram that occurred earlier, its most recent occurrence."""
     size = len(seq)
     lo = max(0, size - window)
+    if size - lo < 2:
+        return [], 0
+    # the window as 4-byte words, searched from the end by bytes.rfind (a scan in C): a match must end before the
+    # last token (something follows it) and start on a word boundary
+    words = array("i", seq[lo:]).tobytes()
     for k in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        tail = seq[size - k :]
-        for start in range(size - k - 1, lo - 1, -1):  # most recent first, excluding the tail itself
-            if seq[start : start + k] == tail:
-                return seq[start + k : start + k + n], k
+        tail, end = words[-4 * k :], len(words) - 4
+        at = words.rfind(tail, 0, end)
+        while at > 0 and at % 4:  # inside a word: look further back
+            at = words.rfind(tail, 0, at + 4 * k - 1)
+        if at >= 0:
+            start = lo + at // 4
+            return seq[start + k : start + k + n], k
     return [], 0
 
 
