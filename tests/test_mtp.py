@@ -469,6 +469,17 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
     for a, b in zip(fast, plain, strict=True):
         assert a.shape == b.shape and (a - b).norm() / b.norm() < 1e-4
     assert torch.equal(fast[0].topk(3).indices, plain[0].topk(3).indices)
+    # the step as one kernel call (quant.draft_step: the embedding lookup and those four calls in C): the same bits
+    assert drafter._step is not None
+    with torch.no_grad():
+        step, drafter._step = drafter._step, None
+        try:
+            four = drafter.step(token, hidden, torch.tensor([20]), ctx)
+        finally:
+            drafter._step = step
+    assert all(torch.equal(a, b) for a, b in zip(fast, four, strict=True))
+    with pytest.raises(ValueError, match="token id outside"):
+        drafter.step(torch.tensor([[target.config.vocab_size]]), hidden[:, :1], torch.tensor([20]), ctx)
 
 
 def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):

@@ -264,12 +264,8 @@ def stack_descriptor(layers) -> torch.Tensor | None:
                 t.dtype != torch.float32 or not t.is_contiguous() for t in small):
             return None
         f = [0] * LAYER_FIELDS
-        for i, m in enumerate(mats):
-            qw = m.qweight
-            if qw is None:  # dense fp32 (fuse_dense_layers checked it)
-                f[5 * i : 5 * i + 5] = [DENSE_FORMAT, m.weight.data_ptr(), 0, 0, m.weight.shape[0]]
-            else:
-                f[5 * i : 5 * i + 5] = [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
+        for i, m in enumerate(mats):  # (a dense weight: fp32, fuse_dense_layers checked it)
+            f[5 * i : 5 * i + 5] = matrix_fields(m.kernel_weight)
         f[20:30] = [_ptr(biases[0]), _ptr(biases[1]), norms[0].data_ptr(), norms[1].data_ptr(), layer.cfg.num_heads,
                     layer.kv_heads, layer.head_dim, layer.window or 0, ROPE_INDEX[layer.kind], int(query_only)]
         rows.append(f)
@@ -302,6 +298,41 @@ def run_stack(
     _qkernels.layers(desc.data_ptr(), desc.shape[0], x.data_ptr(), t, h, pos0, full[0].data_ptr(), full[1].data_ptr(),
                      sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots, eps, scale, _ptr(parents),
                      _ptr(taps), _ptr(tap_out), 0 if taps is None else taps.numel())
+
+
+def matrix_fields(qw: QuantWeight | torch.Tensor) -> list[int]:
+    """A matrix as the kernels' descriptors hold it: format, weight / scale / offset pointers, rows."""
+    if isinstance(qw, torch.Tensor):
+        return [DENSE_FORMAT, qw.data_ptr(), 0, 0, qw.shape[0]]
+    return [qw.fmt, qw.qs.data_ptr(), qw.d.data_ptr(), _ptr(qw.m), qw.shape[0]]
+
+
+def draft_step(
+    tokens: torch.Tensor,  # [W] int64 contiguous: one row's branches' tokens
+    embedding: torch.Tensor,  # [V, Ht] fp32 contiguous: the target's embedding table
+    emb_scale: float,
+    hidden: torch.Tensor,  # [W, Ht] fp32 contiguous: the branches' hidden states
+    mats: torch.Tensor,  # [15] int64: matrix_fields of pre_projection, post_projection and the head
+    head_rows: int,  # K
+    norm: torch.Tensor,  # [Ha] fp32: the final RMSNorm's weight
+    desc: torch.Tensor,  # [L, LAYER_FIELDS] the drafter's query-only layers (stack_descriptor)
+    cos: torch.Tensor,  # [.., >= W, .., D] fp32 contiguous: RoPE at the round's position, one row per branch
+    sin: torch.Tensor,
+    kv: torch.Tensor,  # [L, 2] int64: the target cache's K and V pointers each layer reads
+    slots: int,
+    position: int,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # logits [W, K], next hidden [W, Ht]
+    """A drafter's step in one kernel call: embedding ++ hidden -> pre_projection -> layers -> norm + post_projection
+    (the next hidden) -> head rows (the logits); the kernel calls of the step's four-call form, in its order."""
+    w, ht = hidden.shape
+    logits = torch.empty(w, head_rows, dtype=torch.float32)
+    out = torch.empty(w, ht, dtype=torch.float32)
+    _qkernels.draft_step(tokens.data_ptr(), w, embedding.data_ptr(), embedding.shape[0], emb_scale, hidden.data_ptr(),
+                         ht, mats.data_ptr(), norm.data_ptr(), desc.data_ptr(), desc.shape[0], cos.data_ptr(),
+                         sin.data_ptr(), kv.data_ptr(), slots, position, eps, scale, logits.data_ptr(), out.data_ptr())
+    return logits, out
 
 
 def move_slots(planes: torch.Tensor, src: list[int], dst: list[int]) -> None:

@@ -282,6 +282,10 @@ class MTPDrafter(RecurrentDrafter):
         self.stack: torch.Tensor | None = None  # quant.stack_descriptor of the layers where one call runs them all
         self.sources = torch.tensor([layer.source for layer in self.module.layers])  # [La] the target layers read
         self._rope: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (position, branches, cos, sin)
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (a cache's pointers, those the layers read)
+        # (matrix_fields of pre/post_projection and head, head rows, the target's embedding, its scale): a step as one
+        # kernel call (quant.draft_step), where the stack runs and the target's embedding table is fp32
+        self._step: tuple[torch.Tensor, int, torch.Tensor, float] | None = None
 
     def check_compatible(self, target: LoadedModel) -> None:
         want, tc = self.raw["target"], target.config
@@ -324,6 +328,14 @@ class MTPDrafter(RecurrentDrafter):
                 self.head = quant.quantize(self.head, fmt)
         hugepages.adopt(hugepages.large_tensors(self.module, (self.head,)))  # in 2 MB pages, as the target's weights
         self.stack = quant.stack_descriptor(self.module.layers) if self.quantized else None
+        self._step, self._kv = None, None
+        table = target.model.embed.weight
+        mats = (self.module.pre_projection.kernel_weight, self.module.post_projection.kernel_weight, self.head)
+        if self.stack is not None and table.dtype == torch.float32 and table.is_contiguous() and all(
+                not isinstance(m, torch.Tensor) or (m.dtype == torch.float32 and m.is_contiguous()) for m in mats) and (
+                self.module.norm.dtype == torch.float32):
+            fields = torch.tensor([f for m in mats for f in quant.matrix_fields(m)], dtype=torch.int64)
+            self._step = (fields, mats[2].shape[0], table, float(target.config.embed_scale))
 
     def begin(self, ctx: DraftContext) -> None:
         if self.head is None:
@@ -342,12 +354,42 @@ class MTPDrafter(RecurrentDrafter):
              ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [B, W, K], next hidden [B, W, Ht]
         """token [B, W] (W branches per row) at the row's positions [B] (not yet cached), hidden [B, W, Ht] ->
         draft-vocabulary logits, next hidden. The branches are queries side by side: one pass over the weights."""
-        embeds = ctx.target.embed_tokens(token)  # [B, W, Ht]
         if self.stack is not None and token.shape[0] == 1:
-            return self._stack_step(embeds[0], hidden[0], int(positions[0]), ctx)
+            if self._step is not None:  # the whole step in one kernel call
+                return self._kernel_step(token[0], hidden[0], int(positions[0]), ctx)
+            return self._stack_step(ctx.target.embed_tokens(token)[0], hidden[0], int(positions[0]), ctx)
+        embeds = ctx.target.embed_tokens(token)  # [B, W, Ht]
         where = positions[:, None].expand(token.shape)  # [B, W]
         h = self.module(embeds, hidden, where, ctx.cache, int(positions.max()))
         return linear(h, self.head), h
+
+    def _rope_rows(self, position: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, >= w, 1, D] at `position` (a round's steps share it): computed once a round, for up to 8
+        branches."""
+        if self._rope is None or self._rope[0] != position or self._rope[1] < w:
+            cos, sin = rope_cos_sin(self.module.inv_freq[FULL], torch.full((1, max(w, 8)), position))
+            self._rope = (position, max(w, 8), cos.contiguous(), sin.contiguous())
+        return self._rope[2], self._rope[3]
+
+    def _kv_pointers(self, cache) -> torch.Tensor:
+        """[La, 2] the target cache's K/V pointers of the layers the drafter reads, made once per cache."""
+        ptrs = cache.pointers()
+        if self._kv is None or self._kv[0] is not ptrs:
+            self._kv = (ptrs, ptrs[self.sources].contiguous())
+        return self._kv[1]
+
+    def _kernel_step(self, token: torch.Tensor, hidden: torch.Tensor, position: int,
+                     ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [1, W, K], hidden [1, W, Ht]
+        """One row's step as one kernel call (quant.draft_step): the target's embedding lookup and the four calls of
+        _stack_step, in C."""
+        own_pool(True)
+        mats, rows, embedding, emb_scale = self._step
+        cos, sin = self._rope_rows(position, token.shape[0])
+        mod, cache = self.module, ctx.cache
+        logits, h = quant.draft_step(token, embedding, emb_scale, hidden.contiguous(), mats, rows, mod.norm, self.stack,
+                                     cos, sin, self._kv_pointers(cache), cache.capacity, position,
+                                     mod.cfg.rms_norm_eps, mod.cfg.attn_scale)
+        return logits[None], h[None]
 
     def _stack_step(self, embeds: torch.Tensor, hidden: torch.Tensor, position: int,
                     ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [1, W, K], next hidden [1, W, Ht]
@@ -359,13 +401,9 @@ class MTPDrafter(RecurrentDrafter):
         mod, eps, w = self.module, self.module.cfg.rms_norm_eps, embeds.shape[0]
         own_pool(True)  # torch on one thread while the kernels' pool runs
         x = quant.qlinear(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1), mod.pre_projection.kernel_weight)
-        if self._rope is None or self._rope[0] != position or self._rope[1] < w:  # a round's steps share their
-            # position: its rows computed once, for up to 8 branches (the first w of them a contiguous slice)
-            cos, sin = rope_cos_sin(mod.inv_freq[FULL], torch.full((1, max(w, 8)), position))
-            self._rope = (position, max(w, 8), cos.contiguous(), sin.contiguous())
-        cos, sin = self._rope[2][:, :w], self._rope[3][:, :w]
+        cos, sin = self._rope_rows(position, w)
         cache = ctx.cache
-        quant.run_stack(self.stack, x, position, {FULL: (cos, sin)}, cache.pointers()[self.sources], cache.capacity,
-                        eps, mod.cfg.attn_scale)
+        quant.run_stack(self.stack, x, position, {FULL: (cos[:, :w], sin[:, :w])}, self._kv_pointers(cache),
+                        cache.capacity, eps, mod.cfg.attn_scale)
         h = quant.qlinear(x, mod.post_projection.kernel_weight, None, "rms_norm", mod.norm, eps)  # [W, Ht]
         return quant.qlinear(h, self.head)[None], h[None]

@@ -1801,6 +1801,55 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A drafter's step for one row's W branches in one call (drafters/mtp.py): each branch's input is the target's
+   embedding of its token (times emb_scale) beside its hidden state; then pre_projection, the query-only layer stack
+   at `position`, the final RMSNorm with post_projection (the next hidden state) and the head rows (the logits). The
+   same kernel calls in the same order as one call each from Python: the same bits, without a dozen torch ops and
+   wrappers between them, each slow on caches the weights' stream has just emptied. mats: int64 [3][5] (format,
+   pointers and rows, as a stack descriptor's) of pre_projection, post_projection and the head. */
+static float *draft_buf = NULL;
+static int64_t draft_cap = 0;
+
+static PyObject *py_draft_step(PyObject *self, PyObject *args) {
+    unsigned long long tokens, emb, hidden, mats, norm, desc, cos, sin, kv, logits, hidden_out;
+    long long w, vocab, ht, layers, s, position;
+    float emb_scale, eps, scale;
+    if (!PyArg_ParseTuple(args, "KLKLfKLKKKLKKKLLffKK", &tokens, &w, &emb, &vocab, &emb_scale, &hidden, &ht, &mats,
+                          &norm, &desc, &layers, &cos, &sin, &kv, &s, &position, &eps, &scale, &logits, &hidden_out))
+        return NULL;
+    const int64_t *m = (const int64_t *)mats, *tok = (const int64_t *)tokens;
+    const int64_t ha = m[4];  /* pre_projection's rows: the drafter's width */
+    if (w < 1 || position < 0 || position >= s || ht % QK || ha % QK || m[9] != ht) {
+        PyErr_SetString(PyExc_ValueError, "draft_step: bad shapes (branches, position past the cache, or widths)");
+        return NULL;
+    }
+    for (int64_t i = 0; i < w; i++)
+        if (tok[i] < 0 || tok[i] >= vocab) {
+            PyErr_SetString(PyExc_ValueError, "draft_step: a token id outside the embedding table");
+            return NULL;
+        }
+    if (GROW(draft_buf, draft_cap, w * (2 * ht + ha))) return PyErr_NoMemory();
+    float *xcat = draft_buf, *xa = draft_buf + w * 2 * ht;
+    for (int64_t i = 0; i < w; i++) {
+        const float *e = (const float *)emb + tok[i] * ht;
+        float *row = xcat + i * 2 * ht;
+        for (int64_t j = 0; j < ht; j++) row[j] = emb_scale == 1.0f ? e[j] : e[j] * emb_scale;
+        memcpy(row + ht, (const float *)hidden + i * ht, ht * sizeof(float));
+    }
+    if (tree_paths(NULL, w)) {  /* (query-only layers: every branch over the slots before `position`) */
+        PyErr_SetString(PyExc_ValueError, "draft_step: over 64 branches");
+        return NULL;
+    }
+    const float *const rope[2][2] = {{(const float *)cos, (const float *)sin}, {(const float *)cos, (const float *)sin}};
+    if (mat_gemm(m, 0, xcat, w, 2 * ht, NULL, xa, PRE_NONE, NULL, 0.0f, NULL) ||
+        stack_run((const int64_t *)desc, layers, xa, w, ha, position, rope, (const int64_t *)kv, s, eps, scale, NULL,
+                  0, NULL) ||
+        mat_gemm(m, 1, xa, w, ha, NULL, (float *)hidden_out, PRE_RMSNORM, (const float *)norm, eps, NULL) ||
+        mat_gemm(m, 2, (const float *)hidden_out, w, ht, NULL, (float *)logits, PRE_NONE, NULL, 0.0f, NULL))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sgemm(PyObject *self, PyObject *args) {
     unsigned long long x, w, bias, y, res = 0;
     long long t, k, n;
@@ -2329,6 +2378,9 @@ static PyMethodDef methods[] = {
     {"layers", py_layers, METH_VARARGS,
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
      "in place (a chain, or a tree)"},
+    {"draft_step", py_draft_step, METH_VARARGS,
+     "draft_step(tokens, W, emb, V, emb_scale, hidden, Ht, mats, norm, desc, L, cos, sin, kv, S, position, eps, scale, "
+     "logits, hidden_out): a drafter's step of W branches (pre_projection, layers, norm + post_projection, head)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"screen_argmax", py_screen_argmax, METH_VARARGS,
      "screen_argmax(x, T, K, qs, qd, sums, pairs, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
