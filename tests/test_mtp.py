@@ -12,7 +12,7 @@ from specmtp import Engine, SamplingParams, load_drafter, load_model
 from specmtp.drafters import LookupFirst, MTPDrafter
 from specmtp.drafters.base import DraftContext
 from specmtp.errors import SpecMTPError
-from specmtp.quant import quantize_model
+from specmtp.quant import _qkernels, quantize_model
 from specmtp.training import TrainOptions, train_drafter
 from specmtp.training.trainer import _batch, acceptance, new_module, stored_samples, unrolled
 
@@ -478,6 +478,19 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
         finally:
             drafter._step = step
     assert all(torch.equal(a, b) for a, b in zip(fast, four, strict=True))
+    # a tree's step: the softmax's top 3 in the kernel (its own e^x with AVX2, else expf), against torch's over the
+    # same logits, on every code path this CPU has
+    try:
+        for isa in _qkernels.info()["available"]:
+            _qkernels.set_isa(isa)
+            with torch.no_grad():
+                logits, h = drafter.step(token, hidden, torch.tensor([20]), ctx)
+                conf, pick, out = drafter.step_top(token, hidden, torch.tensor([20]), ctx, 3)
+            want, at = torch.softmax(logits, -1).topk(3, -1)
+            assert torch.equal(out, h) and torch.equal(pick, drafter.vocab[at]), isa
+            torch.testing.assert_close(conf, want, rtol=1e-5, atol=1e-7)
+    finally:
+        _qkernels.set_isa("best")
     with pytest.raises(ValueError, match="token id outside"):
         drafter.step(torch.tensor([[target.config.vocab_size]]), hidden[:, :1], torch.tensor([20]), ctx)
 

@@ -323,16 +323,25 @@ def draft_step(
     position: int,
     eps: float,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # logits [W, K], next hidden [W, Ht]
+    top: int = 0,  # > 0: instead of the logits, each branch's `top` likeliest tokens and their probabilities
+    vocab: torch.Tensor | None = None,  # [K] int64 contiguous: the head rows' token ids (None: the row indices)
+) -> tuple[torch.Tensor, ...]:  # logits [W, K], next hidden [W, Ht]; with top: probs [W, top], ids [W, top], hidden
     """A drafter's step in one kernel call: embedding ++ hidden -> pre_projection -> layers -> norm + post_projection
-    (the next hidden) -> head rows (the logits); the kernel calls of the step's four-call form, in its order."""
+    (the next hidden) -> head rows (the logits); the kernel calls of the step's four-call form, in its order. With
+    `top`, the softmax's largest probabilities are computed in the kernel too (its own e^x: within a few ulp of
+    torch.softmax's), and the logits are not returned."""
     w, ht = hidden.shape
-    logits = torch.empty(w, head_rows, dtype=torch.float32)
     out = torch.empty(w, ht, dtype=torch.float32)
-    _qkernels.draft_step(tokens.data_ptr(), w, embedding.data_ptr(), embedding.shape[0], emb_scale, hidden.data_ptr(),
-                         ht, mats.data_ptr(), norm.data_ptr(), desc.data_ptr(), desc.shape[0], cos.data_ptr(),
-                         sin.data_ptr(), kv.data_ptr(), slots, position, eps, scale, logits.data_ptr(), out.data_ptr())
-    return logits, out
+    args = (tokens.data_ptr(), w, embedding.data_ptr(), embedding.shape[0], emb_scale, hidden.data_ptr(), ht,
+            mats.data_ptr(), norm.data_ptr(), desc.data_ptr(), desc.shape[0], cos.data_ptr(), sin.data_ptr(),
+            kv.data_ptr(), slots, position, eps, scale)
+    if not top:
+        logits = torch.empty(w, head_rows, dtype=torch.float32)
+        _qkernels.draft_step(*args, logits.data_ptr(), out.data_ptr())
+        return logits, out
+    probs, ids = torch.empty(w, top, dtype=torch.float32), torch.empty(w, top, dtype=torch.long)
+    _qkernels.draft_step(*args, 0, out.data_ptr(), top, _ptr(vocab), ids.data_ptr(), probs.data_ptr())
+    return probs, ids, out
 
 
 def move_slots(planes: torch.Tensor, src: list[int], dst: list[int]) -> None:

@@ -127,6 +127,14 @@ class RecurrentDrafter(Drafter):
         """token [B, W] (W branches per row) at positions [B] (not yet cached), hidden [B, W, Ht] ->
         logits [B, W, K], next hidden [B, W, Ht]."""
 
+    def step_top(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx: DraftContext,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """step's k likeliest tokens per branch: probabilities [B, W, k], target token ids [B, W, k], and the next
+        hidden [B, W, Ht]."""
+        logits, out = self.step(token, hidden, positions, ctx)  # [B, W, K], [B, W, Ht]
+        conf, pick = torch.softmax(logits.float(), -1).topk(k, -1)  # [B, W, k]
+        return conf, pick if self.vocab is None else self.vocab[pick], out
+
     def first_state(self, ctx: DraftContext) -> torch.Tensor:
         """The hidden state a round's first step reads: the target's [B, Ht] (a drafter with taps fuses them in)."""
         return ctx.hidden
@@ -173,11 +181,8 @@ class RecurrentDrafter(Drafter):
         expand = [[-1] for _ in range(bsz)]  # per row: the nodes stepped now (-1: the root)
         steps = 0
         while True:
-            logits, out = self.step(token, hidden, positions, ctx)  # [B, W, K], [B, W, Ht]
+            conf, pick, out = self.step_top(token, hidden, positions, ctx, self.branches)  # [B, W, branches] x2
             steps += 1
-            conf, pick = torch.softmax(logits.float(), -1).topk(self.branches, -1)  # [B, W, branches]
-            if self.vocab is not None:
-                pick = self.vocab[pick]
             tree.grow(expand, pick, conf, out)
             expand = tree.next_expansion(self.branches, steps)
             if not any(expand):

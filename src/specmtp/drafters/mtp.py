@@ -356,12 +356,21 @@ class MTPDrafter(RecurrentDrafter):
         draft-vocabulary logits, next hidden. The branches are queries side by side: one pass over the weights."""
         if self.stack is not None and token.shape[0] == 1:
             if self._step is not None:  # the whole step in one kernel call
-                return self._kernel_step(token[0], hidden[0], int(positions[0]), ctx)
+                logits, h = self._kernel_step(token[0], hidden[0], int(positions[0]), ctx)
+                return logits[None], h[None]
             return self._stack_step(ctx.target.embed_tokens(token)[0], hidden[0], int(positions[0]), ctx)
         embeds = ctx.target.embed_tokens(token)  # [B, W, Ht]
         where = positions[:, None].expand(token.shape)  # [B, W]
         h = self.module(embeds, hidden, where, ctx.cache, int(positions.max()))
         return linear(h, self.head), h
+
+    @torch.inference_mode()
+    def step_top(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx: DraftContext,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._step is None or self.stack is None or token.shape[0] != 1 or k > 8:
+            return super().step_top(token, hidden, positions, ctx, k)
+        probs, ids, h = self._kernel_step(token[0], hidden[0], int(positions[0]), ctx, k)
+        return probs[None], ids[None], h[None]
 
     def _rope_rows(self, position: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, >= w, 1, D] at `position` (a round's steps share it): computed once a round, for up to 8
@@ -378,18 +387,18 @@ class MTPDrafter(RecurrentDrafter):
             self._kv = (ptrs, ptrs[self.sources].contiguous())
         return self._kv[1]
 
-    def _kernel_step(self, token: torch.Tensor, hidden: torch.Tensor, position: int,
-                     ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [1, W, K], hidden [1, W, Ht]
-        """One row's step as one kernel call (quant.draft_step): the target's embedding lookup and the four calls of
-        _stack_step, in C."""
+    def _kernel_step(self, token: torch.Tensor, hidden: torch.Tensor, position: int, ctx: DraftContext,
+                     top: int = 0) -> tuple[torch.Tensor, ...]:
+        """One row's step as one kernel call (quant.draft_step: the target's embedding lookup and the four calls of
+        _stack_step, in C): token [W], hidden [W, Ht] -> logits [W, K], next hidden [W, Ht]; with top, the top
+        probabilities [W, top] and token ids [W, top] instead of the logits."""
         own_pool(True)
         mats, rows, embedding, emb_scale = self._step
         cos, sin = self._rope_rows(position, token.shape[0])
         mod, cache = self.module, ctx.cache
-        logits, h = quant.draft_step(token, embedding, emb_scale, hidden.contiguous(), mats, rows, mod.norm, self.stack,
-                                     cos, sin, self._kv_pointers(cache), cache.capacity, position,
-                                     mod.cfg.rms_norm_eps, mod.cfg.attn_scale)
-        return logits[None], h[None]
+        return quant.draft_step(token, embedding, emb_scale, hidden.contiguous(), mats, rows, mod.norm, self.stack, cos,
+                                sin, self._kv_pointers(cache), cache.capacity, position, mod.cfg.rms_norm_eps,
+                                mod.cfg.attn_scale, top, self.vocab)
 
     def _stack_step(self, embeds: torch.Tensor, hidden: torch.Tensor, position: int,
                     ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [1, W, K], next hidden [1, W, Ht]

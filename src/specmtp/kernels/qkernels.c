@@ -1119,6 +1119,25 @@ __attribute__((target("avx2,fma,f16c"))) static float softmax_avx2(float *sc, in
     return 1.0f / hsum(sum);
 }
 
+/* sum of exp(l[j] - m) over l[n] (m its max), 8 lanes in j's order then across them (top_softmax) */
+__attribute__((target("avx2,fma,f16c"))) static float exp_sum_avx2(const float *l, int64_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j;
+    for (j = 0; j + 8 <= n; j += 8) sum = _mm256_add_ps(sum, exp_neg_avx2(_mm256_sub_ps(_mm256_loadu_ps(l + j), mv)));
+    if (j < n) {
+        float tail[8];
+        for (int u = 0; u < 8; u++) tail[u] = j + u < n ? l[j + u] - m : -INFINITY;
+        sum = _mm256_add_ps(sum, exp_neg_avx2(_mm256_loadu_ps(tail)));
+    }
+    return hsum(sum);
+}
+
+/* exp_neg_avx2 of 8 values (top_softmax's chosen terms) */
+__attribute__((target("avx2,fma,f16c"))) static void exp_neg8(const float *in, float *out) {
+    _mm256_storeu_ps(out, exp_neg_avx2(_mm256_loadu_ps(in)));
+}
+
 /* hsum of each of 4 vectors at once, with hsum's additions (lanes i and i + 4, then 0 + 2 and 1 + 3, then those
  * two): the same bits as 4 hsum calls in about half the shuffles. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m128 hsum4(__m256 c0, __m256 c1, __m256 c2,
@@ -1801,6 +1820,73 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#ifdef SPECMTP_X86
+static inline void top_insert(const float *l, int64_t i, int k, int64_t *best, int *have);
+/* the k largest of l[n] (ties: the lower index), best first: 8 at a time, only the lanes above the k-th best so far
+   inserted one by one */
+__attribute__((target("avx2,fma,f16c"))) static void top_scan_avx2(const float *l, int64_t n, int k, int64_t *best,
+                                                                   int *have) {
+    int64_t i = 0;
+    for (; i < n && *have < k; i++) top_insert(l, i, k, best, have);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 bar = _mm256_set1_ps(l[best[k - 1]]);
+        int above = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(l + i), bar, _CMP_GT_OQ));
+        while (above) {
+            const int u = __builtin_ctz(above);
+            top_insert(l, i + u, k, best, have);
+            above &= above - 1;
+        }
+    }
+    for (; i < n; i++) top_insert(l, i, k, best, have);
+}
+#endif
+
+/* A draft step's k likeliest tokens and their probabilities, softmax(l)[i] = e^(l[i] - max) / sum over the row (with
+   AVX2 the sum through exp_neg_avx2 in 8 lanes, else expf; each probability through the same exponential as its
+   term of the sum). Ties keep the lower index. ids map through vocab (NULL: the identity). */
+static inline void top_insert(const float *l, int64_t i, int k, int64_t *best, int *have) {
+    if (*have == k && !(l[i] > l[best[k - 1]])) return;
+    int at = *have < k ? (*have)++ : k - 1;
+    while (at > 0 && l[i] > l[best[at - 1]]) {
+        best[at] = best[at - 1];
+        at--;
+    }
+    best[at] = i;
+}
+
+static void top_softmax(const float *l, int64_t n, int k, const int64_t *vocab, int64_t *ids, float *probs) {
+    int64_t best[8];
+    int have = 0;
+    float sum = 0.0f;
+#ifdef SPECMTP_X86
+    float top_e[8];
+    if (use_avx2) {
+        top_scan_avx2(l, n, k, best, &have);  /* best[0] is the largest */
+        sum = exp_sum_avx2(l, n, l[best[0]]);
+    } else
+#endif
+    {
+        for (int64_t i = 0; i < n; i++) top_insert(l, i, k, best, &have);  /* the k best so far, best first */
+        for (int64_t j = 0; j < n; j++) sum += expf(l[j] - l[best[0]]);
+    }
+    const float m = l[best[0]];
+    for (int u = 0; u < have; u++) {
+        float e;
+#ifdef SPECMTP_X86
+        if (use_avx2) {
+            __attribute__((aligned(32))) float in[8] = {0};
+            in[0] = l[best[u]] - m;
+            exp_neg8(in, top_e);
+            e = top_e[0];
+        } else
+#endif
+            e = expf(l[best[u]] - m);
+        probs[u] = e / sum;
+        ids[u] = vocab ? vocab[best[u]] : best[u];
+    }
+    for (int u = have; u < k; u++) probs[u] = 0.0f, ids[u] = 0;
+}
+
 /* A drafter's step for one row's W branches in one call (drafters/mtp.py): each branch's input is the target's
    embedding of its token (times emb_scale) beside its hidden state; then pre_projection, the query-only layer stack
    at `position`, the final RMSNorm with post_projection (the next hidden state) and the head rows (the logits). The
@@ -1811,12 +1897,18 @@ static float *draft_buf = NULL;
 static int64_t draft_cap = 0;
 
 static PyObject *py_draft_step(PyObject *self, PyObject *args) {
-    unsigned long long tokens, emb, hidden, mats, norm, desc, cos, sin, kv, logits, hidden_out;
-    long long w, vocab, ht, layers, s, position;
+    unsigned long long tokens, emb, hidden, mats, norm, desc, cos, sin, kv, logits, hidden_out, ids = 0, probs = 0,
+                       ids_map = 0;
+    long long w, vocab, ht, layers, s, position, top = 0;
     float emb_scale, eps, scale;
-    if (!PyArg_ParseTuple(args, "KLKLfKLKKKLKKKLLffKK", &tokens, &w, &emb, &vocab, &emb_scale, &hidden, &ht, &mats,
-                          &norm, &desc, &layers, &cos, &sin, &kv, &s, &position, &eps, &scale, &logits, &hidden_out))
+    if (!PyArg_ParseTuple(args, "KLKLfKLKKKLKKKLLffKK|LKKK", &tokens, &w, &emb, &vocab, &emb_scale, &hidden, &ht, &mats,
+                          &norm, &desc, &layers, &cos, &sin, &kv, &s, &position, &eps, &scale, &logits, &hidden_out,
+                          &top, &ids_map, &ids, &probs))
         return NULL;
+    if (top < 0 || top > 8 || (top && (!ids || !probs)) || (!top && !logits)) {
+        PyErr_SetString(PyExc_ValueError, "draft_step: top must be 0 to 8, with its outputs (else the logits')");
+        return NULL;
+    }
     const int64_t *m = (const int64_t *)mats, *tok = (const int64_t *)tokens;
     const int64_t ha = m[4];  /* pre_projection's rows: the drafter's width */
     if (w < 1 || position < 0 || position >= s || ht % QK || ha % QK || m[9] != ht) {
@@ -1828,8 +1920,9 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "draft_step: a token id outside the embedding table");
             return NULL;
         }
-    if (GROW(draft_buf, draft_cap, w * (2 * ht + ha))) return PyErr_NoMemory();
-    float *xcat = draft_buf, *xa = draft_buf + w * 2 * ht;
+    const int64_t nk = m[14];  /* the head's rows */
+    if (GROW(draft_buf, draft_cap, w * (2 * ht + ha + (logits ? 0 : nk)))) return PyErr_NoMemory();
+    float *xcat = draft_buf, *xa = draft_buf + w * 2 * ht, *lg = logits ? (float *)logits : xa + w * ha;
     for (int64_t i = 0; i < w; i++) {
         const float *e = (const float *)emb + tok[i] * ht;
         float *row = xcat + i * 2 * ht;
@@ -1845,8 +1938,11 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
         stack_run((const int64_t *)desc, layers, xa, w, ha, position, rope, (const int64_t *)kv, s, eps, scale, NULL,
                   0, NULL) ||
         mat_gemm(m, 1, xa, w, ha, NULL, (float *)hidden_out, PRE_RMSNORM, (const float *)norm, eps, NULL) ||
-        mat_gemm(m, 2, (const float *)hidden_out, w, ht, NULL, (float *)logits, PRE_NONE, NULL, 0.0f, NULL))
+        mat_gemm(m, 2, (const float *)hidden_out, w, ht, NULL, lg, PRE_NONE, NULL, 0.0f, NULL))
         return PyErr_NoMemory();
+    for (int64_t i = 0; i < w && top; i++)
+        top_softmax(lg + i * nk, nk, (int)top, (const int64_t *)ids_map, (int64_t *)ids + i * top,
+                    (float *)probs + i * top);
     Py_RETURN_NONE;
 }
 
@@ -2380,7 +2476,8 @@ static PyMethodDef methods[] = {
      "in place (a chain, or a tree)"},
     {"draft_step", py_draft_step, METH_VARARGS,
      "draft_step(tokens, W, emb, V, emb_scale, hidden, Ht, mats, norm, desc, L, cos, sin, kv, S, position, eps, scale, "
-     "logits, hidden_out): a drafter's step of W branches (pre_projection, layers, norm + post_projection, head)"},
+     "logits, hidden_out[, top, vocab, ids, probs]): a drafter's step of W branches (pre_projection, layers, norm + "
+     "post_projection, head; with top, each branch's top likeliest tokens and their probabilities)"},
     {"sgemm", py_sgemm, METH_VARARGS, "sgemm(x, T, K, w, bias, y, N[, res]): y[T,N] = x[T,K] @ W[N,K]^T (+ bias) (+ res), fp32"},
     {"screen_argmax", py_screen_argmax, METH_VARARGS,
      "screen_argmax(x, T, K, qs, qd, sums, pairs, w, alpha, beta, g, N, out) -> tokens that took the full product: greedy "
