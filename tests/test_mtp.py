@@ -478,6 +478,14 @@ def test_draft_step_in_one_stack_call_computes_what_the_module_does(target, trai
         finally:
             drafter._step = step
     assert all(torch.equal(a, b) for a, b in zip(fast, four, strict=True))
+    fields, rows, table, emb_scale = step  # a scaled embedding (Gemma's): the table halved and scaled by 2, exactly
+    drafter._step = (fields, rows, table * 0.5, 2.0 * emb_scale)
+    try:
+        with torch.no_grad():
+            scaled = drafter.step(token, hidden, torch.tensor([20]), ctx)
+    finally:
+        drafter._step = step
+    assert all(torch.equal(a, b) for a, b in zip(fast, scaled, strict=True))
     # a tree's step: the softmax's top 3 in the kernel (its own e^x with AVX2, else expf), against torch's over the
     # same logits, on every code path this CPU has
     try:
