@@ -525,6 +525,16 @@ def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):
         normed = taps * torch.rsqrt(taps.pow(2).mean(-1, keepdim=True) + mod.cfg.rms_norm_eps) * mod.tap_norm
         plain = mod.fuse(torch.cat([normed.flatten(-2), hidden], dim=-1))
     assert (fast - plain).norm() / plain.norm() < 1e-4
+    # a tree round's first step computes that fusion in its own kernel call: the same bits as first_state, then a step
+    cache = target.model.new_cache(1, 32)
+    with torch.no_grad():
+        target.model(torch.randint(0, 256, (1, 20), generator=g), torch.arange(20)[None], cache)
+        ctx = DraftContext([[0] * 21], hidden, target.model, cache, SamplingParams(), None, taps)
+        token, where = torch.tensor([[7]]), torch.tensor([20])
+        assert drafter._fuse_in_kernel(ctx)
+        one = drafter.step_top(token, None, where, ctx, 3)
+        two = drafter.step_top(token, drafter.first_state(ctx)[:, None], where, ctx, 3)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
 def test_recorded_samples_own_compact_storage_with_a_bf16_target(tiny_dir):

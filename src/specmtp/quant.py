@@ -316,31 +316,43 @@ def draft_step(
     head_rows: int,  # K
     norm: torch.Tensor,  # [Ha] fp32: the final RMSNorm's weight
     desc: torch.Tensor,  # [L, LAYER_FIELDS] the drafter's query-only layers (stack_descriptor)
-    cos: torch.Tensor,  # [.., >= W, .., D] fp32 contiguous: RoPE at the round's position, one row per branch
-    sin: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [P, D] fp32 contiguous: RoPE rows of positions 0 .. P - 1
     kv: torch.Tensor,  # [L, 2] int64: the target cache's K and V pointers each layer reads
     slots: int,
-    position: int,
+    position: int,  # every branch's (below P and slots)
     eps: float,
     scale: float,
     top: int = 0,  # > 0: instead of the logits, each branch's `top` likeliest tokens and their probabilities
     vocab: torch.Tensor | None = None,  # [K] int64 contiguous: the head rows' token ids (None: the row indices)
+    fuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # (matrix_fields [5] int64 of a quantized
+    # weight, tap norms [n, Ht], taps [n, Ht] fp32 contiguous): one branch whose hidden state is weight @ [tap-normed
+    # taps ++ hidden] (an MTP drafter's first state, as qlinear(..., "tap_norm") computes it)
 ) -> tuple[torch.Tensor, ...]:  # logits [W, K], next hidden [W, Ht]; with top: probs [W, top], ids [W, top], hidden
     """A drafter's step in one kernel call: embedding ++ hidden -> pre_projection -> layers -> norm + post_projection
     (the next hidden) -> head rows (the logits); the kernel calls of the step's four-call form, in its order. With
     `top`, the softmax's largest probabilities are computed in the kernel too (its own e^x: within a few ulp of
     torch.softmax's), and the logits are not returned."""
     w, ht = hidden.shape
+    cos, sin = rope
+    if not 0 <= position < cos.shape[0]:
+        raise ValueError(f"draft_step: position {position} outside the RoPE table of {cos.shape[0]} rows")
+    row = position * cos.shape[1] * 4  # the position's row, in bytes: no tensor op for a pointer
     out = torch.empty(w, ht, dtype=torch.float32)
     args = (tokens.data_ptr(), w, embedding.data_ptr(), embedding.shape[0], emb_scale, hidden.data_ptr(), ht,
-            mats.data_ptr(), norm.data_ptr(), desc.data_ptr(), desc.shape[0], cos.data_ptr(), sin.data_ptr(),
-            kv.data_ptr(), slots, position, eps, scale)
+            mats.data_ptr(), norm.data_ptr(), desc.data_ptr(), desc.shape[0], cos.data_ptr() + row,
+            sin.data_ptr() + row, kv.data_ptr(), slots, position, eps, scale)
+    fused = (0, 0, 0, 0)
+    if fuse is not None:
+        fields, norms, taps = fuse
+        if w != 1 or taps.shape[-1] != ht:
+            raise ValueError("draft_step: a fused first state is one branch's")
+        fused = (fields.data_ptr(), norms.data_ptr(), taps.data_ptr(), taps.shape[0])
     if not top:
         logits = torch.empty(w, head_rows, dtype=torch.float32)
-        _qkernels.draft_step(*args, logits.data_ptr(), out.data_ptr())
+        _qkernels.draft_step(*args, logits.data_ptr(), out.data_ptr(), 0, 0, 0, 0, *fused)
         return logits, out
     probs, ids = torch.empty(w, top, dtype=torch.float32), torch.empty(w, top, dtype=torch.long)
-    _qkernels.draft_step(*args, 0, out.data_ptr(), top, _ptr(vocab), ids.data_ptr(), probs.data_ptr())
+    _qkernels.draft_step(*args, 0, out.data_ptr(), top, _ptr(vocab), ids.data_ptr(), probs.data_ptr(), *fused)
     return probs, ids, out
 
 

@@ -127,10 +127,12 @@ class RecurrentDrafter(Drafter):
         """token [B, W] (W branches per row) at positions [B] (not yet cached), hidden [B, W, Ht] ->
         logits [B, W, K], next hidden [B, W, Ht]."""
 
-    def step_top(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx: DraftContext,
+    def step_top(self, token: torch.Tensor, hidden: torch.Tensor | None, positions: torch.Tensor, ctx: DraftContext,
                  k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """step's k likeliest tokens per branch: probabilities [B, W, k], target token ids [B, W, k], and the next
-        hidden [B, W, Ht]."""
+        hidden [B, W, Ht]. hidden None: a round's first step (one branch), from first_state(ctx)."""
+        if hidden is None:
+            hidden = self.first_state(ctx)[:, None]  # [B, 1, Ht]
         logits, out = self.step(token, hidden, positions, ctx)  # [B, W, K], [B, W, Ht]
         conf, pick = torch.softmax(logits.float(), -1).topk(k, -1)  # [B, W, k]
         return conf, pick if self.vocab is None else self.vocab[pick], out
@@ -177,7 +179,7 @@ class RecurrentDrafter(Drafter):
         if seeds is not None:
             tree.seed(*seeds)
         token = torch.tensor([s[-1] for s in ctx.sequences])[:, None]  # [B, 1] the roots
-        hidden = self.first_state(ctx)[:, None]  # [B, 1, Ht]
+        hidden = None  # the roots': first_state's (step_top computes it, in the step's call where it can)
         expand = [[-1] for _ in range(bsz)]  # per row: the nodes stepped now (-1: the root)
         steps = 0
         while True:

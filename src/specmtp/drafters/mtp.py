@@ -283,6 +283,8 @@ class MTPDrafter(RecurrentDrafter):
         self.sources = torch.tensor([layer.source for layer in self.module.layers])  # [La] the target layers read
         self._rope: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (position, branches, cos, sin)
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (a cache's pointers, those the layers read)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # RoPE cos, sin [P, D] of positions 0 .. P - 1
+        self._fuse_fields: torch.Tensor | None = None  # matrix_fields of a quantized fuse (taps), for draft_step
         # (matrix_fields of pre/post_projection and head, head rows, the target's embedding, its scale): a step as one
         # kernel call (quant.draft_step), where the stack runs and the target's embedding table is fp32
         self._step: tuple[torch.Tensor, int, torch.Tensor, float] | None = None
@@ -328,7 +330,7 @@ class MTPDrafter(RecurrentDrafter):
                 self.head = quant.quantize(self.head, fmt)
         hugepages.adopt(hugepages.large_tensors(self.module, (self.head,)))  # in 2 MB pages, as the target's weights
         self.stack = quant.stack_descriptor(self.module.layers) if self.quantized else None
-        self._step, self._kv = None, None
+        self._step, self._kv, self._fuse_fields = None, None, None
         table = target.model.embed.weight
         mats = (self.module.pre_projection.kernel_weight, self.module.post_projection.kernel_weight, self.head)
         if self.stack is not None and table.dtype == torch.float32 and table.is_contiguous() and all(
@@ -336,6 +338,10 @@ class MTPDrafter(RecurrentDrafter):
                 self.module.norm.dtype == torch.float32):
             fields = torch.tensor([f for m in mats for f in quant.matrix_fields(m)], dtype=torch.int64)
             self._step = (fields, mats[2].shape[0], table, float(target.config.embed_scale))
+            fuse = self.module.fuse.kernel_weight if self.taps else None
+            if fuse is not None and not isinstance(fuse, torch.Tensor) and table.shape[1] % quant.QK == 0 and (
+                    self.module.tap_norm.dtype == torch.float32):  # first_state's quantized path, in the step's call
+                self._fuse_fields = torch.tensor(quant.matrix_fields(fuse), dtype=torch.int64)
 
     def begin(self, ctx: DraftContext) -> None:
         if self.head is None:
@@ -365,12 +371,25 @@ class MTPDrafter(RecurrentDrafter):
         return linear(h, self.head), h
 
     @torch.inference_mode()
-    def step_top(self, token: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx: DraftContext,
+    def step_top(self, token: torch.Tensor, hidden: torch.Tensor | None, positions: torch.Tensor, ctx: DraftContext,
                  k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._step is None or self.stack is None or token.shape[0] != 1 or k > 8:
             return super().step_top(token, hidden, positions, ctx, k)
-        probs, ids, h = self._kernel_step(token[0], hidden[0], int(positions[0]), ctx, k)
+        fuse = None
+        if hidden is None:  # a round's first step: with taps, their fusion in the same call (first_state's)
+            if self.taps and self._fuse_in_kernel(ctx):
+                fuse = ctx.taps[0]  # [n, Ht]
+                hidden = ctx.hidden[:, None]
+            else:
+                hidden = self.first_state(ctx)[:, None]
+        probs, ids, h = self._kernel_step(token[0], hidden[0], int(positions[0]), ctx, k, fuse)
         return probs[None], ids[None], h[None]
+
+    def _fuse_in_kernel(self, ctx: DraftContext) -> bool:
+        """Whether first_state's fusion runs as the kernel's tap-norm product (a quantized fuse, fp32 features), which
+        draft_step then computes the same way."""
+        return (self._fuse_fields is not None and ctx.taps is not None and ctx.taps.shape[1] == len(self.taps)
+                and ctx.hidden.dtype == torch.float32 and ctx.taps.dtype == torch.float32)
 
     def _rope_rows(self, position: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, >= w, 1, D] at `position` (a round's steps share it): computed once a round, for up to 8
@@ -388,17 +407,26 @@ class MTPDrafter(RecurrentDrafter):
         return self._kv[1]
 
     def _kernel_step(self, token: torch.Tensor, hidden: torch.Tensor, position: int, ctx: DraftContext,
-                     top: int = 0) -> tuple[torch.Tensor, ...]:
+                     top: int = 0, taps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """One row's step as one kernel call (quant.draft_step: the target's embedding lookup and the four calls of
         _stack_step, in C): token [W], hidden [W, Ht] -> logits [W, K], next hidden [W, Ht]; with top, the top
-        probabilities [W, top] and token ids [W, top] instead of the logits."""
+        probabilities [W, top] and token ids [W, top] instead of the logits. taps [n, Ht]: hidden is the target's
+        and the step reads first_state's fusion of the two (one branch)."""
         own_pool(True)
         mats, rows, embedding, emb_scale = self._step
-        cos, sin = self._rope_rows(position, token.shape[0])
         mod, cache = self.module, ctx.cache
-        return quant.draft_step(token, embedding, emb_scale, hidden.contiguous(), mats, rows, mod.norm, self.stack, cos,
-                                sin, self._kv_pointers(cache), cache.capacity, position, mod.cfg.rms_norm_eps,
-                                mod.cfg.attn_scale, top, self.vocab)
+        fuse = None if taps is None else (self._fuse_fields, mod.tap_norm, taps.contiguous())
+        return quant.draft_step(token, embedding, emb_scale, hidden.contiguous(), mats, rows, mod.norm, self.stack,
+                                self._rope_table(cache.capacity), self._kv_pointers(cache), cache.capacity, position,
+                                mod.cfg.rms_norm_eps, mod.cfg.attn_scale, top, self.vocab, fuse)
+
+    def _rope_table(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P, D] for positions 0 .. P - 1 (P >= positions), grown as caches grow: a round's step reads its
+        position's row where computing it cost half a dozen torch ops a round."""
+        if self._table is None or self._table[0].shape[0] < positions:
+            cos, sin = rope_cos_sin(self.module.inv_freq[FULL], torch.arange(max(positions, 1024))[None])
+            self._table = (cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous())
+        return self._table
 
     def _stack_step(self, embeds: torch.Tensor, hidden: torch.Tensor, position: int,
                     ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:  # logits [1, W, K], next hidden [1, W, Ht]

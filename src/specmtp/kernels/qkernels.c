@@ -1888,7 +1888,7 @@ static void top_softmax(const float *l, int64_t n, int k, const int64_t *vocab, 
 }
 
 /* A drafter's step for one row's W branches in one call (drafters/mtp.py): each branch's input is the target's
-   embedding of its token (times emb_scale) beside its hidden state; then pre_projection, the query-only layer stack
+   embedding of its token (times emb_scale) beside its hidden state, all at `position` (cos, sin: its RoPE row [D]); then pre_projection, the query-only layer stack
    at `position`, the final RMSNorm with post_projection (the next hidden state) and the head rows (the logits). The
    same kernel calls in the same order as one call each from Python: the same bits, without a dozen torch ops and
    wrappers between them, each slow on caches the weights' stream has just emptied. mats: int64 [3][5] (format,
@@ -1898,13 +1898,19 @@ static int64_t draft_cap = 0;
 
 static PyObject *py_draft_step(PyObject *self, PyObject *args) {
     unsigned long long tokens, emb, hidden, mats, norm, desc, cos, sin, kv, logits, hidden_out, ids = 0, probs = 0,
-                       ids_map = 0;
-    long long w, vocab, ht, layers, s, position, top = 0;
+                       ids_map = 0, fuse = 0, tap_norm = 0, taps = 0;
+    long long w, vocab, ht, layers, s, position, top = 0, ntaps = 0;
     float emb_scale, eps, scale;
-    if (!PyArg_ParseTuple(args, "KLKLfKLKKKLKKKLLffKK|LKKK", &tokens, &w, &emb, &vocab, &emb_scale, &hidden, &ht, &mats,
-                          &norm, &desc, &layers, &cos, &sin, &kv, &s, &position, &eps, &scale, &logits, &hidden_out,
-                          &top, &ids_map, &ids, &probs))
+    if (!PyArg_ParseTuple(args, "KLKLfKLKKKLKKKLLffKK|LKKKKKKL", &tokens, &w, &emb, &vocab, &emb_scale, &hidden, &ht,
+                          &mats, &norm, &desc, &layers, &cos, &sin, &kv, &s, &position, &eps, &scale, &logits,
+                          &hidden_out, &top, &ids_map, &ids, &probs, &fuse, &tap_norm, &taps, &ntaps))
         return NULL;
+    const int64_t *fz = (const int64_t *)fuse;  /* the first state's fusion: [taps ++ hidden] -> Ht, tap-normed */
+    if (fz && (w != 1 || ntaps < 1 || !tap_norm || !taps || fz[0] == FMT_F32 || fz[4] != ht)) {
+        PyErr_SetString(PyExc_ValueError, "draft_step: a fused first state is one branch's, through a quantized "
+                                          "weight of Ht rows, with its taps and their norms");
+        return NULL;
+    }
     if (top < 0 || top > 8 || (top && (!ids || !probs)) || (!top && !logits)) {
         PyErr_SetString(PyExc_ValueError, "draft_step: top must be 0 to 8, with its outputs (else the logits')");
         return NULL;
@@ -1920,9 +1926,28 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "draft_step: a token id outside the embedding table");
             return NULL;
         }
-    const int64_t nk = m[14];  /* the head's rows */
-    if (GROW(draft_buf, draft_cap, w * (2 * ht + ha + (logits ? 0 : nk)))) return PyErr_NoMemory();
-    float *xcat = draft_buf, *xa = draft_buf + w * 2 * ht, *lg = logits ? (float *)logits : xa + w * ha;
+    const int64_t nk = m[14], d = ((const int64_t *)desc)[LF_D];  /* the head's rows; the layers' head dim */
+    for (int64_t l = 1; l < layers; l++)
+        if (((const int64_t *)desc)[l * LF_FIELDS + LF_D] != d) {
+            PyErr_SetString(PyExc_ValueError, "draft_step: layers of different head dims");
+            return NULL;
+        }
+    if (GROW(draft_buf, draft_cap, w * (2 * ht + ha + 2 * d + (logits ? 0 : nk)) + (fz ? (ntaps + 2) * ht : 0)))
+        return PyErr_NoMemory();
+    float *xcat = draft_buf, *xa = xcat + w * 2 * ht, *rc = xa + w * ha, *rs = rc + w * d;
+    float *lg = logits ? (float *)logits : rs + w * d, *fin = lg + (logits ? 0 : w * nk), *fused = fin + (ntaps + 1) * ht;
+    if (fz) {  /* the hidden state this branch reads: first_state's product, as qlinear(.., "tap_norm") runs it */
+        memcpy(fin, (const float *)taps, ntaps * ht * sizeof(float));
+        memcpy(fin + ntaps * ht, (const float *)hidden, ht * sizeof(float));
+        if (gemm_run((int)fz[0], fin, 1, (ntaps + 1) * ht, (const uint8_t *)fz[1], (const uint16_t *)fz[2],
+                     (const uint16_t *)fz[3], NULL, fused, ht, PRE_TAPNORM, (const float *)tap_norm, eps, NULL, ht))
+            return PyErr_NoMemory();
+        hidden = (unsigned long long)fused;
+    }
+    for (int64_t i = 0; i < w; i++) {  /* every branch at the round's position: its RoPE row for each */
+        memcpy(rc + i * d, (const float *)cos, d * sizeof(float));
+        memcpy(rs + i * d, (const float *)sin, d * sizeof(float));
+    }
     for (int64_t i = 0; i < w; i++) {
         const float *e = (const float *)emb + tok[i] * ht;
         float *row = xcat + i * 2 * ht;
@@ -1933,7 +1958,7 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "draft_step: over 64 branches");
         return NULL;
     }
-    const float *const rope[2][2] = {{(const float *)cos, (const float *)sin}, {(const float *)cos, (const float *)sin}};
+    const float *const rope[2][2] = {{rc, rs}, {rc, rs}};
     if (mat_gemm(m, 0, xcat, w, 2 * ht, NULL, xa, PRE_NONE, NULL, 0.0f, NULL) ||
         stack_run((const int64_t *)desc, layers, xa, w, ha, position, rope, (const int64_t *)kv, s, eps, scale, NULL,
                   0, NULL) ||
