@@ -534,7 +534,10 @@ def test_first_state_fuses_the_taps_with_one_norm_op(target, trained, tmp_path):
         assert drafter._fuse_in_kernel(ctx)
         one = drafter.step_top(token, None, where, ctx, 3)
         two = drafter.step_top(token, drafter.first_state(ctx)[:, None], where, ctx, 3)
+        fused_logits = drafter._kernel_step(token[0], ctx.hidden, 20, ctx, 0, ctx.taps[0])  # the logits' form too
+        logits = drafter.step(token, drafter.first_state(ctx)[:, None], where, ctx)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert all(torch.equal(a[None], b) for a, b in zip(fused_logits, logits, strict=True))
 
 
 def test_recorded_samples_own_compact_storage_with_a_bf16_target(tiny_dir):

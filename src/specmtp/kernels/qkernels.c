@@ -1820,8 +1820,18 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* l[i] into best[0 .. have), the k largest so far, best first (ties: the lower index first) */
+static inline void top_insert(const float *l, int64_t i, int k, int64_t *best, int *have) {
+    if (*have == k && !(l[i] > l[best[k - 1]])) return;
+    int at = *have < k ? (*have)++ : k - 1;
+    while (at > 0 && l[i] > l[best[at - 1]]) {
+        best[at] = best[at - 1];
+        at--;
+    }
+    best[at] = i;
+}
+
 #ifdef SPECMTP_X86
-static inline void top_insert(const float *l, int64_t i, int k, int64_t *best, int *have);
 /* the k largest of l[n] (ties: the lower index), best first: 8 at a time, only the lanes above the k-th best so far
    inserted one by one */
 __attribute__((target("avx2,fma,f16c"))) static void top_scan_avx2(const float *l, int64_t n, int k, int64_t *best,
@@ -1844,22 +1854,11 @@ __attribute__((target("avx2,fma,f16c"))) static void top_scan_avx2(const float *
 /* A draft step's k likeliest tokens and their probabilities, softmax(l)[i] = e^(l[i] - max) / sum over the row (with
    AVX2 the sum through exp_neg_avx2 in 8 lanes, else expf; each probability through the same exponential as its
    term of the sum). Ties keep the lower index. ids map through vocab (NULL: the identity). */
-static inline void top_insert(const float *l, int64_t i, int k, int64_t *best, int *have) {
-    if (*have == k && !(l[i] > l[best[k - 1]])) return;
-    int at = *have < k ? (*have)++ : k - 1;
-    while (at > 0 && l[i] > l[best[at - 1]]) {
-        best[at] = best[at - 1];
-        at--;
-    }
-    best[at] = i;
-}
-
 static void top_softmax(const float *l, int64_t n, int k, const int64_t *vocab, int64_t *ids, float *probs) {
     int64_t best[8];
     int have = 0;
     float sum = 0.0f;
 #ifdef SPECMTP_X86
-    float top_e[8];
     if (use_avx2) {
         top_scan_avx2(l, n, k, best, &have);  /* best[0] is the largest */
         sum = exp_sum_avx2(l, n, l[best[0]]);
@@ -1870,26 +1869,24 @@ static void top_softmax(const float *l, int64_t n, int k, const int64_t *vocab, 
         for (int64_t j = 0; j < n; j++) sum += expf(l[j] - l[best[0]]);
     }
     const float m = l[best[0]];
-    for (int u = 0; u < have; u++) {
-        float e;
+    float e[8] = {0};  /* each chosen term's e^(l - m), by the sum's exponential */
+    for (int u = 0; u < have; u++) e[u] = l[best[u]] - m;
 #ifdef SPECMTP_X86
-        if (use_avx2) {
-            __attribute__((aligned(32))) float in[8] = {0};
-            in[0] = l[best[u]] - m;
-            exp_neg8(in, top_e);
-            e = top_e[0];
-        } else
+    if (use_avx2)
+        exp_neg8(e, e);
+    else
 #endif
-            e = expf(l[best[u]] - m);
-        probs[u] = e / sum;
+        for (int u = 0; u < have; u++) e[u] = expf(e[u]);
+    for (int u = 0; u < have; u++) {
+        probs[u] = e[u] / sum;
         ids[u] = vocab ? vocab[best[u]] : best[u];
     }
     for (int u = have; u < k; u++) probs[u] = 0.0f, ids[u] = 0;
 }
 
 /* A drafter's step for one row's W branches in one call (drafters/mtp.py): each branch's input is the target's
-   embedding of its token (times emb_scale) beside its hidden state, all at `position` (cos, sin: its RoPE row [D]); then pre_projection, the query-only layer stack
-   at `position`, the final RMSNorm with post_projection (the next hidden state) and the head rows (the logits). The
+   embedding of its token (times emb_scale) beside its hidden state, all at `position` (cos, sin: its RoPE row [D]);
+   then pre_projection, the query-only layer stack, the final RMSNorm with post_projection (the next hidden state) and the head rows (the logits). The
    same kernel calls in the same order as one call each from Python: the same bits, without a dozen torch ops and
    wrappers between them, each slow on caches the weights' stream has just emptied. mats: int64 [3][5] (format,
    pointers and rows, as a stack descriptor's) of pre_projection, post_projection and the head. */
@@ -1934,8 +1931,10 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
         }
     if (GROW(draft_buf, draft_cap, w * (2 * ht + ha + 2 * d + (logits ? 0 : nk)) + (fz ? (ntaps + 2) * ht : 0)))
         return PyErr_NoMemory();
-    float *xcat = draft_buf, *xa = xcat + w * 2 * ht, *rc = xa + w * ha, *rs = rc + w * d;
-    float *lg = logits ? (float *)logits : rs + w * d, *fin = lg + (logits ? 0 : w * nk), *fused = fin + (ntaps + 1) * ht;
+    /* draft_buf: inputs [W, 2 Ht], the drafter's states [W, Ha], RoPE rows [W, D] x2, the fusion's input and output
+       ([(n + 1) Ht], [Ht]), then the logits when the caller takes only the top */
+    float *xcat = draft_buf, *xa = xcat + w * 2 * ht, *rc = xa + w * ha, *rs = rc + w * d, *fin = rs + w * d;
+    float *fused = fin + (fz ? (ntaps + 1) * ht : 0), *lg = logits ? (float *)logits : fused + (fz ? ht : 0);
     if (fz) {  /* the hidden state this branch reads: first_state's product, as qlinear(.., "tap_norm") runs it */
         memcpy(fin, (const float *)taps, ntaps * ht * sizeof(float));
         memcpy(fin + ntaps * ht, (const float *)hidden, ht * sizeof(float));
