@@ -639,8 +639,8 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static inline void lane_sum
    chunk read from cache serves 3 rows: with K = 1536 the 8 tokens (48 KB) no longer fit in L1, and with 2 rows a
    tile (the previous tile) Qwen2.5-Coder-1.5B's 8-token products ran 22% slower than one token's, with 3 rows 6%.
    The same FMAs and reduction per (row, token) as sdot_tile_avx2: the same bits. */
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8x3_avx512(
-    const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next) {
+__attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void sdot_tile_u3(
+    const float *const *w, const float *const *x, int64_t k, float *out, const float *const *next, const int U) {
     __m256 acc[3][8];
     for (int r = 0; r < 3; r++)
         for (int u = 0; u < 8; u++) acc[r][u] = _mm256_setzero_ps();
@@ -649,7 +649,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8x3_av
         if (next && (i & 15) == 0)
             for (int r = 0; r < 3; r++) _mm_prefetch((const char *)(next[r] + i), _MM_HINT_T1);
         const __m256 w0 = _mm256_loadu_ps(w[0] + i), w1 = _mm256_loadu_ps(w[1] + i), w2 = _mm256_loadu_ps(w[2] + i);
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < U; u++) {
             __m256 v = _mm256_loadu_ps(x[u] + i);
             __asm__("" : "+v"(v));  /* in a register: folded into the FMAs, it would be loaded three times (the loop is
                                        then bound by loads, not by its multiply-adds) */
@@ -658,10 +658,30 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8x3_av
             acc[2][u] = _mm256_fmadd_ps(w2, v, acc[2][u]);
         }
     }
-    for (int r = 0; r < 3; r++) {
+    for (int r = 0; r < 3; r++) {  /* tokens past U: zero sums, not stored */
         float sums[8];
         lane_sums8(acc[r], w[r], x, i, k, sums);
-        for (int u = 0; u < 8; u++) out[3 * u + r] = sums[u];
+        for (int u = 0; u < U; u++) out[3 * u + r] = sums[u];
+    }
+}
+
+/* The 3-row tile for exactly U of 1 to 8 tokens: 3U multiply-adds a chunk, none for spare tokens (with 5 tokens the
+   8-token tile did 24, 9 of them for spares, and the pair tile 9 512-bit ones, the work of 18 on a Zen 4's 256-bit
+   units). lane_sums8 reads x[u] past U only for the products past the last whole chunk: the caller's x has 8
+   entries. */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile3_u(const float *const *w,
+                                                                             const float *const *x, int64_t k,
+                                                                             float *out, const float *const *next,
+                                                                             int64_t u) {
+    switch (u) {
+        case 1: sdot_tile_u3(w, x, k, out, next, 1); break;
+        case 2: sdot_tile_u3(w, x, k, out, next, 2); break;
+        case 3: sdot_tile_u3(w, x, k, out, next, 3); break;
+        case 4: sdot_tile_u3(w, x, k, out, next, 4); break;
+        case 5: sdot_tile_u3(w, x, k, out, next, 5); break;
+        case 6: sdot_tile_u3(w, x, k, out, next, 6); break;
+        case 7: sdot_tile_u3(w, x, k, out, next, 7); break;
+        default: sdot_tile_u3(w, x, k, out, next, 8); break;
     }
 }
 
@@ -676,7 +696,7 @@ static void pair_tokens(const float *x, int64_t t, int64_t k, int64_t g, int wid
 
 /* 3 rows x 5 to 8 tokens in 512-bit pairs (P = 3 or 4 pairs; the other tile for these tokens, whichever streams
    faster at the time: sgemm_run): 3P accumulators, each row's chunk broadcast to both halves, half the
-   multiply-add instructions of sdot_tile8x3_avx512 and for 5 or 6 tokens no spare pair. On an Intel Xeon whose 2
+   multiply-add instructions of the 8-token 3-row tile and for 5 or 6 tokens no spare pair. On an Intel Xeon whose 2
    cores stream about 28 GB/s, SmolLM2's layer products for 5 to 8 tokens ran 3-8% faster through it; on the AMD
    machine of session 23 a 4-pair version ran 5% slower. xp: pair_tokens' layout of width 8. Each lane sees the FMAs
    of sdot_tile_avx2's lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
@@ -696,7 +716,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inlin
             wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
         for (int u = 0; u < pairs; u++) {
             __m512 v = _mm512_load_ps(xp + (c * 8 + 2 * u) * 8);
-            __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile8x3_avx512) */
+            __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile_u3) */
             for (int r = 0; r < 3; r++) acc[r][u] = _mm512_fmadd_ps(wv[r], v, acc[r][u]);
         }
     }
@@ -728,7 +748,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8p_avx
    holds the two tokens' 8-lane sums side by side, each row's 8-float chunk broadcast to both halves: 24
    accumulators, twice the multiply-adds per instruction of the 8-token tile's 8-lane ones. Two 8-token passes
    cost 1.7-1.9x one token's on SmolLM2's layers and Qwen2.5-Coder-1.5B's, this tile 1.3-1.35x. (With 4 pairs for 5
-   to 8 tokens it ran 5% slower than sdot_tile8x3_avx512, 1.12x one token's.) xp: pair_tokens' layout;
+   to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout;
    x: the tokens' rows, for the products past the last whole chunk. Each lane sees the FMAs of sdot_tile_avx2's
    lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_avx512(
@@ -746,7 +766,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_a
             wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
         for (int u = 0; u < 8; u++) {
             __m512 v = _mm512_load_ps(xp + (c * 16 + 2 * u) * 8);
-            __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile8x3_avx512) */
+            __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile_u3) */
             for (int r = 0; r < 3; r++) acc[r][u] = _mm512_fmadd_ps(wv[r], v, acc[r][u]);
         }
     }
@@ -818,7 +838,7 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
                 else if (a->wide && a->t >= 7 && a->t <= 8)
                     sdot_tile8p_avx512(w, a->xp, x, a->k, out, pf);
                 else
-                    sdot_tile8x3_avx512(w, x, a->k, out, pf);
+                    sdot_tile3_u(w, x, a->k, out, pf, a->t - g);
                 sgemm_store_tile(a, g, a->t - g < 16 ? a->t - g : 16, n0, r1 - n0 < 3 ? (int)(r1 - n0) : 3, out, 3);
             }
         }
