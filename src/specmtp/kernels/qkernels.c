@@ -751,8 +751,9 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8p_avx
    to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout;
    x: the tokens' rows, for the products past the last whole chunk. Each lane sees the FMAs of sdot_tile_avx2's
    lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_avx512(
-    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next) {
+__attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void sdot_tile16p(
+    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next,
+    const int pairs) {
     __m512 acc[3][8];
     for (int r = 0; r < 3; r++)
         for (int u = 0; u < 8; u++) acc[r][u] = _mm512_setzero_ps();
@@ -764,23 +765,36 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_a
         __m512 wv[3];
         for (int r = 0; r < 3; r++)  /* the chunk in both halves */
             wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < pairs; u++) {
             __m512 v = _mm512_load_ps(xp + (c * 16 + 2 * u) * 8);
             __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile_u3) */
             for (int r = 0; r < 3; r++) acc[r][u] = _mm512_fmadd_ps(wv[r], v, acc[r][u]);
         }
     }
     for (int r = 0; r < 3; r++) {
-        __m256 lanes[16];  /* token 2u in the low half, 2u + 1 in the high one */
+        __m256 lanes[16];  /* token 2u in the low half, 2u + 1 in the high one; pairs past `pairs`: zeros */
         for (int u = 0; u < 8; u++) {
             lanes[2 * u] = _mm512_castps512_ps256(acc[r][u]);
             lanes[2 * u + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][u]), 1));
         }
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < 2 && 8 * h < 2 * pairs; h++) {
             float sums[8];
             lane_sums8(lanes + 8 * h, w[r], x + 8 * h, chunks * 8, k, sums);
-            for (int u = 0; u < 8; u++) out[3 * (8 * h + u) + r] = sums[u];
+            for (int u = 0; u < 8 && 8 * h + u < 2 * pairs; u++) out[3 * (8 * h + u) + r] = sums[u];
         }
+    }
+}
+
+/* The 16-token tile for 9 to 16 tokens in exactly their pairs (5 to 8): a 9-token verify pass (a tree of 8 drafts)
+   does 15 multiply-adds a chunk, not 24. x: 16 entries (lane_sums8 reads a spare's row past the last whole chunk). */
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_avx512(
+    const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next,
+    int64_t tokens) {
+    switch ((tokens + 1) / 2) {
+        case 5: sdot_tile16p(w, xp, x, k, out, next, 5); break;
+        case 6: sdot_tile16p(w, xp, x, k, out, next, 6); break;
+        case 7: sdot_tile16p(w, xp, x, k, out, next, 7); break;
+        default: sdot_tile16p(w, xp, x, k, out, next, 8); break;
     }
 }
 #endif
@@ -832,7 +846,7 @@ static void sgemm_range(const sgemm_args *a, int64_t t0, int64_t t1) {
                 float out[48];
                 const float *const *pf = g == 0 && n0 + 3 < r1 ? next : NULL;
                 if (a->t - g > 8)
-                    sdot_tile16x3_avx512(w, a->xp + g * a->k, x, a->k, out, pf);
+                    sdot_tile16x3_avx512(w, a->xp + g * a->k, x, a->k, out, pf, a->t - g < 16 ? a->t - g : 16);
                 else if (a->wide && a->t >= 5 && a->t <= 6)
                     sdot_tile6p_avx512(w, a->xp, x, a->k, out, pf);
                 else if (a->wide && a->t >= 7 && a->t <= 8)
