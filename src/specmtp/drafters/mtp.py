@@ -392,11 +392,12 @@ class MTPDrafter(RecurrentDrafter):
                 and ctx.hidden.dtype == torch.float32 and ctx.taps.dtype == torch.float32)
 
     def _rope_rows(self, position: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [1, >= w, 1, D] at `position` (a round's steps share it): computed once a round, for up to 8
-        branches."""
+        """cos, sin [1, >= w, 1, D] at `position` (a round's steps share it): the table's row, one per branch, made
+        once a round for up to 8 branches."""
         if self._rope is None or self._rope[0] != position or self._rope[1] < w:
-            cos, sin = rope_cos_sin(self.module.inv_freq[FULL], torch.full((1, max(w, 8)), position))
-            self._rope = (position, max(w, 8), cos.contiguous(), sin.contiguous())
+            cos, sin = (t[position].expand(max(w, 8), -1)[None, :, None].contiguous()
+                        for t in self._rope_table(position + 1))
+            self._rope = (position, max(w, 8), cos, sin)
         return self._rope[2], self._rope[3]
 
     def _kv_pointers(self, cache) -> torch.Tensor:
