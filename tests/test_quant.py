@@ -438,7 +438,7 @@ def test_dense_kernel_is_batch_invariant(path):
         w, x = torch.randn(1030, k, generator=g), torch.randn(41, k, generator=g)  # large enough to use every thread
         alone = torch.cat([sgemm(x[t : t + 1], w, None) for t in range(41)])
         # tiles of 2 and (with AVX-512) of 4, 8 and 16 tokens, spare ones included, and groups of both wide tiles
-        for t in (2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 24, 25, 32, 41):
+        for t in (2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 24, 25, 26, 30, 32, 41):
             assert torch.equal(sgemm(x[:t], w, None), alone[:t]), (k, t)
 
 

@@ -485,7 +485,7 @@ typedef struct {
     int64_t t, k, n;
     int wide;  /* 1 to 4 tokens in the 8-token tile (spare tokens repeat the first); 5 to 8 in the pair tile */
     const float *xp;  /* tokens in pairs (pair_tokens): 5 to 8 tokens (wide) at xp, width 8; groups of 9 to 16
-                         tokens: tokens g .. g + 15 at xp + g K, width 16 */
+                         tokens: tokens g .. g + 15 at xp + g K, width their pairs' (10 for 9 tokens) */
     int64_t chunk;  /* row tiles a claim takes (0: each thread one contiguous share, as one call: sgemm_part) */
     atomic_long claimed;  /* chunks claimed so far */
 } sgemm_args;
@@ -748,7 +748,10 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8p_avx
    holds the two tokens' 8-lane sums side by side, each row's 8-float chunk broadcast to both halves: 24
    accumulators, twice the multiply-adds per instruction of the 8-token tile's 8-lane ones. Two 8-token passes
    cost 1.7-1.9x one token's on SmolLM2's layers and Qwen2.5-Coder-1.5B's, this tile 1.3-1.35x. (With 4 pairs for 5
-   to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout;
+   to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout of width
+   2 pairs, the pairs' chunks packed (read at a stride of 16 tokens, 5 pairs' loads leaving 3 lines of every 8
+   unread, Qwen2.5-Coder-1.5B's products for 9 to 12 tokens took 1.7x one token's, as many as 16 tokens' 1.45x;
+   packed, 1.2-1.3x);
    x: the tokens' rows, for the products past the last whole chunk. Each lane sees the FMAs of sdot_tile_avx2's
    lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void sdot_tile16p(
@@ -766,7 +769,7 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inlin
         for (int r = 0; r < 3; r++)  /* the chunk in both halves */
             wv[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(w[r] + i))));
         for (int u = 0; u < pairs; u++) {
-            __m512 v = _mm512_load_ps(xp + (c * 16 + 2 * u) * 8);
+            __m512 v = _mm512_load_ps(xp + (c * 2 * pairs + 2 * u) * 8);
             __asm__("" : "+v"(v));  /* loaded once for the three rows (as in sdot_tile_u3) */
             for (int r = 0; r < 3; r++) acc[r][u] = _mm512_fmadd_ps(wv[r], v, acc[r][u]);
         }
@@ -1003,7 +1006,8 @@ static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const
 #ifdef SPECMTP_X86
     if (isa == ISA_VNNI && t >= 9) {  /* the 16-token tile reads its tokens in pairs */
         if (GROW(scratch_xp, scratch_xp_cap, (t + 15) / 16 * 16 * k)) return -1;
-        for (int64_t g = 0; g + 8 < t; g += 16) pair_tokens(x, t, k, g, 16, scratch_xp + g * k);
+        for (int64_t g = 0; g + 8 < t; g += 16)
+            pair_tokens(x, t, k, g, (int)((t - g < 16 ? t - g : 16) + 1) / 2 * 2, scratch_xp + g * k);
         a.xp = scratch_xp;
     } else if (isa == ISA_VNNI && t >= 5 && a.wide) {  /* so does the pair tile */
         if (GROW(scratch_xp, scratch_xp_cap, 8 * k)) return -1;
