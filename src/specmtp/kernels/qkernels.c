@@ -748,10 +748,10 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile8p_avx
    holds the two tokens' 8-lane sums side by side, each row's 8-float chunk broadcast to both halves: 24
    accumulators, twice the multiply-adds per instruction of the 8-token tile's 8-lane ones. Two 8-token passes
    cost 1.7-1.9x one token's on SmolLM2's layers and Qwen2.5-Coder-1.5B's, this tile 1.3-1.35x. (With 4 pairs for 5
-   to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout of width
-   2 pairs, the pairs' chunks packed (read at a stride of 16 tokens, 5 pairs' loads leaving 3 lines of every 8
-   unread, Qwen2.5-Coder-1.5B's products for 9 to 12 tokens took 1.7x one token's, as many as 16 tokens' 1.45x;
-   packed, 1.2-1.3x);
+   to 8 tokens it ran 5% slower than the 8-token 3-row tile, 1.12x one token's.) xp: pair_tokens' layout with the
+   width of the tile's pairs, packed. (Read at a stride of 16 tokens, 5 to 7 pairs left 3 to 1 of every 8 cache lines
+   unread, and Qwen2.5-Coder-1.5B's products for 9 to 12 tokens took 1.7x one token's, more than 16 tokens' 1.45x;
+   packed, 1.2-1.3x.)
    x: the tokens' rows, for the products past the last whole chunk. Each lane sees the FMAs of sdot_tile_avx2's
    lane in the same order, and lane_sums8 reduces it the same way: the same bits. */
 __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inline void sdot_tile16p(
