@@ -55,12 +55,16 @@ def test_adaptive_forgets_widths_a_slow_minute_priced_out():
     for t in range(4, 14):
         s.update(t - 1, torch.tensor([0]), 0.001, 10.0)
     curves = []
-    for i in range(s.explore_every * 4 * 3):  # the small trees the slow samples allow
+    for i in range(96):  # the small trees the slow samples allow
         s.update(1 + i % 2, torch.tensor([1]), 0.001, 1.0)
         s.next()
-        curves.append(s.price.verify_curve)
-    explored = [c for c in curves if c[5] == c[1] == c[11]]  # flat past the widest fresh width: the trees may grow
-    assert 1 <= len(explored) <= 3 and all(c[5] > 5 * c[1] for c in curves if c not in explored)
+        curves.append((s.passes, s.price.verify_curve))
+    # passes between the repricing ones keep every sample: the slow minute's widths stay dear there
+    assert all(c[5] > 5 * c[1] for p, c in curves if p % s.reprice_every)
+    # once the slow samples are `stale_after` passes old, the repricing passes leave them out: flat past the widest
+    # fresh width, so the trees may grow
+    late = [c for p, c in curves if p % s.reprice_every == 0 and p > 10 + s.stale_after]
+    assert late and all(c[5] == c[1] == c[11] for c in late)
     s.update(7, torch.tensor([2]), 0.001, 1.1)  # the 8-token pass an exploring tree verifies
     assert s.verify_cost[8] == 1.1  # replaces the slow minute's sample
 

@@ -14,9 +14,11 @@
   across requests, so what it has measured about the hardware is not relearnt for every prompt. A tree
   drafter's widths are not probed as a chain's N is, so a slow minute's samples could price a width out for
   good (one slow sample at every width past 3 tokens held SmolLM2's trees at 2 nodes for a whole run): every
-  `explore_every` * 4 passes the prices leave out the widths not verified for `stale_after` passes (their
+  `reprice_every` passes the prices leave out the widths not verified for `stale_after` passes (their
   cost read off the fresh widths around them, flat past the widest), so the trees may grow into them, and a
-  stale width's first new sample replaces its old ones.
+  stale width's first new sample replaces its old ones. Every 8th pass and 32 passes: with every 32nd and 128
+  (session 33's), SmolLM2's trees fell from 6-7 nodes to 3 over a dozen prompts in one process, the 5-8 token
+  widths priced 1.2-1.5x a 4-token pass from old samples while the layer stack took 1.06-1.13x.
   With a calibrated drafter (one that scores its drafts, drafters/confidence.py) N is chosen per row
   instead: the schedule allows up to max drafts and sets the prices, and each row drafts while the
   probability that all its drafts are accepted is worth them. One more proposed draft adds its survival
@@ -88,7 +90,7 @@ class Adaptive(Schedule):
     name = "adaptive"
 
     def __init__(self, n: int, max_n: int = 12, decay: float = 0.97, explore_every: int = 8,
-                 window: int = 5, calibrated: bool = False, stale_after: int = 128) -> None:
+                 window: int = 5, calibrated: bool = False, stale_after: int = 32, reprice_every: int = 8) -> None:
         self.n, self.max_n, self.decay, self.explore_every = n, max(1, max_n), decay, explore_every
         self.calibrated = calibrated  # the drafter honours a price: rows stop by it, not at one N
         self.tokens, self.seconds = 0.0, 0.0  # decayed tokens emitted per row, and seconds, over recent steps
@@ -101,7 +103,7 @@ class Adaptive(Schedule):
         self.window = window
         self.steps = 0
         self.passes = 0  # verify passes reported
-        self.stale_after = stale_after
+        self.stale_after, self.reprice_every = stale_after, reprice_every
         self.sampled_at: dict[int, int] = {}  # tokens verified -> the pass that last verified that many
 
     @property
@@ -166,7 +168,7 @@ class Adaptive(Schedule):
         if self.draft_cost is None or not self.verify_samples:
             return self.n
         if self.calibrated:
-            self.price = self.measured_price(explore=self.passes % (4 * self.explore_every) == 0)
+            self.price = self.measured_price(explore=self.passes % self.reprice_every == 0)
             return self.max_n
         best = self.best()
         self.steps += 1
