@@ -16,9 +16,9 @@
   good (one slow sample at every width past 3 tokens held SmolLM2's trees at 2 nodes for a whole run): every
   `reprice_every` passes the prices leave out the widths not verified for `stale_after` passes (their
   cost read off the fresh widths around them, flat past the widest), so the trees may grow into them, and a
-  stale width's first new sample replaces its old ones. Every 8th pass and 32 passes: with every 32nd and 128
-  (session 33's), SmolLM2's trees fell from 6-7 nodes to 3 over a dozen prompts in one process, the 5-8 token
-  widths priced 1.2-1.5x a 4-token pass from old samples while the layer stack took 1.06-1.13x.
+  stale width's first new sample replaces its old ones. The defaults (every 8th pass, 32 passes) are short: with
+  every 32nd pass and 128, SmolLM2's trees fell from 6-7 nodes to 3 over a dozen prompts in one process, the 5-8
+  token widths priced 1.12-1.56x a 4-token pass from old samples while the layer stack took 1.06-1.13x.
   With a calibrated drafter (one that scores its drafts, drafters/confidence.py) N is chosen per row
   instead: the schedule allows up to max drafts and sets the prices, and each row drafts while the
   probability that all its drafts are accepted is worth them. One more proposed draft adds its survival

@@ -685,6 +685,10 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile3_u(co
     }
 }
 
+/* The 16-token tile's pairs for a group of `tokens` (9 to 16 of them; more: 16): the width its tokens are laid out
+   at (pair_tokens) and the pairs the tile reads, one number for both. */
+static inline int tile16_pairs(int64_t tokens) { return (int)((tokens < 16 ? tokens : 16) + 1) / 2; }
+
 /* The pair tiles' tokens in pairs: chunk c of K (8 floats) of tokens g .. g + width - 1 side by side,
    [K / 8][width][8], so one 512-bit load holds the same 8 floats of two tokens (spares: token g again). */
 static void pair_tokens(const float *x, int64_t t, int64_t k, int64_t g, int width, float *out) {
@@ -789,11 +793,12 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"), always_inline)) static inlin
 }
 
 /* The 16-token tile for 9 to 16 tokens in exactly their pairs (5 to 8): a 9-token verify pass (a tree of 8 drafts)
-   does 15 multiply-adds a chunk, not 24. x: 16 entries (lane_sums8 reads a spare's row past the last whole chunk). */
+   does 15 multiply-adds a chunk, not 24. x: 16 entries (lane_sums8 reads a spare's row past the last whole chunk);
+   xp: pair_tokens' layout of width 2 * tile16_pairs(tokens). */
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) static void sdot_tile16x3_avx512(
     const float *const *w, const float *xp, const float *const *x, int64_t k, float *out, const float *const *next,
     int64_t tokens) {
-    switch ((tokens + 1) / 2) {
+    switch (tile16_pairs(tokens)) {
         case 5: sdot_tile16p(w, xp, x, k, out, next, 5); break;
         case 6: sdot_tile16p(w, xp, x, k, out, next, 6); break;
         case 7: sdot_tile16p(w, xp, x, k, out, next, 7); break;
@@ -1007,7 +1012,7 @@ static int sgemm_run(const float *x, int64_t t, int64_t k, const float *w, const
     if (isa == ISA_VNNI && t >= 9) {  /* the 16-token tile reads its tokens in pairs */
         if (GROW(scratch_xp, scratch_xp_cap, (t + 15) / 16 * 16 * k)) return -1;
         for (int64_t g = 0; g + 8 < t; g += 16)
-            pair_tokens(x, t, k, g, (int)((t - g < 16 ? t - g : 16) + 1) / 2 * 2, scratch_xp + g * k);
+            pair_tokens(x, t, k, g, 2 * tile16_pairs(t - g), scratch_xp + g * k);
         a.xp = scratch_xp;
     } else if (isa == ISA_VNNI && t >= 5 && a.wide) {  /* so does the pair tile */
         if (GROW(scratch_xp, scratch_xp_cap, 8 * k)) return -1;
