@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and --drafter; built once and cached)")
     b.add_argument("--layers", type=int, default=10, help="--synthetic: number of target layers")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="the model name clients send and see (default: --model)")
+    s.add_argument("--quiet", action="store_true", help="no request log")
+
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a target by self-distillation")
     t.add_argument("--model", default=DEFAULT_MODEL, help="the target: preset, GGUF file or HF directory")
     t.add_argument("--out", required=True, help="output directory (also holds data and checkpoints for --resume)")
@@ -100,7 +107,7 @@ def _engine(args: argparse.Namespace):
     from specmtp.presets import default_drafter
 
     target = load_model(args.model, dtype=args.dtype, weights=args.weights)
-    if args.drafter is None and args.command == "generate":
+    if args.drafter is None and args.command in ("generate", "serve"):
         args.drafter = default_drafter(args.model)
     if args.drafter == "none":
         args.drafter = None
@@ -187,6 +194,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from specmtp.server import make_server
+
+    if not 0 <= args.port <= 65535:
+        raise SpecMTPError(f"--port must be in 0..65535, got {args.port}")
+    engine = _engine(args)
+    name = args.name or args.model
+    try:
+        server = make_server(engine, name, args.host, args.port, quiet=args.quiet)
+    except OSError as e:
+        raise SpecMTPError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    host, port = server.server_address[:2]
+    print(f"specmtp: serving {name!r} (drafter: {args.drafter or 'none'}) on http://{host}:{port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from specmtp.bench import run_bench
 
@@ -204,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         quant.set_threads(args.threads)
     debug = args.debug or bool(os.environ.get("SPECMTP_DEBUG"))
     try:
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "train-drafter": cmd_train}
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve, "train-drafter": cmd_train}
         return commands[args.command](args)
     except SpecMTPError as e:
         if debug:

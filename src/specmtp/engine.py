@@ -85,6 +85,12 @@ class Stats:
         }
 
 
+def held_back(text: str, stop: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (the longest such suffix)."""
+    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
 @dataclass
 class Row:
     prompt: list[int]
@@ -194,15 +200,37 @@ class Engine:
         chat: bool = False,
     ) -> Iterator[str]:
         """Text pieces of one prompt's completion as the tokens are accepted."""
+        for piece, _ in self.stream_events(prompt, max_new_tokens, sampling, stop, chat):
+            if piece:
+                yield piece
+
+    def stream_events(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        chat: bool = False,
+    ) -> Iterator[tuple[str, str | None]]:
+        """(text piece, None) as one prompt's tokens are accepted, then (the rest, finish reason) once. Text that
+        may be the start of a stop string is held back until it is known not to be one, so no piece is ever
+        taken back; an incomplete UTF-8 sequence waits for the rest."""
         row = Row(self.encode(prompt, chat))
+        stop = tuple(stop)
         shown = ""
-        for _ in self._decode([row], max_new_tokens, sampling or SamplingParams(), tuple(stop)):
+        for _ in self._decode([row], max_new_tokens, sampling or SamplingParams(), stop):
             text = self._text(row)
-            if text.endswith("\ufffd") and not row.done:  # an incomplete UTF-8 sequence: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            if not row.done:
+                if text.endswith("\ufffd"):
+                    continue
+                text = text[: len(text) - held_back(text, stop)]
+            piece = text[len(shown) :] if text.startswith(shown) else ""
+            shown += piece
+            if row.done:
+                yield piece, row.finish_reason
+                return
+            if piece:
+                yield piece, None
 
     def _text(self, row: Row) -> str:
         return row.text if row.text is not None else self.target.tokenizer.decode(row.tokens)
