@@ -224,8 +224,8 @@ class Engine:
                 if text.endswith("\ufffd"):
                     continue
                 text = text[: len(text) - held_back(text, stop)]
-            piece = text[len(shown) :] if text.startswith(shown) else ""
-            shown += piece
+            piece = text[len(shown) :]  # a decoded prefix stays put as tokens are added
+            shown = shown + piece
             if row.done:
                 yield piece, row.finish_reason
                 return
