@@ -220,9 +220,9 @@ class Handler(BaseHTTPRequestHandler):
     service: Service  # set by make_server on a subclass
     quiet = False
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+    def log_request(self, code="-", size="-") -> None:  # errors are logged even when quiet
         if not self.quiet:
-            super().log_message(format, *args)
+            super().log_request(code, size)
 
     def _send(self, status: HTTPStatus, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -274,6 +274,9 @@ class Handler(BaseHTTPRequestHandler):
             self._fail(e.status, str(e), e.kind, e.param)
         except SpecMTPError as e:  # the engine's own checks (a prompt longer than the context, ...)
             self._fail(HTTPStatus.BAD_REQUEST, str(e))
+        except Exception as e:  # a bug: this request fails with a one-line reason, the server goes on
+            self.log_error("internal error on %s: %r", self.path, e)
+            self._fail(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     def _stream(self, req: Request) -> None:
         chunks = self.service.chunks(req)
@@ -292,6 +295,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # a bug mid-stream: the headers are sent, so the error goes as the last event
+            self.log_error("internal error on %s: %r", self.path, e)
+            error = _error_body(f"internal error: {type(e).__name__}: {e}", "server_error")
+            self.wfile.write(b"data: " + json.dumps(error).encode() + b"\n\n")
         finally:
             chunks.close()
 
