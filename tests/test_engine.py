@@ -112,8 +112,10 @@ def test_stop_string_inside_accepted_block(target, other, reference):
 def test_streaming_yields_the_same_text(target, other):
     engine = Engine(target, drafters(target, other)["self"], num_draft_tokens=4)
     pieces = list(engine.stream(PROMPTS[1], max_new_tokens=20))
+    streamed_end = engine.stats.finish_reasons
     assert len(pieces) > 1
-    assert "".join(pieces) == engine.generate([PROMPTS[1]], max_new_tokens=20)[0].text
+    whole = engine.generate([PROMPTS[1]], max_new_tokens=20)[0]
+    assert "".join(pieces) == whole.text and streamed_end == [whole.finish_reason]
 
 
 def test_sampling_is_seeded_and_reproducible(target, other):

@@ -40,6 +40,7 @@ class Stats:
     drafted_at: list[int] = field(default_factory=list)  # per draft position (a tree's depth)
     accepted_at: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)  # N chosen per step
+    finish_reasons: list[str] = field(default_factory=list)  # per row, once decoded: eos | stop | length
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -199,22 +200,9 @@ class Engine:
         stop: tuple[str, ...] | list[str] = (),
         chat: bool = False,
     ) -> Iterator[str]:
-        """Text pieces of one prompt's completion as the tokens are accepted."""
-        for piece, _ in self.stream_events(prompt, max_new_tokens, sampling, stop, chat):
-            if piece:
-                yield piece
-
-    def stream_events(
-        self,
-        prompt,
-        max_new_tokens: int = 128,
-        sampling: SamplingParams | None = None,
-        stop: tuple[str, ...] | list[str] = (),
-        chat: bool = False,
-    ) -> Iterator[tuple[str, str | None]]:
-        """(text piece, None) as one prompt's tokens are accepted, then (the rest, finish reason) once. Text that
-        may be the start of a stop string is held back until it is known not to be one, so no piece is ever
-        taken back; an incomplete UTF-8 sequence waits for the rest."""
+        """Text pieces of one prompt's completion as the tokens are accepted (how it ended: stats.finish_reasons).
+        Text that may be the start of a stop string is held back until it is known not to be one, so no piece is
+        ever taken back; an incomplete UTF-8 sequence waits for the rest."""
         row = Row(self.encode(prompt, chat))
         stop = tuple(stop)
         shown = ""
@@ -224,13 +212,9 @@ class Engine:
                 if text.endswith("\ufffd"):
                     continue
                 text = text[: len(text) - held_back(text, stop)]
-            piece = text[len(shown) :]  # a decoded prefix stays put as tokens are added
-            shown = shown + piece
-            if row.done:
-                yield piece, row.finish_reason
-                return
-            if piece:
-                yield piece, None
+            if len(text) > len(shown):  # a decoded prefix stays put as tokens are added
+                yield text[len(shown) :]
+                shown = text
 
     def _text(self, row: Row) -> str:
         return row.text if row.text is not None else self.target.tokenizer.decode(row.tokens)
@@ -396,4 +380,5 @@ class Engine:
             stats.total_s = time.perf_counter() - t_start
             yield deltas
         stats.total_s = time.perf_counter() - t_start
+        stats.finish_reasons = [r.finish_reason or "length" for r in rows]
 

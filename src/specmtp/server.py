@@ -189,21 +189,19 @@ class Service:
 
         ids = self.engine.encode(req.prompts[0], req.chat)  # a prompt's errors before the first chunk
         with self.lock:
-            events = self.engine.stream_events(ids, req.max_tokens, req.sampling, req.stop)
+            pieces = self.engine.stream(ids, req.max_tokens, req.sampling, req.stop)
             try:
                 if req.chat:
                     yield chunk(None, None, first=True)
-                for piece, finish in events:
-                    if piece:
-                        yield chunk(piece, None)
-                    if finish is not None:
-                        yield chunk(None, FINISH[finish])
+                for piece in pieces:
+                    yield chunk(piece, None)
+                yield chunk(None, FINISH[self.engine.stats.finish_reasons[0]])
                 if req.include_usage:
                     stats = self.engine.stats
                     yield {"id": rid, "object": kind, "created": created, "model": self.model, "choices": [],
                            "usage": self._usage(stats.prompt_tokens, stats.new_tokens)}
             finally:
-                events.close()  # a client gone mid-stream: the decoding stops here
+                pieces.close()  # a client gone mid-stream: the decoding stops here
 
 
 def _id(req: Request) -> str:
