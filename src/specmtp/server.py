@@ -216,6 +216,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "specmtp"
     protocol_version = "HTTP/1.1"
     service: Service  # set by make_server on a subclass
+    timeout = 120  # seconds a socket read or write may block: a stalled client cannot hold the engine for good
     quiet = False
 
     def log_request(self, code="-", size="-") -> None:  # errors are logged even when quiet
