@@ -292,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"data: " + json.dumps(c).encode() + b"\n\n")
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client is gone or stalled
             pass
         except Exception as e:  # a bug mid-stream: the headers are sent, so the error goes as the last event
             self.log_error("internal error on %s: %r", self.path, e)
