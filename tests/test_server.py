@@ -185,3 +185,10 @@ def test_serve_on_a_taken_port_is_a_clean_error(tiny_dir, url):
                            "none", "--port", port], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_chat_without_a_chat_template_is_a_400(url, engine, monkeypatch):
+    monkeypatch.setattr(engine.target.tokenizer.hf, "chat_template", None)
+    for stream in (False, True):
+        status, reply = call(url, "/v1/chat/completions", {"messages": CHAT, "stream": stream})
+        assert status == 400 and "no chat template" in reply["error"]["message"]

@@ -144,10 +144,6 @@ class Service:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": self.created,
                                             "owned_by": "specmtp"}]}
 
-    def _check_chat(self, req: Request) -> None:
-        if req.chat and not self.engine.target.tokenizer.has_chat_template:
-            raise RequestError(f"model {self.model!r} has no chat template: use /v1/completions", "messages")
-
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         stats = self.engine.stats
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -157,7 +153,6 @@ class Service:
 
     def complete(self, req: Request) -> dict:
         """A whole (non-streamed) response: every prompt x n choices decoded as one batch."""
-        self._check_chat(req)
         rows = [p for p in req.prompts for _ in range(req.n)]
         with self.lock:
             outs = self.engine.generate(rows, req.max_tokens, req.sampling, req.stop, chat=req.chat)
@@ -175,7 +170,6 @@ class Service:
 
     def chunks(self, req: Request) -> Iterator[dict]:
         """A streamed response's chunks, as the engine accepts tokens (holding the lock until the last)."""
-        self._check_chat(req)
         rid, created = _id(req), int(time.time())
         kind = "chat.completion.chunk" if req.chat else "text_completion"
 
