@@ -81,8 +81,6 @@ class TrainOptions:
     # more programming tasks; 4: set 3 with a quarter of the prompts the target's own requests)
     exclude: str | None = None  # a JSONL prompt file whose prompts must not be trained on
     greedy_share: float = 0.5  # the share of answers decoded greedily (the rest sampled), spread evenly over chunks
-    argmax_label: float = 0.0  # the label's weight on the target's argmax, the rest on its distribution (1: hard
-    # labels: the drafter then learns which token greedy verification accepts, not the target's sampling spread)
 
 
 @dataclass
@@ -420,9 +418,8 @@ def _batch(samples: list[Sample], anchors: int, unroll: int, gen: torch.Generato
 
 def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: torch.Tensor | None,
              to_draft: torch.Tensor, batch, steps: int, feature_weight: float = 0.0, noise: float = 0.0,
-             gen: torch.Generator | None = None, argmax_label: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `steps` draft steps from every anchor exactly as drafting does (training: `noise` on the first state).
-    The label is the target's top-k distribution with `argmax_label` of its mass moved onto its argmax.
     Returns (loss, match [B, A, steps]: drafter argmax == target argmax, False where no label)."""
     tokens, hidden, taps, kv, top_ids, top_p, lengths, anchor, valid = batch
     bidx = torch.arange(tokens.shape[0])[:, None]
@@ -442,10 +439,7 @@ def unrolled(module: MTPModule | AssistantModule, target: LoadedModel, head: tor
             embeds = target.model.embed_tokens(tokens[bidx, pos]).float()  # [B, A, Ht]
         state, logits, aux = module.draft(embeds, state, anchor, kv, end, head)  # [B, A, Ht], [B, A, K]
         logq = logits.log_softmax(-1)  # [B, A, K]
-        ids, p = top_ids[bidx, pos], top_p[bidx, pos]  # [B, A, k], the argmax first
-        if argmax_label > 0:
-            p = (1 - argmax_label) * p
-            p[..., 0] += argmax_label
+        ids, p = top_ids[bidx, pos], top_p[bidx, pos]  # [B, A, k]
         col = to_draft[ids]  # [B, A, k] draft-vocabulary column, -1 when not draftable
         ce = -(p * logq.gather(-1, col.clamp(min=0)) * (col >= 0)).sum(-1)  # [B, A]
         if aux is not None:  # the assistant's centroid scores learn the target's mass per token cluster
@@ -546,7 +540,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
     if ck is not None:
         free = ("steps", "eval_every", "raw_tokens")  # a resumed run may train longer, on more read text
         older = {"precision": "fp32", "taps": "none", "prompt_set": 1, "weight_decay": 0.0,
-                 "noise": 0.0, "greedy_share": 0.5, "argmax_label": 0.0}  # checkpoints from before these options
+                 "noise": 0.0, "greedy_share": 0.5}  # checkpoints from before these options
         saved, now = ({k: v for k, v in o.items() if k not in free} for o in ({**older, **ck.get("options", {})},
                                                                                dataclasses.asdict(opts)))
         if saved != now:
@@ -590,7 +584,7 @@ def train_drafter(target: LoadedModel, out: Path, opts: TrainOptions, resume: bo
             g["lr"] = lr
         with _compute(opts.precision):
             loss, match = unrolled(module, target, head, to_draft, batch, opts.unroll, opts.feature_weight,
-                                   opts.noise, gen, opts.argmax_label)
+                                   opts.noise, gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()
@@ -706,9 +700,7 @@ def _card(meta: dict[str, Any], module: MTPModule | AssistantModule) -> str:
     taps_line = (f"; its first step also reads the outputs of the target's\n  layers {list(taps)} (fused with the last "
                  "hidden state)" if taps else "")
     regular = "".join(f", {name} {opts[key]}" for key, name in (("weight_decay", "weight decay"),
-                                                                ("noise", "feature noise"),
-                                                                ("argmax_label", "label weight on the argmax"))
-                      if opts.get(key))
+                                                                ("noise", "feature noise")) if opts.get(key))
     decoding = _decoding(opts.get("greedy_share", 0.5))
     return f"""# specmtp {kind} for `{meta['target_name']}`
 
