@@ -355,6 +355,34 @@ def test_layer_stack_in_one_call_is_bit_identical_to_layer_by_layer(tiny_dir, fa
     assert all(torch.equal(x[:, :, :26], y[:, :, :26]) for x, y in zip(ca.k + ca.v, cb.k + cb.v, strict=True))
 
 
+@pytest.mark.parametrize("weights", ["q4", "dense"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_batched_decode_step_through_the_stack_is_row_by_row(tiny_dir, family, weights):
+    """A batched decode step (rows of one token each at their own positions: batched generation, the training data's
+    answering) runs as one stack call (quant.run_stack_rows): each row's hidden state, tapped features and K/V are
+    those of a one-row step over that row's cache alone, bit for bit."""
+    needs_dense_kernel(weights)
+    model = load_model(str(tiny_dir(family)), weights=weights).model
+    g = torch.Generator().manual_seed(2)
+    lengths, taps = [5, 17, 11], (0,)
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in lengths]
+    nxt = torch.randint(0, 256, (len(lengths), 1), generator=g)
+    batch = model.new_cache(len(lengths), 24)
+    alone = [model.new_cache(1, 24) for _ in lengths]
+    with torch.inference_mode():
+        for r, p in enumerate(prompts):  # each row prefilled on its own, into both caches
+            for cache in (batch.row(r), alone[r]):
+                model.features(p, torch.arange(p.shape[1])[None], cache)
+        pos = torch.tensor(lengths)[:, None]
+        hidden, tapped = model.features(nxt, pos, batch, taps)
+        steps = [model.features(nxt[r : r + 1], pos[r : r + 1], alone[r], taps) for r in range(len(lengths))]
+    assert torch.equal(hidden, torch.cat([h for h, _ in steps]))
+    assert torch.equal(tapped, torch.cat([t for _, t in steps]))
+    for r, n in enumerate(lengths):
+        for x, y in zip(batch.k + batch.v, alone[r].k + alone[r].v, strict=True):
+            assert torch.equal(x[r, :, : n + 1], y[0, :, : n + 1])
+
+
 def test_layer_stack_only_for_plain_layers(tiny_dir):
     assert load_model(str(tiny_dir("gemma3")), weights="q4").model.stack is None  # sandwich norms, q/k norms
     assert load_model(str(tiny_dir("gemma3"))).model.stack is None

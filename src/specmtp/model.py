@@ -482,6 +482,18 @@ class Transformer(nn.Module):
                                 cfg.rms_norm_eps, cfg.attn_scale, parents, self._tap_layers(taps),
                                 None if tapped is None else tapped[0] if whole else tapped[0, c0:c1])
             return rms_norm(x[None], self.norm, cfg.rms_norm_eps), tapped
+        rows = tokens.shape[0]
+        if self.stack is not None and tokens.shape[1] == 1 and tree is None and cache.batch_size == rows and (
+                cache.k[0].device.type == "cpu" and cache.k[0].is_contiguous() and self.layers[0].runs_stacked()):
+            # a batched decode step (each row one token at its own position): the stack in one kernel call too, its
+            # products over all rows at once and each row's attention as a one-row step's (the same bits as one)
+            own_pool(True)
+            x = x[:, 0].contiguous()  # [B, H]
+            tapped = x.new_empty(rows, 1, len(taps), x.shape[-1]) if taps else None
+            quant.run_stack_rows(self.stack, x, positions[:, 0].contiguous(), ropes, cache.pointers(), cache.capacity,
+                                 cfg.rms_norm_eps, cfg.attn_scale, self._tap_layers(taps),
+                                 None if tapped is None else tapped[:, 0])
+            return rms_norm(x[:, None], self.norm, cfg.rms_norm_eps), tapped
         views = {}
         masked = {layer.kind for layer in self.layers if not layer.attends_in_kernel(*tokens.shape, cache)}
         for kind, rope in ropes.items():

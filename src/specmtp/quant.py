@@ -300,6 +300,29 @@ def run_stack(
                      _ptr(taps), _ptr(tap_out), 0 if taps is None else taps.numel())
 
 
+def run_stack_rows(
+    desc: torch.Tensor,  # [L, LAYER_FIELDS] from stack_descriptor (a target's layers: none query-only)
+    x: torch.Tensor,  # [B, H] fp32 contiguous: each row's one new token, updated in place through every layer
+    positions: torch.Tensor,  # [B] int64 contiguous: each row's position (and slot) in its own cache rows
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> cos, sin [B, .., D] fp32 contiguous
+    kv: torch.Tensor,  # [L, 2] int64: each layer's K and V cache pointers, [B, Hkv, S, D] fp32 (KVCache.pointers)
+    slots: int,  # S
+    eps: float,
+    scale: float,
+    taps: torch.Tensor | None = None,  # [n] int64 contiguous: ascending layer indices of the stack
+    tap_out: torch.Tensor | None = None,  # [B, n, H] fp32 contiguous <- x after each of those layers
+) -> None:
+    """A batched decode step (B rows, one token each, each at its own position) through the whole stack in one
+    kernel call: the products over all B tokens at once, each row's attention as a one-row step computes it, so
+    every row gets the bits a one-row step would give it."""
+    full = rope.get("full_attention") or rope["sliding_attention"]
+    sliding = rope.get("sliding_attention") or full
+    b, h = x.shape
+    _qkernels.layers_rows(desc.data_ptr(), desc.shape[0], x.data_ptr(), b, h, positions.data_ptr(), full[0].data_ptr(),
+                          full[1].data_ptr(), sliding[0].data_ptr(), sliding[1].data_ptr(), kv.data_ptr(), slots,
+                          eps, scale, _ptr(taps), _ptr(tap_out), 0 if taps is None else taps.numel())
+
+
 def matrix_fields(qw: QuantWeight | torch.Tensor) -> list[int]:
     """A matrix as the kernels' descriptors hold it: format, weight / scale / offset pointers, rows."""
     if isinstance(qw, torch.Tensor):

@@ -1724,6 +1724,47 @@ static int attend_query_run(float *q, int64_t t, int64_t hq, int64_t hkv, int64_
     return 0;
 }
 
+/* B rows' one new token each (a batched decode step), row r at position pos[r] in its own cache (kc + r Hkv S D):
+ * rotate, write, and attend each as attend_run does for one row's one token (the same bits as a one-row step).
+ * The pool's threads take every parts-th row. 0, or -1 when out of memory. */
+typedef struct {
+    float *qkv, *kc, *vc, *out;
+    const float *cos, *sin;
+    const int64_t *pos;
+    int64_t b, hq, hkv, d, s, window;
+    float scale;
+} attn_rows_args;
+
+static void attend_rows_part(const void *arg, int part, int parts) {
+    const attn_rows_args *r = (const attn_rows_args *)arg;
+    const int64_t stride = (r->hq + 2 * r->hkv) * r->d, cache = r->hkv * r->s * r->d;
+    for (int64_t i = part; i < r->b; i += parts) {
+        attn_args a = {r->qkv + i * stride, r->cos + i * r->d, r->sin + i * r->d, r->kc + i * cache,
+                       r->vc + i * cache, r->out + i * r->hq * r->d, attn_scratch + (int64_t)part * ATT_QC * r->s, 1,
+                       r->hq, r->hkv, r->d, r->s, r->pos[i], r->window, r->scale, tree_depth, tree_path};
+        attend_queries(&a, 0, 1, 0);
+    }
+}
+
+static int attend_rows(float *qkv, int64_t b, int64_t hq, int64_t hkv, int64_t d, const float *cos, const float *sin,
+                       float *kc, float *vc, int64_t s, const int64_t *pos, int64_t window, float scale, float *out) {
+    if (attn_reserve(s)) return -1;
+    const int64_t stride = (hq + 2 * hkv) * d;
+    for (int64_t i = 0; i < b; i++) {
+        float *row = qkv + i * stride, *k = kc + i * hkv * s * d, *v = vc + i * hkv * s * d;
+        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, cos + i * d, sin + i * d, d);
+        for (int64_t g = 0; g < hkv; g++) {
+            memcpy(k + (g * s + pos[i]) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
+            memcpy(v + (g * s + pos[i]) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
+        }
+    }
+    attn_rows_args r = {qkv, kc, vc, out, cos, sin, pos, b, hq, hkv, d, s, window, scale};
+    int64_t work = 0;
+    for (int64_t i = 0; i < b; i++) work += hq * (pos[i] + 1) * d;
+    run_parts(attend_rows_part, &r, work);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------------------- */
 /* a stack of plain (Llama / Qwen2) layers for one row's new tokens: per layer                                 */
 /*     x += o(attend(rope(qkv(rms_norm(x)))));   x += down(swiglu(gate_up(rms_norm(x))))                         */
@@ -1748,7 +1789,7 @@ static int64_t stack_cap = 0;
    out, token i's copy after taps[j] at tap_out + (i * ntaps + j) * h (a [T, ntaps, H] tensor) */
 static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, int64_t h, int64_t pos0,
                      const float *const rope[2][2], const int64_t *kv, int64_t s, float eps, float scale,
-                     const int64_t *taps, int64_t ntaps, float *tap_out) {
+                     const int64_t *taps, int64_t ntaps, float *tap_out, const int64_t *rows) {
     int64_t w_qkv = 0, w_att = 0, w_gu = 0;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t *f = desc + l * LF_FIELDS;
@@ -1764,7 +1805,9 @@ static int stack_run(const int64_t *desc, int64_t layers, float *x, int64_t t, i
         const float *const *cs = rope[f[LF_ROPE]];
         if (mat_gemm(f, 0, x, t, h, (const float *)f[LF_QKV_BIAS], qkv, PRE_RMSNORM, (const float *)f[LF_ATTN_NORM],
                      eps, NULL) ||
-            (f[LF_QUERY_ONLY] ? attend_query_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (const float *)kv[2 * l],
+            (rows ? attend_rows(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (float *)kv[2 * l], (float *)kv[2 * l + 1], s,
+                                rows, f[LF_WINDOW], scale, att)
+             : f[LF_QUERY_ONLY] ? attend_query_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (const float *)kv[2 * l],
                                                  (const float *)kv[2 * l + 1], s, pos0, scale, att)
                               : attend_run(qkv, t, hq, f[LF_HKV], d, cs[0], cs[1], (float *)kv[2 * l],
                                            (float *)kv[2 * l + 1], s, pos0, f[LF_WINDOW], scale, att)) ||
@@ -1858,7 +1901,44 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
     }
     const float *const rope[2][2] = {{(const float *)cos0, (const float *)sin0}, {(const float *)cos1, (const float *)sin1}};
     if (stack_run((const int64_t *)desc, layers, (float *)x, t, h, pos0, rope, (const int64_t *)kv, s, eps, scale,
-                  (const int64_t *)taps, ntaps, (float *)tap_out))
+                  (const int64_t *)taps, ntaps, (float *)tap_out, NULL))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* layers_rows: a batched decode step through the stack, B rows of one new token each (x [B, H]), row r at
+   position pos[r] of its own cache rows (kv: each layer's K and V of [B, Hkv, S, D]); cos/sin [B, D] per kind */
+static PyObject *py_layers_rows(PyObject *self, PyObject *args) {
+    unsigned long long desc, x, pos, cos0, sin0, cos1, sin1, kv, taps = 0, tap_out = 0;
+    long long layers, b, h, s, ntaps = 0;
+    float eps, scale;
+    if (!PyArg_ParseTuple(args, "KLKLLKKKKKKLff|KKL", &desc, &layers, &x, &b, &h, &pos, &cos0, &sin0, &cos1, &sin1,
+                          &kv, &s, &eps, &scale, &taps, &tap_out, &ntaps))
+        return NULL;
+    if (ntaps < 0 || (ntaps > 0 && (!taps || !tap_out))) {
+        PyErr_SetString(PyExc_ValueError, "layers_rows: taps without their layer indices or output");
+        return NULL;
+    }
+    const int64_t *p = (const int64_t *)pos;
+    for (int64_t i = 0; i < b; i++)
+        if (p[i] < 0 || p[i] >= s) {
+            PyErr_Format(PyExc_ValueError, "layers_rows: row %lld's position %lld is outside the cache's %lld slots",
+                         (long long)i, (long long)p[i], s);
+            return NULL;
+        }
+    for (int64_t l = 0; l < layers; l++)
+        if (((const int64_t *)desc)[l * LF_FIELDS + LF_QUERY_ONLY]) {
+            PyErr_SetString(PyExc_ValueError, "layers_rows: a query-only layer (a drafter's) has no rows of its own");
+            return NULL;
+        }
+    if (h % QK) {
+        PyErr_SetString(PyExc_ValueError, "layers_rows: a width not a multiple of 32");
+        return NULL;
+    }
+    tree_paths(NULL, 1);  /* each row's token: a chain of one */
+    const float *const rope[2][2] = {{(const float *)cos0, (const float *)sin0}, {(const float *)cos1, (const float *)sin1}};
+    if (stack_run((const int64_t *)desc, layers, (float *)x, b, h, 0, rope, (const int64_t *)kv, s, eps, scale,
+                  (const int64_t *)taps, ntaps, (float *)tap_out, p))
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -2003,7 +2083,7 @@ static PyObject *py_draft_step(PyObject *self, PyObject *args) {
     const float *const rope[2][2] = {{rc, rs}, {rc, rs}};
     if (mat_gemm(m, 0, xcat, w, 2 * ht, NULL, xa, PRE_NONE, NULL, 0.0f, NULL) ||
         stack_run((const int64_t *)desc, layers, xa, w, ha, position, rope, (const int64_t *)kv, s, eps, scale, NULL,
-                  0, NULL) ||
+                  0, NULL, NULL) ||
         mat_gemm(m, 1, xa, w, ha, NULL, (float *)hidden_out, PRE_RMSNORM, (const float *)norm, eps, NULL) ||
         mat_gemm(m, 2, (const float *)hidden_out, w, ht, NULL, lg, PRE_NONE, NULL, 0.0f, NULL))
         return PyErr_NoMemory();
@@ -2550,6 +2630,9 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(qkv, T, Hq, Hkv, D, cos, sin, k_cache, v_cache, S, pos0, window, scale, out[, parents]): one row's new "
      "tokens (a chain, or a tree: parents int64 [T])"},
+    {"layers_rows", py_layers_rows, METH_VARARGS,
+     "layers_rows(desc, L, x, B, H, pos, cos0, sin0, cos1, sin1, kv, S, eps, scale[, taps, tap_out, ntaps]): a batched "
+     "decode step, B rows of one token each at their own positions, through L plain layers over x [B, H] in place"},
     {"layers", py_layers, METH_VARARGS,
      "layers(desc, L, x, T, H, pos0, cos0, sin0, cos1, sin1, kv, S, eps, scale[, parents]): L plain layers over x [T, H] "
      "in place (a chain, or a tree)"},
