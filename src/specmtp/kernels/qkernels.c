@@ -1689,6 +1689,16 @@ static int attn_reserve(int64_t s) {
     return 0;
 }
 
+/* One token's q and k rotated in place (row: its q, k, v heads), its k and v written at `slot` of a cache [Hkv, S, D] */
+static void rope_and_store(float *row, const float *cos, const float *sin, float *kc, float *vc, int64_t hq,
+                           int64_t hkv, int64_t d, int64_t s, int64_t slot) {
+    for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, cos, sin, d);
+    for (int64_t g = 0; g < hkv; g++) {
+        memcpy(kc + (g * s + slot) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
+        memcpy(vc + (g * s + slot) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
+    }
+}
+
 /* One row's T new tokens in slots pos0 .. pos0 + T - 1, a chain (parents NULL: at positions pos0 .. pos0 + T - 1)
  * or a tree (token i at position pos0 + depth(i)): rotate q and k in qkv (cos/sin at their positions), write k and
  * v into the layer's cache [Hkv, S, D], attend (out [T, Hq D]). 0, or -1 when out of memory. */
@@ -1698,14 +1708,8 @@ static int attend_run(float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
     attn_args a = {qkv, cos, sin, kc, vc, out, attn_scratch, t, hq, hkv, d, s, pos0, window, scale, tree_depth,
                    tree_path};
     const int64_t stride = (hq + 2 * hkv) * d;
-    for (int64_t i = 0; i < t; i++) {  /* rotate q and k, write k and v at the token's slot */
-        float *row = qkv + i * stride;
-        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, cos + i * d, sin + i * d, d);
-        for (int64_t g = 0; g < hkv; g++) {
-            memcpy(kc + (g * s + pos0 + i) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
-            memcpy(vc + (g * s + pos0 + i) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
-        }
-    }
+    for (int64_t i = 0; i < t; i++)
+        rope_and_store(qkv + i * stride, cos + i * d, sin + i * d, kc, vc, hq, hkv, d, s, pos0 + i);
     run_parts(attend_part, &a, t * hq * (pos0 + t) * d);
     return 0;
 }
@@ -1750,14 +1754,9 @@ static int attend_rows(float *qkv, int64_t b, int64_t hq, int64_t hkv, int64_t d
                        float *kc, float *vc, int64_t s, const int64_t *pos, int64_t window, float scale, float *out) {
     if (attn_reserve(s)) return -1;
     const int64_t stride = (hq + 2 * hkv) * d;
-    for (int64_t i = 0; i < b; i++) {
-        float *row = qkv + i * stride, *k = kc + i * hkv * s * d, *v = vc + i * hkv * s * d;
-        for (int64_t h = 0; h < hq + hkv; h++) rope_row(row + h * d, cos + i * d, sin + i * d, d);
-        for (int64_t g = 0; g < hkv; g++) {
-            memcpy(k + (g * s + pos[i]) * d, row + (hq + g) * d, sizeof(float) * (size_t)d);
-            memcpy(v + (g * s + pos[i]) * d, row + (hq + hkv + g) * d, sizeof(float) * (size_t)d);
-        }
-    }
+    for (int64_t i = 0; i < b; i++)  /* row i's cache: hkv s d floats after row i - 1's */
+        rope_and_store(qkv + i * stride, cos + i * d, sin + i * d, kc + i * hkv * s * d, vc + i * hkv * s * d, hq, hkv,
+                       d, s, pos[i]);
     attn_rows_args r = {qkv, kc, vc, out, cos, sin, pos, b, hq, hkv, d, s, window, scale};
     int64_t work = 0;
     for (int64_t i = 0; i < b; i++) work += hq * (pos[i] + 1) * d;
